@@ -1,0 +1,104 @@
+"""Logging: levels from the URL, one line per event, UTC timestamps.
+
+Every nodepass module logs through a :class:`twisted.logger.Logger` made by
+:func:`logger`; those events pass :data:`gate` (the URL's ``log`` level) before
+they reach the global publisher, so the level filters under the ``nodepass``
+command and under twistd alike.  The ``nodepass`` command also formats lines
+itself (:func:`line_observer`)::
+
+    2025-04-13 10:25:15.123  INFO  tunnel listening on 0.0.0.0:10101
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import IO, Any
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    Logger,
+    LogLevel,
+    PredicateResult,
+    formatEvent,
+    globalLogBeginner,
+    globalLogPublisher,
+)
+from zope.interface import implementer
+
+LEVELS: dict[str, LogLevel | None] = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+    "fatal": LogLevel.critical,
+    "none": None,
+}
+
+_LABELS = {
+    LogLevel.debug: "DEBUG",
+    LogLevel.info: "INFO",
+    LogLevel.warn: "WARN",
+    LogLevel.error: "ERROR",
+    LogLevel.critical: "FATAL",
+}
+
+
+class LevelGate:
+    """A log predicate passing events at or above a level; ``none`` passes nothing."""
+
+    def __init__(self, level: str = "info") -> None:
+        self.minimum: LogLevel | None = LEVELS[level]
+
+    def set_level(self, level: str) -> None:
+        self.minimum = LEVELS[level]
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        level = event.get("log_level", LogLevel.info)
+        if self.minimum is None or level < self.minimum:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+gate = LevelGate()
+_observer = FilteringLogObserver(globalLogPublisher, [gate])
+
+
+def logger(namespace: str | None = None) -> Logger:
+    """A Logger whose events pass the process's level gate."""
+    return Logger(namespace=namespace, observer=_observer)
+
+
+def format_line(event: dict[str, Any]) -> str:
+    """``YYYY-MM-DD hh:mm:ss.mmm  LEVEL  [instance] message`` in UTC, one line."""
+    when = datetime.fromtimestamp(event.get("log_time", 0), UTC)
+    stamp = when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    label = _LABELS.get(event.get("log_level", LogLevel.info), "INFO")
+    text = formatEvent(event).replace("\n", " | ")
+    failure = event.get("log_failure")
+    if failure is not None:
+        text = f"{text}: {failure.getErrorMessage()}"
+    instance = event.get("instance_id")
+    if instance:
+        text = f"[{instance}] {text}"
+    return f"{stamp}  {label:<5}  {text}"
+
+
+def line_observer(stream: IO[str]) -> ILogObserver:
+    """An observer writing :func:`format_line` lines to ``stream``, flushed per line."""
+
+    @implementer(ILogObserver)
+    def observe(event: dict[str, Any]) -> None:
+        stream.write(format_line(event) + "\n")
+        stream.flush()
+
+    return observe
+
+
+def start_logging(level: str, stream: IO[str]) -> None:
+    """Begin process-wide logging for the ``nodepass`` command."""
+    gate.set_level(level)
+    globalLogBeginner.beginLoggingTo(
+        [FilteringLogObserver(line_observer(stream), [gate])],
+        redirectStandardIO=False,
+    )

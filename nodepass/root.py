@@ -1,0 +1,34 @@
+"""The root of every nodepass service tree, and how a fatal error ends the process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+
+from nodepass import logs
+
+
+class RootService(MultiService):
+    """A MultiService that can end the process with a non-zero status.
+
+    A child that meets an error it cannot recover from (its port is taken, its
+    certificate is bad) calls :meth:`fail`: the message is logged once at fatal
+    level, the exit status becomes 1, and the reactor stops, which stops every
+    service gracefully.
+    """
+
+    log = logs.logger("nodepass")
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.exit_status = 0
+
+    def fail(self, message: str) -> None:
+        if self.exit_status:
+            return
+        self.exit_status = 1
+        self.log.critical("{message}", message=message)
+        if self.reactor.running:
+            self.reactor.stop()

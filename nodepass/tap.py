@@ -1,0 +1,60 @@
+"""twistd's entry: the Options and the one makeService that assembles a service tree.
+
+``nodepass URL``, ``python -m nodepass URL`` and ``twistd -n nodepass URL`` all
+come through here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from twisted.python import usage
+
+from nodepass import logs
+from nodepass.helptext import USAGE
+from nodepass.root import RootService
+from nodepass.tunables import TunableError, from_environ
+from nodepass.url import URLError, parse
+
+BUILT_MODES: tuple[str, ...] = ()
+
+
+class Options(usage.Options):
+    synopsis = "URL"
+    longdesc = USAGE
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        super().__init__()
+        self._environ = os.environ if environ is None else environ
+
+    def getUsage(self, width: int | None = None) -> str:
+        return USAGE
+
+    def parseArgs(self, *urls: str) -> None:
+        if not urls:
+            raise usage.UsageError("missing URL (server://, client:// or master://)")
+        if len(urls) > 1:
+            raise usage.UsageError(f"expected one URL, got {len(urls)} arguments")
+        url = urls[0]
+        try:
+            self["config"] = parse(url)
+        except URLError as e:
+            raise usage.UsageError(str(e)) from None
+        try:
+            self["tunables"] = from_environ(self._environ)
+        except TunableError as e:
+            raise usage.UsageError(f"environment: {e}") from None
+
+    def postOptions(self) -> None:
+        scheme = self["config"].scheme
+        if scheme not in BUILT_MODES:
+            raise usage.UsageError(f"{scheme} mode is not built yet in this version")
+
+
+def makeService(options: Options) -> RootService:
+    from twisted.internet import reactor
+
+    config = options["config"]
+    logs.gate.set_level(config.log)
+    return RootService(reactor)

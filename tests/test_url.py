@@ -1,0 +1,226 @@
+"""The URL grammar: every accepted form, every refusal, and the round trip."""
+
+import os
+import tempfile
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from nodepass.url import (
+    Address,
+    ClientConfig,
+    MasterConfig,
+    ServerConfig,
+    URLError,
+    derived_key,
+    format_url,
+    parse,
+)
+
+
+def _pem_files(case):
+    folder = tempfile.mkdtemp()
+    case.addCleanup(lambda: [os.remove(os.path.join(folder, n)) for n in os.listdir(folder)])
+    paths = []
+    for name in ("cert.pem", "key.pem"):
+        path = os.path.join(folder, name)
+        with open(path, "w") as f:
+            f.write("-----BEGIN X-----\n")
+        paths.append(path)
+    return paths
+
+
+class AcceptedForms(SynchronousTestCase):
+    def test_table(self):
+        table = [
+            ("server://0.0.0.0:10101/0.0.0.0:8080",
+             ServerConfig(tunnel=Address("0.0.0.0", 10101), target=Address("0.0.0.0", 8080))),
+            ("server://secret@127.0.0.1:10101/127.0.0.1:8080?log=debug&tls=1",
+             ServerConfig(tunnel=Address("127.0.0.1", 10101), target=Address("127.0.0.1", 8080),
+                          tunnel_key="secret", log="debug", tls=1)),
+            ("client://server.example.com:10101/127.0.0.1:8080",
+             ClientConfig(tunnel=Address("server.example.com", 10101),
+                          target=Address("127.0.0.1", 8080))),
+            ("client://k@[::1]:10101/[2001:db8::1]:53?log=none",
+             ClientConfig(tunnel=Address("::1", 10101), target=Address("2001:db8::1", 53),
+                          tunnel_key="k", log="none")),
+            ("CLIENT://Host.Example.COM:1/localhost:65535",
+             ClientConfig(tunnel=Address("host.example.com", 1),
+                          target=Address("localhost", 65535))),
+            ("master://127.0.0.1:9090",
+             MasterConfig(api=Address("127.0.0.1", 9090), prefix="/api")),
+            ("master://127.0.0.1:9090/",
+             MasterConfig(api=Address("127.0.0.1", 9090), prefix="/api")),
+            ("master://[::]:9090/admin/np/?log=warn&tls=1",
+             MasterConfig(api=Address("::", 9090), prefix="/admin/np", log="warn", tls=1)),
+            ("server://p%40ss%2Fw%3Ard@h:1/h:2",
+             ServerConfig(tunnel=Address("h", 1), target=Address("h", 2),
+                          tunnel_key="p@ss/w:rd")),
+            ("server://h:1/h:2?log=fatal&tls=0",
+             ServerConfig(tunnel=Address("h", 1), target=Address("h", 2), log="fatal")),
+        ]
+        for text, expected in table:
+            self.assertEqual(parse(text), expected, text)
+
+    def test_tls2_with_readable_files(self):
+        crt, key = _pem_files(self)
+        config = parse(f"server://h:1/h:2?tls=2&crt={crt}&key={key}")
+        self.assertEqual((config.tls, config.crt, config.key), (2, crt, key))
+
+    def test_canonical_form_fills_every_parameter(self):
+        self.assertEqual(format_url(parse("server://0.0.0.0:10101/0.0.0.0:8080?tls=1")),
+                         "server://0.0.0.0:10101/0.0.0.0:8080?log=info&tls=1")
+        self.assertEqual(format_url(parse("client://k@[::1]:1/h:2")),
+                         "client://k@[::1]:1/h:2?log=info")
+        self.assertEqual(format_url(parse("master://127.0.0.1:9090")),
+                         "master://127.0.0.1:9090/api?log=info&tls=0")
+
+    def test_default_key_is_port_in_hex(self):
+        self.assertEqual(derived_key(parse("server://h:10101/h:2")), "2775")
+        self.assertEqual(derived_key(parse("server://abc@h:10101/h:2")), "abc")
+
+
+def _parse_as_nobody(url, readable):
+    """Root reads every file: fork, drop to nobody, and report what parse says."""
+    for path in readable:
+        os.chmod(path, 0o755)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into trial
+        try:
+            os.setegid(65534)
+            os.seteuid(65534)
+            try:
+                parse(url)
+                os.write(write_end, b"accepted")
+            except URLError as e:
+                os.write(write_end, str(e).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+class Refusals(SynchronousTestCase):
+    """Each mistake is refused with one line naming the part and what is allowed."""
+
+    table = [
+        ("", "no scheme"),
+        ("0.0.0.0:10101/0.0.0.0:8080", "no scheme"),
+        ("tunnel://h:1/h:2", "scheme: unknown 'tunnel' (allowed: server, client, master)"),
+        ("http://h:1/h:2", "unknown 'http'"),
+        ("server://h/h:2", "tunnel address: missing port in 'h'"),
+        ("server://h:/h:2", "tunnel address: missing port (allowed: 1-65535)"),
+        ("server://h:0/h:2", "tunnel address: port 0 is out of range (allowed: 1-65535)"),
+        ("server://h:65536/h:2", "tunnel address: port 65536 is out of range"),
+        ("server://h:http/h:2", "tunnel address: port 'http' is not a number"),
+        ("server://:1/h:2", "tunnel address: missing host"),
+        ("server://h:1", "target address: missing"),
+        ("server://h:1/", "target address: missing"),
+        ("server://h:1/h", "target address: missing port in 'h'"),
+        ("server://h:1/h:99999", "target address: port 99999 is out of range"),
+        ("client://h:1/h:2:3", "target address: IPv6 host 'h:2' must be in brackets"),
+        ("client://::1:1/h:2", "must be in brackets"),
+        ("client://[::1/h:2", "server address: unclosed '['"),
+        ("client://[::g]:1/h:2", "server address: '::g' is not an IPv6 address"),
+        ("client://[::1]/h:2", "server address: missing port after [::1]"),
+        ("client://999.1.1.1:1/h:2", "server address: '999.1.1.1' is not an IPv4 address"),
+        ("client://bad_host:1/h:2", "server address: 'bad_host' is not a valid host"),
+        ("client://-h:1/h:2", "is not a valid host"),
+        ("server://@h:1/h:2", "key: empty key before '@'"),
+        ("server://h:1/h:2?tsl=1",
+         "query: unknown parameter 'tsl' for server:// (allowed: log, tls, crt, key)"),
+        ("server://h:1/h:2?tls=3", "query: bad value '3' for 'tls' (allowed: 0|1|2)"),
+        ("server://h:1/h:2?tls=", "query: bad value '' for 'tls'"),
+        ("server://h:1/h:2?tls", "query: parameter 'tls' needs a value (allowed: 0|1|2)"),
+        ("server://h:1/h:2?log=verbose",
+         "query: bad value 'verbose' for 'log' (allowed: debug|info|warn|error|fatal|none)"),
+        ("server://h:1/h:2?log=info&log=debug", "query: parameter 'log' given twice"),
+        ("server://h:1/h:2?log=info&", "query: empty parameter"),
+        ("server://h:1/h:2?tls=2", "query: tls=2 needs crt and key"),
+        ("server://h:1/h:2?tls=2&crt=/x", "query: tls=2 needs key"),
+        ("server://h:1/h:2?tls=1&crt=/x&key=/y", "only used with tls=2"),
+        ("server://h:1/h:2?tls=2&crt=/nonexistent/c.pem&key=/nonexistent/k.pem",
+         "query: crt file '/nonexistent/c.pem' does not exist"),
+        ("client://h:1/h:2?tls=1", "a client adopts the server's TLS mode"),
+        ("master://k@h:1", "master: a key before '@' is not allowed"),
+        ("master://h:1/a b", "contains white space"),
+        ("master://h:1/a%20b", "API prefix: '/a%20b' is not allowed"),
+        ("master://h:1//x", "API prefix"),
+        ("master://h:1/api?tls=1&auth=x", "unknown parameter 'auth'"),
+        ("server://h:1/h:2#frag", "'#fragment' is not allowed"),
+    ]
+
+    def test_table(self):
+        for text, fragment in self.table:
+            with self.assertRaises(URLError, msg=text) as caught:
+                parse(text)
+            message = str(caught.exception)
+            self.assertIn(fragment, message, text)
+            self.assertNotIn("\n", message)
+
+    def test_unreadable_file(self):
+        crt, key = _pem_files(self)
+        os.chmod(key, 0)
+        url = f"server://h:1/h:2?tls=2&crt={crt}&key={key}"
+        if os.geteuid() != 0:
+            with self.assertRaises(URLError) as caught:
+                parse(url)
+            message = str(caught.exception)
+        else:
+            message = _parse_as_nobody(url, [os.path.dirname(key), crt])
+        self.assertIn(f"query: key file {key!r} is not readable", message)
+
+    def test_dotted_prefix_refused(self):
+        for prefix in ("/.", "/..", "/api/../x"):
+            with self.assertRaises(URLError, msg=prefix):
+                parse(f"master://h:1{prefix}")
+
+    def test_directory_is_not_a_file(self):
+        with self.assertRaises(URLError) as caught:
+            parse("server://h:1/h:2?tls=2&crt=/&key=/")
+        self.assertIn("crt file '/' does not exist or is not a file", str(caught.exception))
+
+
+_hosts = st.one_of(
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(str),
+    st.from_regex(r"[a-z]([a-z0-9-]{0,10}[a-z0-9])?(\.[a-z]{1,6}){0,2}", fullmatch=True),
+)
+_addresses = st.builds(Address, _hosts, st.integers(1, 65535))
+_keys = st.none() | st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=20)
+_levels = st.sampled_from(["debug", "info", "warn", "error", "fatal", "none"])
+_configs = st.one_of(
+    st.builds(ServerConfig, tunnel=_addresses, target=_addresses, tunnel_key=_keys,
+              log=_levels, tls=st.sampled_from([0, 1])),
+    st.builds(ClientConfig, tunnel=_addresses, target=_addresses, tunnel_key=_keys, log=_levels),
+    st.builds(MasterConfig, api=_addresses, log=_levels, tls=st.sampled_from([0, 1]),
+              prefix=st.from_regex(r"(/[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,7}){1,3}", fullmatch=True)),
+)
+
+
+class RoundTrip(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(_configs)
+    def test_parse_format_round_trip(self, config):
+        self.assertEqual(parse(format_url(config)), config)
+
+    def test_round_trip_with_files(self):
+        crt, key = _pem_files(self)
+        config = ServerConfig(tunnel=Address("h", 1), target=Address("h", 2), tls=2,
+                              crt=crt, key=key)
+        self.assertEqual(parse(format_url(config)), config)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=80))
+    def test_arbitrary_text_parses_or_is_refused(self, text):
+        try:
+            config = parse(text)
+        except URLError as e:
+            self.assertNotIn("\n", str(e))
+        else:
+            self.assertEqual(parse(format_url(config)), config)
