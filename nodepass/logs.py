@@ -95,10 +95,41 @@ def line_observer(stream: IO[str]) -> ILogObserver:
     return observe
 
 
+def quiet_twisted(event: dict[str, Any]) -> PredicateResult:
+    """Twisted's own chatter (factory starting, retry scheduling) below warn is dropped:
+    nodepass logs those events itself, in its own words."""
+    namespace = event.get("log_namespace", "")
+    own = namespace.startswith("nodepass")
+    if not own and event.get("log_level", LogLevel.info) < LogLevel.warn:
+        return PredicateResult.no
+    return PredicateResult.maybe
+
+
 def start_logging(level: str, stream: IO[str]) -> None:
     """Begin process-wide logging for the ``nodepass`` command."""
     gate.set_level(level)
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(line_observer(stream), [gate])],
+        [FilteringLogObserver(line_observer(stream), [gate, quiet_twisted])],
         redirectStandardIO=False,
     )
+
+
+class Throttle:
+    """Lets one event per ``period`` seconds through and counts the ones held back,
+    so a flood (wrong keys, refused connections) cannot fill the disk."""
+
+    def __init__(self, clock: Any, period: float = 10.0) -> None:
+        self._clock = clock
+        self._period = period
+        self._next = float("-inf")
+        self._held = 0
+
+    def allow(self) -> int | None:
+        """None while throttled; otherwise how many were held back since the last one."""
+        now = self._clock.seconds()
+        if now < self._next:
+            self._held += 1
+            return None
+        held, self._held = self._held, 0
+        self._next = now + self._period
+        return held

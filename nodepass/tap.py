@@ -13,11 +13,12 @@ from twisted.python import usage
 
 from nodepass import logs
 from nodepass.helptext import USAGE
+from nodepass.report import reporter
 from nodepass.root import RootService
-from nodepass.tunables import TunableError, from_environ
-from nodepass.url import URLError, parse
+from nodepass.tunables import TunableError, Tunables, from_environ
+from nodepass.url import ClientConfig, ServerConfig, URLError, parse
 
-BUILT_MODES: tuple[str, ...] = ()
+BUILT_MODES: tuple[str, ...] = ("server", "client")
 
 
 class Options(usage.Options):
@@ -57,4 +58,27 @@ def makeService(options: Options) -> RootService:
 
     config = options["config"]
     logs.gate.set_level(config.log)
-    return RootService(reactor)
+    root = RootService(reactor)
+    build = {"server": _server, "client": _client}[config.scheme]
+    build(root, config, options["tunables"])
+    return root
+
+
+def _server(root: RootService, config: ServerConfig, tunables: Tunables) -> None:
+    from nodepass.endpoints import ListenerService
+    from nodepass.tunnel.server import ServerTunnel
+
+    tunnel = ServerTunnel(root.reactor, config, tunables)
+    tunnel.setServiceParent(root)
+    for address, factory, role in ((config.tunnel, tunnel.tunnel_factory(), "tunnel"),
+                                   (config.target, tunnel.target_factory(), "target")):
+        ListenerService(root.reactor, address, factory, role, root.fail).setServiceParent(root)
+    reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
+
+
+def _client(root: RootService, config: ClientConfig, tunables: Tunables) -> None:
+    from nodepass.tunnel.client import ClientTunnel
+
+    tunnel = ClientTunnel(root.reactor, config, tunables)
+    tunnel.setServiceParent(root)
+    reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)

@@ -1,0 +1,108 @@
+"""Endpoints for listening and dialing an :class:`~nodepass.url.Address`, and a
+listening service that reports a failure to start instead of logging a traceback."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ClientEndpoint,
+    TCP6ServerEndpoint,
+)
+from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from nodepass import logs
+from nodepass.url import Address
+
+BACKLOG = 4096
+DIAL_TIMEOUT = 10.0
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def listen_endpoint(reactor: Any, address: Address) -> Any:
+    if address.is_ipv6:
+        return TCP6ServerEndpoint(reactor, address.port, BACKLOG, address.host)
+    return TCP4ServerEndpoint(reactor, address.port, BACKLOG, address.host)
+
+
+def dial_endpoint(reactor: Any, address: Address,
+                  timeout: float = DIAL_TIMEOUT) -> IStreamClientEndpoint:
+    """IP literals are dialed directly; names go through the resolver."""
+    if address.is_ipv6:
+        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout)
+    if _is_ip(address.host):
+        return TCP4ClientEndpoint(reactor, address.host, address.port, timeout)
+    return HostnameEndpoint(reactor, address.host.encode("idna"), address.port, timeout)
+
+
+def describe_failure(reason: Failure) -> str:
+    """A one-line reason for a socket error, without the exception class noise."""
+    error = reason.value
+    text = getattr(error, "socketError", None) or getattr(error, "osError", None) or error
+    if isinstance(text, OSError) and text.strerror:
+        return text.strerror
+    message = str(text).strip()
+    return message.rstrip(".") or type(error).__name__
+
+
+class ListenerService(Service):
+    """Listen on an address while running; on failure, call ``on_failure(message)``."""
+
+    log = logs.logger("nodepass")
+
+    def __init__(self, reactor: Any, address: Address, factory: Factory, role: str,
+                 on_failure: Callable[[str], None]) -> None:
+        self.reactor = reactor
+        self.address = address
+        self.factory = factory
+        self.role = role
+        self.on_failure = on_failure
+        self.port: IListeningPort | None = None
+        self.listening: Deferred[IListeningPort] = Deferred()
+        self._pending: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._pending = listen_endpoint(self.reactor, self.address).listen(self.factory)
+        self._pending.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+        self.log.info("{role} listening on {address}", role=self.role,
+                      address=_describe_host(port.getHost()))
+        self.listening.callback(port)
+
+    def _failed(self, reason: Failure) -> None:
+        message = f"cannot listen for {self.role} on {self.address}: {describe_failure(reason)}"
+        self.listening.errback(Failure(OSError(message)))
+        self.listening.addErrback(lambda _: None)
+        self.on_failure(message)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        if self._pending is not None:
+            self._pending.cancel()
+        return None
+
+
+def _describe_host(host: Any) -> str:
+    return str(Address(host.host, host.port))

@@ -1,0 +1,40 @@
+"""Counters an instance reports: traffic per protocol and direction, and gauges."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class Traffic:
+    """Cumulative bytes.  ``in``: read from this end's target-side connections
+    (users at the server, the local service at the client); ``out``: written to them."""
+
+    tcp_in: int = 0
+    tcp_out: int = 0
+    udp_in: int = 0
+    udp_out: int = 0
+
+    def add_tcp_in(self, n: int) -> None:
+        self.tcp_in += n
+
+    def add_tcp_out(self, n: int) -> None:
+        self.tcp_out += n
+
+
+@dataclass(frozen=True)
+class Report:
+    """One REPORT_INTERVAL snapshot of an instance."""
+
+    state: str
+    pool: int
+    connections: int
+    ping_ms: float | None
+    tcp_in: int
+    tcp_out: int
+    udp_in: int
+    udp_out: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,117 @@
+"""The base of every tunnel connection: frames in, protocol errors out.
+
+A tunnel connection reads frames until it is launched; then its bytes belong to
+a :class:`~nodepass.tunnel.relay.Relay`.  Anything malformed closes this one
+connection and is logged; nothing else is disturbed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+
+from nodepass import logs
+from nodepass.tunnel.relay import RelayProtocol
+from nodepass.tunnel.wire import Frame, FrameDecoder, ProtocolError
+from nodepass.url import Address
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def peer_of(transport: Any) -> str:
+    peer = transport.getPeer()
+    host = getattr(peer, "host", None)
+    return str(Address(host, peer.port)) if host is not None else str(peer)
+
+
+def tune(transport: Any) -> None:
+    """Low latency, and keepalive so a vanished peer is noticed on idle connections."""
+    for setter in ("setTcpNoDelay", "setTcpKeepAlive"):
+        method = getattr(transport, setter, None)
+        if method is not None:
+            try:
+                method(True)
+            except OSError:
+                pass
+
+
+class FramedConnection(RelayProtocol):
+    """Reads frames and passes each to :meth:`frame_received` until launched."""
+
+    expect_preamble = False
+    log = logs.logger("nodepass")
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder(self.expect_preamble)
+        self.framing = True
+        self.closed = False
+        self.peer = "?"
+
+    def connectionMade(self) -> None:
+        self.peer = peer_of(self.transport)
+        tune(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def before_relay_data(self, data: bytes) -> None:
+        if not self.framing:
+            self.raw_before_relay(data)
+            return
+        try:
+            self.decoder.feed(data)
+            while self.framing and not self.closed:
+                frame = self.decoder.next_frame()
+                if frame is None:
+                    break
+                self.frame_received(frame)
+        except ProtocolError as e:
+            self.protocol_error(str(e))
+
+    def frame_received(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    def raw_before_relay(self, data: bytes) -> None:
+        """Bytes after LAUNCH that arrive before the relay is joined."""
+        self.protocol_error("unexpected data")
+
+    def protocol_error(self, message: str) -> None:
+        self.log.warn("tunnel connection from {peer} closed: {message}", peer=self.peer,
+                      message=message)
+        self.abort()
+
+    def close(self) -> None:
+        self.closed = True
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.closed = True
+        self.transport.abortConnection()
+
+    def before_relay_eof(self) -> None:
+        self.close()
+
+    def before_relay_lost(self, reason: Failure) -> None:
+        self.closed = True
+        self.ended(reason)
+
+    def ended(self, reason: Failure) -> None:
+        """The connection is gone before (or without) being launched."""
+
+
+class QuietFactory(Factory):
+    """Builds ``protocol_class(*args)`` for each connection, without log noise."""
+
+    noisy = False
+
+    def __init__(self, protocol_class: Callable[..., Protocol], *args: Any) -> None:
+        self.protocol_class = protocol_class
+        self.args = args
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        protocol = self.protocol_class(*self.args)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,350 @@
+"""Client mode: a reconnecting control channel, a pool of data connections, and
+for each launch a connection to the local target relayed through the tunnel."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.internet import ClientService
+from twisted.application.service import MultiService
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from nodepass import logs
+from nodepass.endpoints import describe_failure, dial_endpoint
+from nodepass.stats import Report, Traffic
+from nodepass.tunables import Tunables
+from nodepass.tunnel import wire
+from nodepass.tunnel.channel import HANDSHAKE_TIMEOUT, FramedConnection, QuietFactory, tune
+from nodepass.tunnel.control import ControlSession
+from nodepass.tunnel.handshake import AuthenticationError, ClientHandshake
+from nodepass.tunnel.pool import ClientPool
+from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
+from nodepass.tunnel.wire import Frame, Goodbye, Kind, Proto, ProtocolError, Type
+from nodepass.url import ClientConfig, derived_key
+
+RECONNECT_CAP_FACTOR = 12
+
+
+def reconnect_policy(cooldown: float,
+                     rand: Callable[[], float] = random.random) -> Callable[[int], float]:
+    """Delay before reconnect attempt n (n >= 1): SERVICE_COOLDOWN, doubling while
+    attempts keep failing, capped at 12 cooldowns, plus up to 25 % jitter so a
+    fleet of clients does not stampede a restarted server."""
+    cap = cooldown * RECONNECT_CAP_FACTOR
+
+    def delay(attempt: int) -> float:
+        base = min(cooldown * 2 ** min(attempt - 1, 30), cap)
+        return base + base * 0.25 * rand()
+
+    return delay
+
+
+class _Handshaking(FramedConnection):
+    """The client's side of the handshake, shared by control and data connections."""
+
+    kind: Kind
+
+    def __init__(self, tunnel: ClientTunnel, session_id: bytes = b"") -> None:
+        super().__init__()
+        self.tunnel = tunnel
+        self.state = "challenge"
+        self.handshake = ClientHandshake(tunnel.key, self.kind, os.urandom(wire.NONCE_SIZE),
+                                         session_id)
+        self._timeout: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._timeout = self.tunnel.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+        self.send(self.handshake.hello())
+
+    def _handshake_timeout(self) -> None:
+        self._timeout = None
+        self.tunnel.log.warn("server {peer} did not complete the handshake in {t:g}s",
+                             peer=self.peer, t=HANDSHAKE_TIMEOUT)
+        self.abort()
+
+    def _stop_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+
+    def frame_received(self, frame: Frame) -> None:
+        if self.state == "challenge" and frame.type is Type.CHALLENGE:
+            self.handshake.on_challenge(frame.payload)
+            if self.handshake.tls_mode != 0:
+                raise ProtocolError(f"the server asks for tls={self.handshake.tls_mode}, "
+                                    "which this version does not support")
+            self.send(self.handshake.auth())
+            self.state = "welcome"
+        elif self.state == "welcome" and frame.type is Type.WELCOME:
+            try:
+                settings = self.handshake.on_welcome(frame.payload)
+            except AuthenticationError:
+                self.tunnel.log.error("server {peer} failed to prove the tunnel key: refusing it",
+                                      peer=self.peer)
+                self.abort()
+                return
+            self._stop_timeout()
+            self.welcomed(settings)
+        else:
+            self.frame_after_handshake(frame)
+
+    def welcomed(self, settings: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def frame_after_handshake(self, frame: Frame) -> None:
+        raise ProtocolError(f"unexpected {frame.type.name} frame while {self.state}")
+
+    def ended(self, reason: Failure) -> None:
+        self._stop_timeout()
+
+
+class ControlConnection(_Handshaking):
+    kind = Kind.CONTROL
+    control: ControlSession | None = None
+
+    def welcomed(self, settings: dict[str, Any]) -> None:
+        self.state = "control"
+        self.tunnel.session_up(self, settings)
+
+    def frame_after_handshake(self, frame: Frame) -> None:
+        if self.state == "control" and self.control is not None:
+            self.control.frame_received(frame)
+        elif self.state == "welcome" and frame.type is Type.BUSY:
+            self.state = "busy"
+            self.close()
+        else:
+            super().frame_after_handshake(frame)
+
+    def ended(self, reason: Failure) -> None:
+        super().ended(reason)
+        if self.control is not None:
+            self.control.stop()
+        self.tunnel.control_ended(self)
+
+
+class DataConnection(_Handshaking):
+    kind = Kind.DATA
+
+    def __init__(self, tunnel: ClientTunnel, session_id: bytes) -> None:
+        super().__init__(tunnel, session_id)
+        self.ready: Deferred[DataConnection] = Deferred()
+        self.pending = b""
+        self.eof_pending = False
+        self.attempt: Deferred[Any] | None = None
+
+    def welcomed(self, settings: dict[str, Any]) -> None:
+        self.state = "idle"
+        self.ready.callback(self)
+
+    def frame_after_handshake(self, frame: Frame) -> None:
+        if self.state == "idle" and frame.type is Type.LAUNCH:
+            proto, source = wire.parse_launch(frame.payload)
+            self.state = "launched"
+            self.framing = False
+            self.pending = self.decoder.rest()
+            self.transport.pauseProducing()
+            self.tunnel.launched(self, proto, source)
+        else:
+            super().frame_after_handshake(frame)
+
+    def raw_before_relay(self, data: bytes) -> None:
+        self.pending += data
+
+    def before_relay_eof(self) -> None:
+        if self.state == "launched":
+            self.eof_pending = True
+        else:
+            self.close()
+
+    def ended(self, reason: Failure) -> None:
+        super().ended(reason)
+        if self.state in ("challenge", "welcome"):
+            self.ready.errback(Failure(ConnectionError(
+                f"data connection closed during the handshake ({reason.getErrorMessage()})")))
+        elif self.state == "idle":
+            self.tunnel.pool.discard(self)
+        elif self.state == "launched" and self.attempt is not None:
+            self.attempt.cancel()
+
+
+class LocalConnection(RelayProtocol):
+    """The connection to the local target for one launched data connection."""
+
+    def connectionMade(self) -> None:
+        tune(self.transport)
+
+
+@implementer(IStreamClientEndpoint)
+class _ReportingEndpoint:
+    """Dials through ``endpoint`` and reports each failure before ClientService retries."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint,
+                 on_failure: Callable[[Failure], None]) -> None:
+        self._endpoint = endpoint
+        self._on_failure = on_failure
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        def failed(reason: Failure) -> Failure:
+            self._on_failure(reason)
+            return reason
+
+        return self._endpoint.connect(factory).addErrback(failed)
+
+
+class ClientTunnel(MultiService):
+    """The client's state: the control session, the pool, the live relays."""
+
+    log = logs.logger("nodepass")
+
+    def __init__(self, reactor: Any, config: ClientConfig, tunables: Tunables,
+                 rand: Callable[[], float] = random.random) -> None:
+        super().__init__()
+        self.clock = reactor
+        self.config = config
+        self.tunables = tunables
+        self.key = derived_key(config).encode()
+        self.endpoint = dial_endpoint(reactor, config.tunnel)
+        self.target = dial_endpoint(reactor, config.target)
+        control_factory = QuietFactory(ControlConnection, self)
+        self.control_service = ClientService(
+            _ReportingEndpoint(self.endpoint, self._dial_failed), control_factory, clock=reactor,
+            retryPolicy=reconnect_policy(tunables.service_cooldown, rand))
+        self.control_service.setServiceParent(self)
+        self.session: ControlConnection | None = None
+        self.pool = ClientPool(reactor, self._dial_data, tunables.min_pool_capacity,
+                               tunables.max_pool_capacity, tunables.min_pool_interval,
+                               tunables.max_pool_interval)
+        self.relays = RelaySet()
+        self.connecting = 0
+        self.traffic = Traffic()
+        self.stopping = False
+        self._target_throttle = logs.Throttle(reactor)
+        self._auth_throttle = logs.Throttle(reactor, 60.0)
+
+    # -- the control session ---------------------------------------------
+
+    def session_up(self, conn: ControlConnection, settings: dict[str, Any]) -> None:
+        interval = settings.get("heartbeat_ms")
+        if not isinstance(interval, int) or interval <= 0:
+            interval = int(self.tunables.report_interval * 1000)
+        max_pool = settings.get("max_pool")
+        self.session = conn
+        conn.control = ControlSession(
+            self.clock, interval / 1000.0, conn.send,
+            on_dead=lambda: self._session_dead(conn),
+            on_demand=self.pool.demand,
+            on_goodbye=lambda reason: self._goodbye(conn, reason),
+        )
+        conn.control.start()
+        self.pool.start(max_pool if isinstance(max_pool, int) and max_pool > 0 else None)
+        self.log.info("connected to server {peer}: tunnel session open", peer=conn.peer)
+
+    def _dial_failed(self, reason: Failure) -> None:
+        if not reason.check(CancelledError):
+            self.log.warn("cannot connect to server {server}: {reason}; retrying",
+                          server=self.config.tunnel, reason=describe_failure(reason))
+
+    def _session_dead(self, conn: ControlConnection) -> None:
+        self.log.warn("server {peer} missed its heartbeats: closing the session", peer=conn.peer)
+        conn.abort()
+
+    def _goodbye(self, conn: ControlConnection, reason: int) -> None:
+        if reason == Goodbye.SHUTDOWN:
+            self.log.info("server {peer} is shutting down", peer=conn.peer)
+        conn.close()
+
+    def control_ended(self, conn: ControlConnection) -> None:
+        if conn is self.session:
+            self.session = None
+            self.pool.stop()
+            if not self.stopping:
+                self.log.warn("tunnel to {peer} closed; reconnecting", peer=conn.peer)
+        elif conn.state == "busy":
+            self.log.warn("server {peer} is busy: another client holds the tunnel; retrying",
+                          peer=conn.peer)
+        elif (conn.state == "welcome" and not self.stopping
+              and self._auth_throttle.allow() is not None):
+            self.log.error("authentication failed at server {peer}: check the tunnel key",
+                           peer=conn.peer)
+
+    # -- data connections ------------------------------------------------
+
+    def _dial_data(self) -> Deferred[DataConnection]:
+        session_id = self.session.handshake.session_id if self.session else b""
+        factory = QuietFactory(DataConnection, self, session_id)
+        return self.endpoint.connect(factory).addCallback(lambda conn: conn.ready)
+
+    def launched(self, conn: DataConnection, proto: Proto, source: str) -> None:
+        self.pool.taken(conn)
+        if proto is not Proto.TCP:
+            conn.protocol_error(f"{proto.name} launch is not supported by this client")
+            return
+        if len(self.relays) + self.connecting >= self.tunables.semaphore_limit:
+            self._target_problem(f"SEMAPHORE_LIMIT ({self.tunables.semaphore_limit}) reached")
+            conn.abort()
+            return
+        self.log.debug("launch from {source}", source=source)
+        self.connecting += 1
+        factory = QuietFactory(LocalConnection)
+        conn.attempt = self.target.connect(factory)
+        conn.attempt.addCallbacks(lambda local: self._join(conn, local),
+                                  lambda reason: self._target_failed(conn, reason))
+
+    def _join(self, conn: DataConnection, local: LocalConnection) -> None:
+        self.connecting -= 1
+        conn.attempt = None
+        relay = Relay(local, conn, self.traffic.add_tcp_in, self.traffic.add_tcp_out,
+                      self.relays.discard)
+        self.relays.add(relay)
+        relay.start(b_pending=conn.pending, b_eof=conn.eof_pending)
+        conn.pending = b""
+
+    def _target_failed(self, conn: DataConnection, reason: Failure) -> None:
+        self.connecting -= 1
+        conn.attempt = None
+        if not reason.check(CancelledError):
+            self._target_problem(f"cannot reach target {self.config.target}: "
+                                 f"{describe_failure(reason)}")
+        conn.abort()
+
+    def _target_problem(self, message: str) -> None:
+        held = self._target_throttle.allow()
+        if held is not None:
+            more = f" ({held} more since the last report)" if held else ""
+            self.log.warn("{message}{more}", message=message, more=more)
+
+    # -- reporting and lifecycle -----------------------------------------
+
+    def report(self) -> Report:
+        control = self.session.control if self.session is not None else None
+        return Report(
+            state="connected" if self.session is not None else "connecting",
+            pool=len(self.pool.idle),
+            connections=len(self.relays),
+            ping_ms=control.rtt_ms if control is not None else None,
+            **{k: getattr(self.traffic, k) for k in ("tcp_in", "tcp_out", "udp_in", "udp_out")},
+        )
+
+    def startService(self) -> None:
+        if self.config.tunnel_key is None:
+            self.log.warn("no key in the URL: the tunnel key is the port in hex, which anyone "
+                          "can guess; set one as client://KEY@host:port/...")
+        self.log.info("client for server {server}, target {target}",
+                      server=self.config.tunnel, target=self.config.target)
+        super().startService()
+
+    def stopService(self) -> Deferred[Any]:
+        self.stopping = True
+        if self.session is not None:
+            self.session.send(wire.goodbye(Goodbye.SHUTDOWN))
+        stopped = super().stopService()
+        self.pool.stop()
+        drained = self.relays.drain(self.clock, self.tunables.shutdown_timeout)
+        return gatherResults([stopped, drained])

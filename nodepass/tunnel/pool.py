@@ -1,0 +1,218 @@
+"""The pools of pre-opened data connections: the client keeps them filled, the
+server hands them out.  Each connection is used once and never reused.
+
+Client rule (docs/how-it-works.md), applied every round of ``interval`` seconds:
+
+- a connection taken is replaced at once, so the pool does not wait for a round;
+- the server's DEMAND(n) (n users waiting) gets at least n connections in flight;
+- capacity doubles (up to the maximum) when more than 80 % of it was taken in
+  the round, and shrinks by an eighth (down to the minimum) when less than 20 %
+  was; surplus idle connections are closed;
+- the interval shrinks by 100 ms (down to the minimum) when fewer than 20 % of
+  the capacity sit idle after the round, and grows by 100 ms (up to the maximum)
+  when more than 80 % do — as NodePass does.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from nodepass import logs
+
+INTERVAL_STEP = 0.1
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class ClientPool:
+    """Idle authenticated data connections kept open ahead of demand."""
+
+    log = logs.logger("nodepass")
+
+    def __init__(
+        self,
+        clock: Any,
+        dial: Callable[[], Deferred[Any]],
+        min_capacity: int,
+        max_capacity: int,
+        min_interval: float,
+        max_interval: float,
+    ) -> None:
+        self._clock = clock
+        self._dial = dial
+        self.min_capacity, self.max_capacity = min_capacity, max_capacity
+        self.min_interval, self.max_interval = min_interval, max_interval
+        self.capacity = min_capacity
+        self.interval = min_interval
+        self.idle: deque[Closable] = deque()
+        self.opening = 0
+        self.taken_in_round = 0
+        self.failed_in_round = 0
+        self.last_failure = ""
+        self.running = False
+        self._round_call: Any = None
+        self._throttle = logs.Throttle(clock, 30.0)
+
+    def start(self, max_capacity: int | None = None) -> None:
+        """Begin filling; ``max_capacity`` is the server's bound when it is lower."""
+        if max_capacity is not None:
+            self.max_capacity = max(1, min(self.max_capacity, max_capacity))
+            self.capacity = min(self.capacity, self.max_capacity)
+        self.running = True
+        self.refill()
+        self._schedule()
+
+    def stop(self) -> None:
+        self.running = False
+        if self._round_call is not None and self._round_call.active():
+            self._round_call.cancel()
+        self._round_call = None
+        while self.idle:
+            self.idle.popleft().close()
+
+    def refill(self) -> None:
+        for _ in range(self.capacity - len(self.idle) - self.opening):
+            self._open()
+
+    def demand(self, waiting: int) -> None:
+        """The server has ``waiting`` users and no idle connection for them."""
+        extra = min(waiting, self.max_capacity) - self.opening
+        for _ in range(max(0, extra)):
+            self._open()
+
+    def taken(self, conn: Closable) -> None:
+        """``conn`` was launched: it leaves the pool for good and is replaced."""
+        self.discard(conn)
+        self.taken_in_round += 1
+        if self.running:
+            self.refill()
+
+    def discard(self, conn: Closable) -> None:
+        """``conn`` closed or went stale."""
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def _open(self) -> None:
+        self.opening += 1
+        self._dial().addCallbacks(self._opened, self._failed)
+
+    def _opened(self, conn: Closable) -> None:
+        self.opening -= 1
+        if not self.running or len(self.idle) >= self.max_capacity:
+            conn.close()
+            return
+        self.idle.append(conn)
+
+    def _failed(self, reason: Failure) -> None:
+        self.opening -= 1
+        self.failed_in_round += 1
+        self.last_failure = reason.getErrorMessage()
+
+    def _schedule(self) -> None:
+        self._round_call = self._clock.callLater(self.interval, self._round)
+
+    def _round(self) -> None:
+        self._round_call = None
+        self.adapt()
+        if self.failed_in_round and (held := self._throttle.allow()) is not None:
+            self.log.warn("pool: {n} data connections failed to open ({reason})",
+                          n=self.failed_in_round + held, reason=self.last_failure)
+        self.taken_in_round = self.failed_in_round = 0
+        while len(self.idle) > self.capacity:
+            self.idle.popleft().close()
+        self.refill()
+        self._schedule()
+
+    def adapt(self) -> None:
+        """Move capacity and interval within their bounds from the last round."""
+        used = self.taken_in_round
+        if used > 0.8 * self.capacity:
+            self.capacity = min(self.max_capacity, self.capacity * 2)
+        elif used < 0.2 * self.capacity:
+            self.capacity = max(self.min_capacity, self.capacity - max(1, self.capacity // 8))
+        idle_share = len(self.idle) / self.capacity
+        if idle_share < 0.2:
+            self.interval = max(self.min_interval, self.interval - INTERVAL_STEP)
+        elif idle_share > 0.8:
+            self.interval = min(self.max_interval, self.interval + INTERVAL_STEP)
+
+
+class _Waiter:
+    def __init__(self, on_ready: Callable[[Any], None], on_timeout: Callable[[], None]) -> None:
+        self.on_ready = on_ready
+        self.on_timeout = on_timeout
+        self.timer: Any = None
+
+
+class IdlePool:
+    """The server's idle data connections, handed out first come, first served.
+
+    A user who arrives when the pool is empty waits up to ``wait_timeout``
+    seconds; the client is asked for more connections meanwhile.
+    """
+
+    def __init__(self, clock: Any, limit: int, wait_timeout: float,
+                 request_more: Callable[[int], None]) -> None:
+        self._clock = clock
+        self.limit = limit
+        self.wait_timeout = wait_timeout
+        self._request_more = request_more
+        self.idle: deque[Closable] = deque()
+        self.waiters: deque[_Waiter] = deque()
+
+    def add(self, conn: Closable) -> bool:
+        """Offer a newly authenticated connection; False when the pool is full."""
+        if self.waiters:
+            waiter = self.waiters.popleft()
+            waiter.timer.cancel()
+            waiter.on_ready(conn)
+            return True
+        if len(self.idle) >= self.limit:
+            return False
+        self.idle.append(conn)
+        return True
+
+    def discard(self, conn: Closable) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def take(self, on_ready: Callable[[Any], None],
+             on_timeout: Callable[[], None]) -> _Waiter | None:
+        """Call ``on_ready(conn)`` now or when one arrives, else ``on_timeout()``."""
+        if self.idle:
+            on_ready(self.idle.popleft())
+            return None
+        waiter = _Waiter(on_ready, on_timeout)
+        waiter.timer = self._clock.callLater(self.wait_timeout, self._expire, waiter)
+        self.waiters.append(waiter)
+        self._request_more(len(self.waiters))
+        return waiter
+
+    def cancel(self, waiter: _Waiter) -> None:
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+            waiter.timer.cancel()
+
+    def _expire(self, waiter: _Waiter) -> None:
+        self.waiters.remove(waiter)
+        waiter.on_timeout()
+
+    def flush(self) -> None:
+        """The session ended: close idle connections and turn waiters away."""
+        while self.idle:
+            self.idle.popleft().close()
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            waiter.timer.cancel()
+            waiter.on_timeout()

@@ -1,0 +1,177 @@
+"""A full-duplex relay between two connections, with backpressure and half-close.
+
+Each side's transport is registered as the streaming producer of the other's,
+so when one side cannot write fast enough the other stops reading: a fast
+sender facing a slow receiver never makes the daemon buffer without bound.  An
+end-of-file on one side is carried through as a half-close of the other; the
+relay ends when both directions are done or either connection is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from nodepass import logs
+
+
+@implementer(IHalfCloseableProtocol)
+class RelayProtocol(Protocol):
+    """A connection that may be joined to a :class:`Relay`.
+
+    Until it is joined, its events go to the ``before_relay_*`` hooks that
+    subclasses override (the tunnel handshake, for instance).
+    """
+
+    relay: Relay | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.carry(self, data)
+        else:
+            self.before_relay_data(data)
+
+    def readConnectionLost(self) -> None:
+        if self.relay is not None:
+            self.relay.read_closed(self)
+        else:
+            self.before_relay_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.relay is not None:
+            self.relay.lost(self)
+        else:
+            self.before_relay_lost(reason)
+
+    def before_relay_data(self, data: bytes) -> None:
+        self.transport.loseConnection()
+
+    def before_relay_eof(self) -> None:
+        self.transport.loseConnection()
+
+    def before_relay_lost(self, reason: Failure) -> None:
+        pass
+
+
+class Relay:
+    """Joins ``a`` and ``b``; counts bytes read from each; calls ``on_end`` once."""
+
+    def __init__(
+        self,
+        a: RelayProtocol,
+        b: RelayProtocol,
+        count_a: Callable[[int], None],
+        count_b: Callable[[int], None],
+        on_end: Callable[[Relay], None],
+    ) -> None:
+        self.a, self.b = a, b
+        self._count = {id(a): count_a, id(b): count_b}
+        self._eof: set[int] = set()
+        self._on_end: Callable[[Relay], None] | None = on_end
+
+    def other(self, side: RelayProtocol) -> RelayProtocol:
+        return self.b if side is self.a else self.a
+
+    def start(self, b_pending: bytes = b"", b_eof: bool = False) -> None:
+        """Join the two sides; what ``b`` read before (bytes, EOF) is delivered first."""
+        self.a.relay = self.b.relay = self
+        self.a.transport.registerProducer(self.b.transport, True)
+        self.b.transport.registerProducer(self.a.transport, True)
+        if b_pending:
+            self.carry(self.b, b_pending)
+        if b_eof:
+            self.read_closed(self.b)
+        for side in (self.a, self.b):
+            if self._on_end is not None and id(side) not in self._eof:
+                side.transport.resumeProducing()
+
+    def carry(self, side: RelayProtocol, data: bytes) -> None:
+        self._count[id(side)](len(data))
+        self.other(side).transport.write(data)
+
+    def read_closed(self, side: RelayProtocol) -> None:
+        self._eof.add(id(side))
+        other = self.other(side)
+        # ``side`` will produce nothing more; a paused producer would otherwise
+        # be resumed instead of the half-close being carried out.
+        other.transport.unregisterProducer()
+        if len(self._eof) == 2:
+            self.close()
+        else:
+            other.transport.loseWriteConnection()
+
+    def lost(self, side: RelayProtocol) -> None:
+        self._unregister()
+        self.other(side).transport.loseConnection()
+        self._end()
+
+    def close(self) -> None:
+        """End both connections after what they have buffered is written."""
+        self._unregister()
+        self.a.transport.loseConnection()
+        self.b.transport.loseConnection()
+
+    def abort(self) -> None:
+        """End both connections now (shutdown timeout)."""
+        self.a.transport.abortConnection()
+        self.b.transport.abortConnection()
+
+    def _end(self) -> None:
+        if self._on_end is None:
+            return
+        on_end, self._on_end = self._on_end, None
+        on_end(self)
+
+    def _unregister(self) -> None:
+        self.a.transport.unregisterProducer()
+        self.b.transport.unregisterProducer()
+
+
+class RelaySet:
+    """The live relays of one end, and a way to wait for them at shutdown."""
+
+    log = logs.logger("nodepass")
+
+    def __init__(self) -> None:
+        self._relays: set[Relay] = set()
+        self._waiters: list[Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._relays)
+
+    def add(self, relay: Relay) -> None:
+        self._relays.add(relay)
+
+    def discard(self, relay: Relay) -> None:
+        self._relays.discard(relay)
+        if not self._relays:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def drain(self, clock: Any, timeout: float) -> Deferred[None]:
+        """Fire once no relay is left; abort the rest after ``timeout`` seconds."""
+        if not self._relays:
+            return succeed(None)
+        self.log.info("waiting up to {t:g}s for {n} live connections to finish",
+                      t=timeout, n=len(self._relays))
+        done: Deferred[None] = Deferred()
+        self._waiters.append(done)
+
+        def give_up() -> None:
+            self.log.warn("shutdown timeout: closing {n} live connections", n=len(self._relays))
+            for relay in list(self._relays):
+                relay.abort()
+
+        timer = clock.callLater(timeout, give_up)
+        done.addBoth(lambda result: timer.cancel() if timer.active() else None)
+        return done

@@ -1,0 +1,283 @@
+"""Server mode: the tunnel listener, the target listener, and what joins them.
+
+The client's control connection and its pooled data connections all arrive on
+the tunnel port.  Users arrive on the target port; each takes one idle data
+connection, which is launched (LAUNCH frame) and relayed until either side
+closes.  Without a client session, users are turned away at once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from nodepass import __version__, logs
+from nodepass.stats import Report, Traffic
+from nodepass.tunables import Tunables
+from nodepass.tunnel import wire
+from nodepass.tunnel.channel import (
+    HANDSHAKE_TIMEOUT,
+    FramedConnection,
+    QuietFactory,
+    peer_of,
+    tune,
+)
+from nodepass.tunnel.control import ControlSession
+from nodepass.tunnel.handshake import AuthenticationError, ServerHandshake
+from nodepass.tunnel.pool import IdlePool
+from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
+from nodepass.tunnel.wire import Frame, Goodbye, Kind, Proto, ProtocolError, Type
+from nodepass.url import ServerConfig, derived_key
+
+POOL_WAIT_TIMEOUT = 5.0
+
+
+class TunnelConnection(FramedConnection):
+    """A connection accepted on the tunnel port: handshake, then control or data."""
+
+    expect_preamble = True
+
+    def __init__(self, tunnel: ServerTunnel) -> None:
+        super().__init__()
+        self.tunnel = tunnel
+        self.state = "hello"
+        self.handshake = ServerHandshake(tunnel.key, tunnel.tls_mode, os.urandom(wire.NONCE_SIZE))
+        self.control: ControlSession | None = None
+        self._timeout: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._timeout = self.tunnel.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self._timeout = None
+        self.tunnel.log.debug("tunnel connection from {peer}: no handshake in {t}s",
+                              peer=self.peer, t=HANDSHAKE_TIMEOUT)
+        self.abort()
+
+    def frame_received(self, frame: Frame) -> None:
+        if self.state == "control":
+            assert self.control is not None
+            self.control.frame_received(frame)
+        elif self.state == "hello" and frame.type is Type.HELLO:
+            self.send(self.handshake.on_hello(frame.payload))
+            self.state = "auth"
+        elif self.state == "auth" and frame.type is Type.AUTH:
+            self._authenticate(frame.payload)
+        else:
+            raise ProtocolError(f"unexpected {frame.type.name} frame while {self.state}")
+
+    def _authenticate(self, payload: bytes) -> None:
+        try:
+            self.handshake.on_auth(payload)
+        except AuthenticationError:
+            self.tunnel.auth_failed(self.peer)
+            self.abort()
+            return
+        self._timeout.cancel()
+        self._timeout = None
+        self.state = "authenticated"
+        if self.handshake.kind is Kind.CONTROL:
+            self.tunnel.open_session(self)
+        else:
+            self.tunnel.add_data(self)
+
+    def ended(self, reason: Failure) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        if self.control is not None:
+            self.control.stop()
+        self.tunnel.connection_ended(self)
+
+
+class UserConnection(RelayProtocol):
+    """A connection accepted on the target port, waiting for then using a data connection."""
+
+    def __init__(self, tunnel: ServerTunnel) -> None:
+        self.tunnel = tunnel
+        self.waiter: Any = None
+        self.gone = False
+
+    def connectionMade(self) -> None:
+        tune(self.transport)
+        self.tunnel.user_arrived(self)
+
+    def before_relay_lost(self, reason: Failure) -> None:
+        self.gone = True
+        self.tunnel.user_left(self)
+
+
+class ServerTunnel(Service):
+    """The server's state: the client session, the idle pool, the live relays."""
+
+    log = logs.logger("nodepass")
+
+    def __init__(self, reactor: Any, config: ServerConfig, tunables: Tunables) -> None:
+        self.clock = reactor
+        self.config = config
+        self.tunables = tunables
+        self.key = derived_key(config).encode()
+        self.tls_mode = config.tls
+        self.session: TunnelConnection | None = None
+        self.session_id = b""
+        self.pool = IdlePool(reactor, tunables.max_pool_capacity, POOL_WAIT_TIMEOUT,
+                             self._request_more)
+        self.relays = RelaySet()
+        self.traffic = Traffic()
+        self.stopping = False
+        self._auth_throttle = logs.Throttle(reactor)
+        self._refuse_throttle = logs.Throttle(reactor)
+
+    # -- factories -------------------------------------------------------
+
+    def tunnel_factory(self) -> QuietFactory:
+        return QuietFactory(TunnelConnection, self)
+
+    def target_factory(self) -> QuietFactory:
+        return QuietFactory(UserConnection, self)
+
+    # -- the client session ----------------------------------------------
+
+    def auth_failed(self, peer: str) -> None:
+        held = self._auth_throttle.allow()
+        if held is not None:
+            more = f" ({held} more since the last report)" if held else ""
+            self.log.warn("authentication failed from {peer}{more}", peer=peer, more=more)
+
+    def open_session(self, conn: TunnelConnection) -> None:
+        if self.stopping:
+            conn.abort()
+            return
+        if self.session is not None:
+            self.log.warn("refused client {peer}: the tunnel is held by {holder}",
+                          peer=conn.peer, holder=self.session.peer)
+            conn.send(wire.frame(Type.BUSY))
+            conn.close()
+            return
+        self.session_id = os.urandom(wire.SESSION_ID_SIZE)
+        settings = {
+            "version": __version__,
+            "heartbeat_ms": int(self.tunables.report_interval * 1000),
+            "max_pool": self.tunables.max_pool_capacity,
+        }
+        conn.send(conn.handshake.welcome(self.session_id, settings))
+        conn.state = "control"
+        conn.control = ControlSession(
+            self.clock, self.tunables.report_interval, conn.send,
+            on_dead=lambda: self._session_dead(conn),
+            on_goodbye=lambda reason: conn.close(),
+        )
+        self.session = conn
+        conn.control.start()
+        self.log.info("client {peer} connected: tunnel session open", peer=conn.peer)
+
+    def _session_dead(self, conn: TunnelConnection) -> None:
+        self.log.warn("client {peer} missed its heartbeats: closing the session", peer=conn.peer)
+        conn.abort()
+
+    def add_data(self, conn: TunnelConnection) -> None:
+        if self.session is None or conn.handshake.session_id != self.session_id:
+            self.log.debug("data connection from {peer} names no live session", peer=conn.peer)
+            conn.close()
+            return
+        conn.send(conn.handshake.welcome())
+        conn.state = "idle"
+        if not self.pool.add(conn):
+            conn.close()
+
+    def _request_more(self, waiting: int) -> None:
+        if self.session is not None:
+            self.session.send(wire.demand(waiting))
+
+    def connection_ended(self, conn: TunnelConnection) -> None:
+        if conn is self.session:
+            self.session = None
+            self.session_id = b""
+            self.pool.flush()
+            if not self.stopping:
+                self.log.warn("client {peer} disconnected: tunnel session closed",
+                              peer=conn.peer)
+        else:
+            self.pool.discard(conn)
+
+    # -- users -----------------------------------------------------------
+
+    def _refuse(self, user: UserConnection, why: str) -> None:
+        held = self._refuse_throttle.allow()
+        if held is not None:
+            more = f" ({held} more since the last report)" if held else ""
+            self.log.warn("closed connection from {peer}: {why}{more}",
+                          peer=peer_of(user.transport), why=why, more=more)
+        user.transport.loseConnection()
+
+    def user_arrived(self, user: UserConnection) -> None:
+        if self.stopping:
+            user.transport.abortConnection()
+        elif self.session is None:
+            self._refuse(user, "no client is connected to the tunnel")
+        elif len(self.relays) + len(self.pool.waiters) >= self.tunables.semaphore_limit:
+            self._refuse(user, f"SEMAPHORE_LIMIT ({self.tunables.semaphore_limit}) reached")
+        else:
+            user.transport.pauseProducing()
+            user.waiter = self.pool.take(lambda conn: self._launch(user, conn),
+                                         lambda: self._no_pool(user))
+
+    def user_left(self, user: UserConnection) -> None:
+        if user.waiter is not None:
+            self.pool.cancel(user.waiter)
+            user.waiter = None
+
+    def _no_pool(self, user: UserConnection) -> None:
+        user.waiter = None
+        why = ("the tunnel session closed" if self.session is None
+               else f"no pooled connection within {POOL_WAIT_TIMEOUT:g}s")
+        self._refuse(user, why)
+
+    def _launch(self, user: UserConnection, conn: TunnelConnection) -> None:
+        user.waiter = None
+        if user.gone:
+            if not self.pool.add(conn):  # never launched, so still fresh
+                conn.close()
+            return
+        conn.state = "relay"
+        conn.framing = False
+        conn.send(wire.launch(Proto.TCP, peer_of(user.transport)))
+        relay = Relay(user, conn, self.traffic.add_tcp_in, self.traffic.add_tcp_out,
+                      self.relays.discard)
+        self.relays.add(relay)
+        relay.start()
+
+    # -- reporting and lifecycle -----------------------------------------
+
+    def report(self) -> Report:
+        control = self.session.control if self.session is not None else None
+        return Report(
+            state="connected" if self.session is not None else "waiting",
+            pool=len(self.pool.idle),
+            connections=len(self.relays),
+            ping_ms=control.rtt_ms if control is not None else None,
+            **{k: getattr(self.traffic, k) for k in ("tcp_in", "tcp_out", "udp_in", "udp_out")},
+        )
+
+    def startService(self) -> None:
+        super().startService()
+        if self.config.tunnel_key is None:
+            self.log.warn("no key in the URL: the tunnel key is the port in hex, which anyone "
+                          "can guess; set one as server://KEY@host:port/...")
+        if self.tls_mode == 0:
+            self.log.info("tls=0: tunnel traffic is not encrypted")
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.stopping = True
+        if self.session is not None:
+            self.session.send(wire.goodbye(Goodbye.SHUTDOWN))
+            self.session.close()
+        self.pool.flush()
+        return self.relays.drain(self.clock, self.tunables.shutdown_timeout)
+

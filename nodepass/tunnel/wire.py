@@ -1,0 +1,235 @@
+"""The tunnel's wire format: framing and messages, as pure functions (no I/O).
+
+Every connection to the tunnel port opens with the 4-byte preamble ``NPT`` +
+version, then carries frames ``type:u8 | length:u16 | payload``.  Each frame
+type has a payload size limit; anything malformed raises :class:`ProtocolError`
+and the caller closes that one connection.  docs/protocol.md is the
+specification this module implements.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+MAGIC = b"NPT"
+VERSION = 1
+PREAMBLE = MAGIC + bytes([VERSION])
+NONCE_SIZE = 32
+MAC_SIZE = 32
+SESSION_ID_SIZE = 16
+MAX_SETTINGS = 1024
+MAX_ADDRESS = 64
+
+_HEADER = struct.Struct("!BH")
+_PING = struct.Struct("!IQ")
+_DEMAND = struct.Struct("!H")
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the message says how, for the log."""
+
+
+class Kind(IntEnum):
+    """What a tunnel connection is for, declared in its HELLO."""
+
+    CONTROL = 1
+    DATA = 2
+
+
+class Type(IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    WELCOME = 4
+    BUSY = 5
+    PING = 16
+    PONG = 17
+    DEMAND = 18
+    GOODBYE = 19
+    LAUNCH = 32
+
+
+class Proto(IntEnum):
+    """What a launched data connection carries."""
+
+    TCP = 1
+    UDP = 2
+
+
+class Goodbye(IntEnum):
+    SHUTDOWN = 1
+    PROTOCOL = 2
+
+
+MAX_PAYLOAD: dict[Type, int] = {
+    Type.HELLO: 1 + NONCE_SIZE,
+    Type.CHALLENGE: 1 + NONCE_SIZE,
+    Type.AUTH: SESSION_ID_SIZE + MAC_SIZE,
+    Type.WELCOME: MAC_SIZE + SESSION_ID_SIZE + MAX_SETTINGS,
+    Type.BUSY: 0,
+    Type.PING: _PING.size,
+    Type.PONG: _PING.size,
+    Type.DEMAND: _DEMAND.size,
+    Type.GOODBYE: 1,
+    Type.LAUNCH: 1 + MAX_ADDRESS,
+}
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: Type
+    payload: bytes
+
+
+def frame(kind: Type, payload: bytes = b"") -> bytes:
+    """Encode one frame; refuses a payload over its type's limit."""
+    if len(payload) > MAX_PAYLOAD[kind]:
+        raise ValueError(f"{kind.name} payload of {len(payload)} bytes exceeds its limit")
+    return _HEADER.pack(kind, len(payload)) + payload
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, pull frames one at a time.
+
+    Pull, not push, because a LAUNCH frame turns the rest of the stream into raw
+    relay bytes: the reader stops pulling and takes :meth:`rest`.
+    """
+
+    def __init__(self, expect_preamble: bool = False) -> None:
+        self._buffer = bytearray()
+        self._need_preamble = expect_preamble
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+        if self._need_preamble and not PREAMBLE.startswith(bytes(self._buffer[:3])[:3]):
+            raise ProtocolError("not a nodepass tunnel connection (bad preamble)")
+        if self._need_preamble and len(self._buffer) >= len(PREAMBLE):
+            head = bytes(self._buffer[: len(PREAMBLE)])
+            if head[:3] != MAGIC:
+                raise ProtocolError("not a nodepass tunnel connection (bad preamble)")
+            if head[3] != VERSION:
+                raise ProtocolError(f"unsupported protocol version {head[3]} (this is {VERSION})")
+            del self._buffer[: len(PREAMBLE)]
+            self._need_preamble = False
+
+    def next_frame(self) -> Frame | None:
+        if self._need_preamble or len(self._buffer) < _HEADER.size:
+            return None
+        code, length = _HEADER.unpack_from(self._buffer)
+        try:
+            kind = Type(code)
+        except ValueError:
+            raise ProtocolError(f"unknown frame type {code}") from None
+        if length > MAX_PAYLOAD[kind]:
+            raise ProtocolError(
+                f"{kind.name} frame of {length} bytes exceeds its limit of {MAX_PAYLOAD[kind]}"
+            )
+        end = _HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        payload = bytes(self._buffer[_HEADER.size : end])
+        del self._buffer[:end]
+        return Frame(kind, payload)
+
+    def rest(self) -> bytes:
+        """The bytes after the last frame pulled (raw relay data after LAUNCH)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+
+# ---------------------------------------------------------------------------
+# Messages
+
+
+def _exact(payload: bytes, size: int, name: str) -> None:
+    if len(payload) != size:
+        raise ProtocolError(f"{name} payload must be {size} bytes, got {len(payload)}")
+
+
+def hello(kind: Kind, nonce: bytes) -> bytes:
+    return PREAMBLE + frame(Type.HELLO, bytes([kind]) + nonce)
+
+
+def parse_hello(payload: bytes) -> tuple[Kind, bytes]:
+    _exact(payload, 1 + NONCE_SIZE, "HELLO")
+    try:
+        kind = Kind(payload[0])
+    except ValueError:
+        raise ProtocolError(f"unknown connection kind {payload[0]}") from None
+    return kind, payload[1:]
+
+
+def challenge(tls_mode: int, nonce: bytes) -> bytes:
+    return frame(Type.CHALLENGE, bytes([tls_mode]) + nonce)
+
+
+def parse_challenge(payload: bytes) -> tuple[int, bytes]:
+    _exact(payload, 1 + NONCE_SIZE, "CHALLENGE")
+    if payload[0] not in (0, 1, 2):
+        raise ProtocolError(f"unknown TLS mode {payload[0]}")
+    return payload[0], payload[1:]
+
+
+def auth(mac: bytes, session_id: bytes = b"") -> bytes:
+    return frame(Type.AUTH, session_id + mac)
+
+
+def parse_auth(payload: bytes, kind: Kind) -> tuple[bytes, bytes]:
+    """-> (session_id, mac); data connections name the session they belong to."""
+    size = MAC_SIZE + (SESSION_ID_SIZE if kind is Kind.DATA else 0)
+    _exact(payload, size, "AUTH")
+    return payload[:-MAC_SIZE], payload[-MAC_SIZE:]
+
+
+def welcome(mac: bytes, session_id: bytes = b"", settings: bytes = b"") -> bytes:
+    return frame(Type.WELCOME, mac + session_id + settings)
+
+
+def parse_welcome(payload: bytes, kind: Kind) -> tuple[bytes, bytes, bytes]:
+    """-> (mac, session_id, settings)."""
+    if kind is Kind.DATA:
+        _exact(payload, MAC_SIZE, "WELCOME")
+        return payload, b"", b""
+    if len(payload) < MAC_SIZE + SESSION_ID_SIZE:
+        raise ProtocolError(f"WELCOME payload too short ({len(payload)} bytes)")
+    end = MAC_SIZE + SESSION_ID_SIZE
+    return payload[:MAC_SIZE], payload[MAC_SIZE:end], payload[end:]
+
+
+def ping(kind: Type, seq: int, micros: int) -> bytes:
+    return frame(kind, _PING.pack(seq & 0xFFFFFFFF, micros & 0xFFFFFFFFFFFFFFFF))
+
+
+def parse_ping(payload: bytes) -> tuple[int, int]:
+    _exact(payload, _PING.size, "PING/PONG")
+    return _PING.unpack(payload)
+
+
+def demand(count: int) -> bytes:
+    return frame(Type.DEMAND, _DEMAND.pack(min(count, 0xFFFF)))
+
+
+def parse_demand(payload: bytes) -> int:
+    _exact(payload, _DEMAND.size, "DEMAND")
+    return _DEMAND.unpack(payload)[0]
+
+
+def goodbye(reason: Goodbye) -> bytes:
+    return frame(Type.GOODBYE, bytes([reason]))
+
+
+def launch(proto: Proto, source: str) -> bytes:
+    return frame(Type.LAUNCH, bytes([proto]) + source.encode()[:MAX_ADDRESS])
+
+
+def parse_launch(payload: bytes) -> tuple[Proto, str]:
+    if not payload:
+        raise ProtocolError("LAUNCH payload is empty")
+    try:
+        proto = Proto(payload[0])
+    except ValueError:
+        raise ProtocolError(f"unknown launch protocol {payload[0]}") from None
+    return proto, payload[1:].decode("utf-8", "replace")
