@@ -29,6 +29,6 @@ class RootService(MultiService):
         if self.exit_status:
             return
         self.exit_status = 1
-        self.log.critical("{message}", message=message)
+        self.log.critical("{text}", text=message)
         if self.reactor.running:
             self.reactor.stop()

@@ -79,8 +79,8 @@ class FramedConnection(RelayProtocol):
         self.protocol_error("unexpected data")
 
     def protocol_error(self, message: str) -> None:
-        self.log.warn("tunnel connection from {peer} closed: {message}", peer=self.peer,
-                      message=message)
+        self.log.warn("tunnel connection from {peer} closed: {why}", peer=self.peer,
+                      why=message)
         self.abort()
 
     def close(self) -> None:

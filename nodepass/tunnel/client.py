@@ -318,7 +318,7 @@ class ClientTunnel(MultiService):
         held = self._target_throttle.allow()
         if held is not None:
             more = f" ({held} more since the last report)" if held else ""
-            self.log.warn("{message}{more}", message=message, more=more)
+            self.log.warn("{text}{more}", text=message, more=more)
 
     # -- reporting and lifecycle -----------------------------------------
 

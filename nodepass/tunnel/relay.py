@@ -76,6 +76,7 @@ class Relay:
         self.a, self.b = a, b
         self._count = {id(a): count_a, id(b): count_b}
         self._eof: set[int] = set()
+        self._producing_for: set[int] = set()  # sides whose transport has a producer
         self._on_end: Callable[[Relay], None] | None = on_end
 
     def other(self, side: RelayProtocol) -> RelayProtocol:
@@ -86,6 +87,7 @@ class Relay:
         self.a.relay = self.b.relay = self
         self.a.transport.registerProducer(self.b.transport, True)
         self.b.transport.registerProducer(self.a.transport, True)
+        self._producing_for = {id(self.a), id(self.b)}
         if b_pending:
             self.carry(self.b, b_pending)
         if b_eof:
@@ -103,20 +105,20 @@ class Relay:
         other = self.other(side)
         # ``side`` will produce nothing more; a paused producer would otherwise
         # be resumed instead of the half-close being carried out.
-        other.transport.unregisterProducer()
+        self._unregister(other)
         if len(self._eof) == 2:
             self.close()
         else:
             other.transport.loseWriteConnection()
 
     def lost(self, side: RelayProtocol) -> None:
-        self._unregister()
+        self._unregister(self.a, self.b)
         self.other(side).transport.loseConnection()
         self._end()
 
     def close(self) -> None:
         """End both connections after what they have buffered is written."""
-        self._unregister()
+        self._unregister(self.a, self.b)
         self.a.transport.loseConnection()
         self.b.transport.loseConnection()
 
@@ -131,9 +133,11 @@ class Relay:
         on_end, self._on_end = self._on_end, None
         on_end(self)
 
-    def _unregister(self) -> None:
-        self.a.transport.unregisterProducer()
-        self.b.transport.unregisterProducer()
+    def _unregister(self, *sides: RelayProtocol) -> None:
+        for side in sides:
+            if id(side) in self._producing_for:
+                self._producing_for.discard(id(side))
+                side.transport.unregisterProducer()
 
 
 class RelaySet:

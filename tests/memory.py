@@ -1,0 +1,102 @@
+"""In-memory helpers: a server tunnel on a Clock, fake peers on StringTransports."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from nodepass.tunables import Tunables
+from nodepass.tunnel.handshake import ClientHandshake
+from nodepass.tunnel.server import ServerTunnel
+from nodepass.tunnel.wire import FrameDecoder, Kind, Type
+from nodepass.url import Address, ServerConfig
+
+
+class HalfCloseTransport(StringTransport):
+    """A StringTransport that also records half-closes."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+def server_tunnel(key: str = "k", **tunables) -> tuple[ServerTunnel, Clock]:
+    clock = Clock()
+    config = ServerConfig(tunnel=Address("127.0.0.1", 1), target=Address("127.0.0.1", 2),
+                          tunnel_key=key)
+    tunables.setdefault("report_interval", 1.0)
+    return ServerTunnel(clock, config, Tunables(**tunables)), clock
+
+
+def transport_for(port: int) -> HalfCloseTransport:
+    return HalfCloseTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", port))
+
+
+class FakeClient:
+    """One tunnel connection to a ServerTunnel, driven by hand."""
+
+    def __init__(self, tunnel: ServerTunnel, key: str = "k", kind: Kind = Kind.CONTROL,
+                 session_id: bytes = b"", port: int = 40000) -> None:
+        self.tunnel = tunnel
+        self.protocol = tunnel.tunnel_factory().buildProtocol(None)
+        self.transport = transport_for(port)
+        self.protocol.makeConnection(self.transport)
+        self.handshake = ClientHandshake(key.encode(), kind, os.urandom(32), session_id)
+        self.decoder = FrameDecoder()
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def frames(self):
+        self.decoder.feed(self.transport.value())
+        self.transport.clear()
+        out = []
+        while (frame := self.decoder.next_frame()) is not None:
+            out.append(frame)
+        return out
+
+    def authenticate(self) -> list:
+        """Run the handshake; return the frames the server sent after AUTH."""
+        self.send(self.handshake.hello())
+        (challenge,) = self.frames()
+        assert challenge.type is Type.CHALLENGE
+        self.handshake.on_challenge(challenge.payload)
+        self.send(self.handshake.auth())
+        return self.frames()
+
+    def lose(self) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting
+
+
+def open_session(tunnel: ServerTunnel, key: str = "k") -> FakeClient:
+    control = FakeClient(tunnel, key)
+    welcome, *pings = control.authenticate()
+    assert welcome.type is Type.WELCOME and all(p.type is Type.PING for p in pings)
+    control.handshake.on_welcome(welcome.payload)
+    return control
+
+
+def add_data(tunnel: ServerTunnel, control: FakeClient, port: int) -> FakeClient:
+    data = FakeClient(tunnel, kind=Kind.DATA, session_id=control.handshake.session_id,
+                      port=port)
+    welcome, *data.early = data.authenticate()
+    data.handshake.on_welcome(welcome.payload)
+    return data
+
+
+def connect_user(tunnel: ServerTunnel, port: int = 50000):
+    user = tunnel.target_factory().buildProtocol(None)
+    transport = transport_for(port)
+    user.makeConnection(transport)
+    return user, transport

@@ -1,0 +1,100 @@
+"""The relay: backpressure by identity, half-close, counters, end, drain."""
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
+from tests.memory import transport_for
+
+
+def pair():
+    a, b = RelayProtocol(), RelayProtocol()
+    a.makeConnection(transport_for(1))
+    b.makeConnection(transport_for(2))
+    counts = {"a": 0, "b": 0}
+    ended = []
+    relay = Relay(a, b, lambda n: counts.__setitem__("a", counts["a"] + n),
+                  lambda n: counts.__setitem__("b", counts["b"] + n), ended.append)
+    return relay, a, b, counts, ended
+
+
+class RelayTests(SynchronousTestCase):
+    def test_each_transport_produces_for_the_other(self):
+        relay, a, b, _, _ = pair()
+        a.transport.pauseProducing()
+        relay.start()
+        self.assertIs(a.transport.producer, b.transport)
+        self.assertIs(b.transport.producer, a.transport)
+        self.assertTrue(a.transport.streaming and b.transport.streaming)
+        self.assertEqual(a.transport.producerState, "producing")
+
+    def test_bytes_cross_and_are_counted(self):
+        relay, a, b, counts, _ = pair()
+        relay.start()
+        a.dataReceived(b"hello")
+        b.dataReceived(b"world!")
+        self.assertEqual((b.transport.value(), a.transport.value()), (b"hello", b"world!"))
+        self.assertEqual(counts, {"a": 5, "b": 6})
+
+    def test_pending_bytes_and_eof_are_delivered_first(self):
+        relay, a, b, counts, _ = pair()
+        relay.start(b_pending=b"early", b_eof=True)
+        self.assertEqual(a.transport.value(), b"early")
+        self.assertTrue(a.transport.write_closed)
+        self.assertEqual(counts["b"], 5)
+
+    def test_half_close_is_carried_and_replies_still_flow(self):
+        relay, a, b, _, ended = pair()
+        relay.start()
+        a.readConnectionLost()
+        self.assertTrue(b.transport.write_closed)
+        self.assertIsNone(b.transport.producer)  # a produces nothing more
+        self.assertFalse(a.transport.disconnecting)
+        b.dataReceived(b"reply")
+        self.assertEqual(a.transport.value(), b"reply")
+        b.readConnectionLost()
+        self.assertTrue(a.transport.disconnecting and b.transport.disconnecting)
+        self.assertEqual(ended, [])
+
+    def test_loss_of_one_side_closes_the_other_once(self):
+        relay, a, b, _, ended = pair()
+        relay.start()
+        a.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(b.transport.disconnecting)
+        self.assertIsNone(a.transport.producer)
+        self.assertIsNone(b.transport.producer)
+        b.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(ended, [relay])
+
+
+class DrainTests(SynchronousTestCase):
+    def test_drain_waits_for_relays_then_aborts_after_the_timeout(self):
+        clock, relays = Clock(), RelaySet()
+        relay, a, b, _, _ = pair()
+        relay._on_end = relays.discard
+        relays.add(relay)
+        relay.start()
+        done = relays.drain(clock, 5.0)
+        clock.advance(4.9)
+        self.assertNoResult(done)
+        clock.advance(0.2)
+        self.assertTrue(a.transport.disconnected and b.transport.disconnected)  # aborted
+        a.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_drain_fires_early_when_the_last_relay_ends(self):
+        clock, relays = Clock(), RelaySet()
+        relay, a, _, _, _ = pair()
+        relay._on_end = relays.discard
+        relays.add(relay)
+        relay.start()
+        done = relays.drain(clock, 5.0)
+        a.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(done)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_nothing_to_drain(self):
+        self.successResultOf(RelaySet().drain(Clock(), 5.0))
