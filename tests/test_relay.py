@@ -39,7 +39,7 @@ class RelayTests(SynchronousTestCase):
         self.assertEqual(counts, {"a": 5, "b": 6})
 
     def test_pending_bytes_and_eof_are_delivered_first(self):
-        relay, a, b, counts, _ = pair()
+        relay, a, _, counts, _ = pair()
         relay.start(b_pending=b"early", b_eof=True)
         self.assertEqual(a.transport.value(), b"early")
         self.assertTrue(a.transport.write_closed)

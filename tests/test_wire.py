@@ -31,7 +31,8 @@ def decode_all(data, expect_preamble=False):
 
 class Framing(SynchronousTestCase):
     def test_round_trip(self):
-        data = wire.hello(Kind.DATA, b"n" * 32) + wire.demand(7) + wire.goodbye(wire.Goodbye.SHUTDOWN)
+        data = (wire.hello(Kind.DATA, b"n" * 32) + wire.demand(7)
+                + wire.goodbye(wire.Goodbye.SHUTDOWN))
         frames, decoder = decode_all(data, expect_preamble=True)
         self.assertEqual([f.type for f in frames], [Type.HELLO, Type.DEMAND, Type.GOODBYE])
         self.assertEqual(wire.parse_hello(frames[0].payload), (Kind.DATA, b"n" * 32))
@@ -47,7 +48,7 @@ class Framing(SynchronousTestCase):
 
     def test_oversized_frame_refused_from_its_header(self):
         header = bytes([Type.PING]) + (MAX_PAYLOAD[Type.PING] + 1).to_bytes(2, "big")
-        with self.assertRaisesRegex(ProtocolError, "PING frame of 13 bytes exceeds its limit of 12"):
+        with self.assertRaisesRegex(ProtocolError, "PING frame of 13 bytes exceeds its limit"):
             decode_all(header)
 
     def test_unknown_type_refused(self):
@@ -150,7 +151,7 @@ class Handshake(SynchronousTestCase):
         self.assertEqual(client.on_welcome(welcome[0].payload), {})
 
     def test_replayed_auth_fails_against_a_new_challenge(self):
-        server, client = self.exchange(b"k", b"k")
+        _, client = self.exchange(b"k", b"k")
         recorded = decode_all(client.auth())[0][0].payload
         fresh = ServerHandshake(b"k", 0, os.urandom(32))
         fresh.on_hello(decode_all(client.hello(), expect_preamble=True)[0][0].payload)
