@@ -4,6 +4,7 @@ listening service that reports a failure to start instead of logging a traceback
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -54,10 +55,12 @@ def dial_endpoint(reactor: Any, address: Address,
 def describe_failure(reason: Failure) -> str:
     """A one-line reason for a socket error, without the exception class noise."""
     error = reason.value
-    text = getattr(error, "socketError", None) or getattr(error, "osError", None) or error
-    if isinstance(text, OSError) and text.strerror:
-        return text.strerror
-    message = str(text).strip()
+    cause = getattr(error, "socketError", None) or getattr(error, "osError", None) or error
+    if isinstance(cause, int):
+        return os.strerror(cause)
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    message = str(cause).strip()
     return message.rstrip(".") or type(error).__name__
 
 

@@ -234,8 +234,12 @@ class ServerTunnel(Service):
 
     def _no_pool(self, user: UserConnection) -> None:
         user.waiter = None
-        why = ("the tunnel session closed" if self.session is None
-               else f"no pooled connection within {POOL_WAIT_TIMEOUT:g}s")
+        if self.stopping:
+            why = "the server is shutting down"
+        elif self.session is None:
+            why = "the tunnel session closed"
+        else:
+            why = f"no pooled connection within {POOL_WAIT_TIMEOUT:g}s"
         self._refuse(user, why)
 
     def _launch(self, user: UserConnection, conn: TunnelConnection) -> None:

@@ -1,0 +1,298 @@
+"""Real processes and sockets on 127.0.0.1 for integration tests; every wait is bounded."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from tests.procs import REPO, clean_env
+
+WAIT = 20.0
+FAST_ENV = {
+    "REPORT_INTERVAL": "1s",
+    "SERVICE_COOLDOWN": "200ms",
+    "MIN_POOL_INTERVAL": "100ms",
+    "MAX_POOL_INTERVAL": "1s",
+    "MIN_POOL_CAPACITY": "8",
+    "SHUTDOWN_TIMEOUT": "5s",
+}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS just handed out and nobody holds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+class Daemon(ProcessProtocol):
+    """A running nodepass: its output lines, waits on them, its exit."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lines: list[str] = []
+        self._partial = b""
+        self._waiters: list[tuple[re.Pattern[str], int, Deferred[str]]] = []
+        self.ended: Deferred[int | None] = Deferred()
+        self.exit_code: int | None = None
+        self.running = True
+
+    def outReceived(self, data: bytes) -> None:
+        self._partial += data
+        *complete, self._partial = self._partial.split(b"\n")
+        for raw in complete:
+            self.lines.append(raw.decode(errors="replace"))
+        self._check()
+
+    errReceived = outReceived
+
+    def _check(self) -> None:
+        for entry in list(self._waiters):
+            pattern, nth, d = entry
+            hits = [line for line in self.lines if pattern.search(line)]
+            if len(hits) >= nth:
+                self._waiters.remove(entry)
+                d.callback(hits[nth - 1])
+
+    def wait_for(self, text: str, nth: int = 1, timeout: float = WAIT) -> Deferred[str]:
+        """The ``nth`` line matching the regular expression ``text``."""
+        d: Deferred[str] = Deferred()
+        self._waiters.append((re.compile(text), nth, d))
+        self._check()
+
+        def explain(failure: Failure) -> Failure:
+            tail = "\n  ".join(self.lines[-15:])
+            raise AssertionError(f"{self.name}: no line /{text}/ (#{nth}) in {timeout}s:\n  {tail}")
+
+        return d.addTimeout(timeout, reactor).addErrback(explain)
+
+    def count(self, text: str) -> int:
+        return sum(1 for line in self.lines if re.search(text, line))
+
+    def processEnded(self, reason: Failure) -> None:
+        self.running = False
+        self.exit_code = getattr(reason.value, "exitCode", None)
+        self.ended.callback(self.exit_code)
+
+    @property
+    def pid(self) -> int:
+        return self.transport.pid
+
+    def send_signal(self, sig: int) -> None:
+        if self.running:
+            os.kill(self.pid, sig)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = WAIT) -> int | None:
+        self.send_signal(sig)
+        return await self.ended.addTimeout(timeout, reactor)
+
+
+def spawn(case: TestCase, url: str, name: str | None = None, **env: str) -> Daemon:
+    """Start ``nodepass URL`` as users do; it is killed at the end of the test."""
+    daemon = Daemon(name or url.split(":", 1)[0])
+    environment = clean_env(**{**FAST_ENV, **env})
+    reactor.spawnProcess(daemon, sys.executable, [sys.executable, "-m", "nodepass", url],
+                         env=environment, path=str(REPO))
+
+    async def cleanup() -> None:
+        if daemon.running:
+            daemon.send_signal(signal.SIGKILL)
+            await daemon.ended
+
+    case.addCleanup(lambda: ensureDeferred(cleanup()))
+    return daemon
+
+
+async def tunnel_pair(case: TestCase, target_port: int, key: str = "secret",
+                      **env: str) -> tuple[Daemon, Daemon, int]:
+    """A server and a client on fresh ports; returns them and the server's target port."""
+    tunnel_port, exposed = free_port(), free_port()
+    server = spawn(case, f"server://{key}@127.0.0.1:{tunnel_port}/127.0.0.1:{exposed}", **env)
+    await server.wait_for("target listening")
+    client = spawn(case, f"client://{key}@127.0.0.1:{tunnel_port}/127.0.0.1:{target_port}",
+                   **env)
+    await client.wait_for("tunnel session open")
+    await server.wait_for("tunnel session open")
+    return server, client, exposed
+
+
+# ---------------------------------------------------------------------------
+# Backends
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(Protocol):
+    """Echoes; on the peer's half-close, finishes writing and closes."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class DigestAfterEOF(Protocol):
+    """Replies with the sha256 of everything received, only once the peer half-closes."""
+
+    def connectionMade(self) -> None:
+        self.digest = hashlib.sha256()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.digest.update(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.write(self.digest.hexdigest().encode())
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+async def listen(case: TestCase, factory: Factory) -> int:
+    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    case.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+async def echo_backend(case: TestCase) -> int:
+    return await listen(case, Factory.forProtocol(Echo))
+
+
+# ---------------------------------------------------------------------------
+# Clients
+
+
+def pattern_bytes(size: int, seed: int = 0, chunk: int = 256 * 1024) -> Iterator[bytes]:
+    """Deterministic, incompressible-looking data, generated lazily."""
+    block = hashlib.sha256(str(seed).encode()).digest() * (chunk // 32)
+    sent = 0
+    counter = 0
+    while sent < size:
+        piece = block[: min(chunk, size - sent)]
+        # vary each chunk so a reordering or a repeat would change the hash
+        piece = counter.to_bytes(8, "big") + piece[8:] if len(piece) >= 8 else piece
+        counter += 1
+        sent += len(piece)
+        yield piece
+
+
+@implementer(IPullProducer)
+class _ChunkProducer:
+    def __init__(self, transport, chunks: Iterator[bytes], on_sent, half_close: bool) -> None:
+        self.transport = transport
+        self.chunks = chunks
+        self.on_sent = on_sent
+        self.half_close = half_close
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def resumeProducing(self) -> None:
+        try:
+            chunk = next(self.chunks)
+        except StopIteration:
+            self.transport.unregisterProducer()
+            if self.half_close:
+                self.transport.loseWriteConnection()
+            self.on_sent(self)
+            return
+        self.digest.update(chunk)
+        self.size += len(chunk)
+        self.transport.write(chunk)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class Collector(Protocol):
+    """Sends ``chunks`` (with backpressure), then half-closes; hashes what comes back."""
+
+    def __init__(self, chunks: Iterator[bytes] = iter(()), half_close: bool = True,
+                 keep: bool = False) -> None:
+        self.chunks = chunks
+        self.half_close = half_close
+        self.keep = keep
+        self.received = bytearray()
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.sent: Deferred[_ChunkProducer] = Deferred()
+        self.done: Deferred[Collector] = Deferred()
+
+    def connectionMade(self) -> None:
+        producer = _ChunkProducer(self.transport, self.chunks, self.sent.callback,
+                                  self.half_close)
+        self.transport.registerProducer(producer, False)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        self.digest.update(data)
+        if self.keep:
+            self.received += data
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self.done.called:
+            self.done.callback(self)
+
+
+async def exchange(port: int, chunks: Iterator[bytes] = iter(()), keep: bool = True,
+                   timeout: float = WAIT) -> Collector:
+    """Connect, send ``chunks``, half-close, and collect the reply until the peer closes."""
+    collector = Collector(chunks, keep=keep)
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5).connect(
+        _OneShot(collector))
+    return await collector.done.addTimeout(timeout, reactor)
+
+
+class _OneShot(Factory):
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr) -> Protocol:
+        return self.protocol_instance
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def eventually(check, timeout: float = WAIT, step: float = 0.05) -> None:
+    """Poll ``check()`` until it is true; fail after ``timeout`` seconds."""
+    waited = 0.0
+    while not check():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await sleep(step)
+        waited += step

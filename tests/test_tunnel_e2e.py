@@ -1,0 +1,245 @@
+"""Server and client modes end to end: real nodepass processes on 127.0.0.1."""
+
+import hashlib
+import shutil
+import signal
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
+
+from tests.integration import (
+    DigestAfterEOF,
+    _OneShot,
+    echo_backend,
+    eventually,
+    exchange,
+    free_port,
+    listen,
+    pattern_bytes,
+    sleep,
+    spawn,
+    tunnel_pair,
+)
+
+MIB = 1024 * 1024
+
+
+class Traffic(TestCase):
+    timeout = 120
+
+    async def test_http_server_fetched_with_curl(self):
+        curl = shutil.which("curl")
+        if curl is None:
+            self.skipTest("curl is not installed: apt-get install curl")
+        root = Resource()
+        body = b"behind the tunnel\n" * 1000
+        root.putChild(b"page", Data(body, "text/plain"))
+        site = Site(root)
+        site.noisy = False
+        backend = await listen(self, site)
+        _, _, exposed = await tunnel_pair(self, backend)
+        out, err, code = await getProcessOutputAndValue(
+            curl, ["-sS", "--max-time", "10", f"http://127.0.0.1:{exposed}/page"])
+        self.assertEqual((code, err), (0, b""))
+        self.assertEqual(out, body)
+
+    async def test_64_mib_each_way_intact(self):
+        backend = await echo_backend(self)
+        server, client, exposed = await tunnel_pair(self, backend)
+        expected = hashlib.sha256(b"".join(pattern_bytes(64 * MIB, seed=1))).hexdigest()
+        result = await exchange(exposed, pattern_bytes(64 * MIB, seed=1), keep=False,
+                                timeout=90)
+        self.assertEqual(result.size, 64 * MIB)
+        self.assertEqual(result.digest.hexdigest(), expected)
+
+    async def test_200_concurrent_connections_echo(self):
+        backend = await echo_backend(self)
+        _, _, exposed = await tunnel_pair(self, backend)
+        payloads = [hashlib.sha256(str(i).encode()).digest() * 512 for i in range(200)]
+        results = await gatherResults(
+            [ensureDeferred(exchange(exposed, iter([p]))) for p in payloads], consumeErrors=True)
+        self.assertEqual([bytes(r.received) for r in results], payloads)
+
+    async def test_half_close_is_carried_through(self):
+        backend = await listen(self, Factory.forProtocol(DigestAfterEOF))
+        _, _, exposed = await tunnel_pair(self, backend)
+        data = b"".join(pattern_bytes(3 * MIB, seed=2))
+        result = await exchange(exposed, iter([data]))
+        self.assertEqual(bytes(result.received), hashlib.sha256(data).hexdigest().encode())
+
+    async def test_refusing_local_target_closes_the_user_promptly(self):
+        nobody = free_port()
+        server, client, exposed = await tunnel_pair(self, nobody)
+        started = reactor.seconds()
+        result = await exchange(exposed, iter([b"hello?"]), timeout=5)
+        self.assertEqual(bytes(result.received), b"")
+        self.assertLess(reactor.seconds() - started, 3)
+        await client.wait_for(rf"cannot reach target 127.0.0.1:{nobody}: Connection refused")
+
+    async def test_wrong_key_is_refused_on_both_sides(self):
+        tunnel_port, exposed = free_port(), free_port()
+        server = spawn(self, f"server://right@127.0.0.1:{tunnel_port}/127.0.0.1:{exposed}")
+        await server.wait_for("target listening")
+        client = spawn(self, f"client://wrong@127.0.0.1:{tunnel_port}/127.0.0.1:1")
+        await client.wait_for(r"ERROR .*authentication failed at server 127.0.0.1:\d+: "
+                              "check the tunnel key")
+        await server.wait_for(r"WARN .*authentication failed from 127.0.0.1:\d+")
+        result = await exchange(exposed, iter([b"x"]), timeout=5)
+        self.assertEqual(bytes(result.received), b"")
+        await server.wait_for("no client is connected to the tunnel")
+        self.assertEqual(server.count("tunnel session open"), 0)
+        self.assertNotIn("right", "\n".join(client.lines))
+
+
+class Faults(TestCase):
+    timeout = 120
+
+    async def test_client_killed_and_restarted_takes_the_session_again(self):
+        backend = await echo_backend(self)
+        server, client, exposed = await tunnel_pair(self, backend)
+        await client.stop(signal.SIGKILL)
+        await server.wait_for("disconnected: tunnel session closed")
+        client_url = f"client://secret@127.0.0.1:{_tunnel_port(server)}/127.0.0.1:{backend}"
+        again = spawn(self, client_url, name="client-2")
+        await again.wait_for("tunnel session open")
+        await server.wait_for("tunnel session open", nth=2)
+        result = await exchange(exposed, iter([b"after restart"]))
+        self.assertEqual(bytes(result.received), b"after restart")
+
+    async def test_server_restarted_client_reconnects_by_itself(self):
+        backend = await echo_backend(self)
+        server, client, exposed = await tunnel_pair(self, backend)
+        url = server_url(server)
+        self.assertEqual(await server.stop(), 0)
+        await client.wait_for("tunnel to .* closed; reconnecting")
+        again = spawn(self, url, name="server-2")
+        await again.wait_for("tunnel session open")
+        await client.wait_for("tunnel session open", nth=2)
+        await eventually(lambda: "pool=0 " not in (again.lines[-1] if again.lines else ""),
+                         timeout=5)
+        result = await exchange(exposed, iter([b"reconnected"]))
+        self.assertEqual(bytes(result.received), b"reconnected")
+
+    async def test_sigterm_lets_a_live_transfer_finish(self):
+        backends = []
+        backend = await listen(self, Factory.forProtocol(lambda: _Recorded(backends)))
+        server, client, exposed = await tunnel_pair(self, backend)
+        chunks = [bytes([i]) * 256 * 1024 for i in range(12)]
+        sender = PacedSender(chunks, interval=0.1)
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", exposed).connect(_OneShot(sender))
+        await eventually(lambda: backends and backends[0].size > 0)
+        server.send_signal(signal.SIGTERM)  # mid-transfer
+        await server.wait_for("waiting up to 5s for 1 live connections to finish")
+        reply = await sender.done.addTimeout(30, reactor)
+        self.assertEqual(reply, hashlib.sha256(b"".join(chunks)).hexdigest().encode())
+        self.assertEqual(await server.ended.addTimeout(10, reactor), 0)
+        self.assertEqual(server.count("shutdown timeout"), 0)
+        with self.assertRaises(ConnectionRefusedError):
+            await exchange(exposed, iter([b"late"]), timeout=5)
+
+
+class Backpressure(TestCase):
+    timeout = 180
+
+    async def test_slow_backend_keeps_memory_bounded_and_bytes_intact(self):
+        from tests.integration import rss_kib
+
+        readers = []
+        backend = await listen(self, Factory.forProtocol(lambda: _PausedDigest(readers)))
+        server, client, exposed = await tunnel_pair(self, backend)
+        await sleep(0.5)
+        idle = {d.name: rss_kib(d.pid) for d in (server, client)}
+        size = 256 * MIB
+        transfer = ensureDeferred(exchange(exposed, pattern_bytes(size, seed=3), timeout=150))
+        await eventually(lambda: readers, timeout=10)
+        peak = dict(idle)
+        for _ in range(30):  # 3 s with the backend reading nothing
+            await sleep(0.1)
+            for d in (server, client):
+                peak[d.name] = max(peak[d.name], rss_kib(d.pid))
+        self.assertEqual(readers[0].size, 0)
+        readers[0].transport.resumeProducing()
+        result = await transfer
+        for name in idle:
+            grown = (peak[name] - idle[name]) / 1024
+            self.assertLess(grown, 64, f"{name} grew by {grown:.1f} MiB while the backend "
+                                       "was not reading")
+        expected = hashlib.sha256(b"".join(pattern_bytes(size, seed=3))).hexdigest()
+        self.assertEqual(result.received.decode(), expected)
+
+
+class _Recorded(DigestAfterEOF):
+    """A DigestAfterEOF backend that the test can see."""
+
+    def __init__(self, registry):
+        self.registry = registry
+        self.size = 0
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.registry.append(self)
+
+    def dataReceived(self, data):
+        self.size += len(data)
+        super().dataReceived(data)
+
+
+class _PausedDigest(_Recorded):
+    """A backend that reads nothing until the test resumes it."""
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.transport.pauseProducing()
+
+
+class PacedSender(Protocol):
+    """Writes one chunk per ``interval`` seconds, half-closes, and collects the reply."""
+
+    def __init__(self, chunks, interval):
+        self.chunks = list(chunks)
+        self.interval = interval
+        self.reply = b""
+        self.done = Deferred()
+
+    def connectionMade(self):
+        self.loop = LoopingCall(self._next)
+        self.loop.start(self.interval)
+
+    def _next(self):
+        if not self.chunks:
+            self.loop.stop()
+            self.transport.loseWriteConnection()
+            return
+        self.transport.write(self.chunks.pop(0))
+
+    def dataReceived(self, data):
+        self.reply += data
+
+    def connectionLost(self, reason):
+        if self.loop.running:
+            self.loop.stop()
+        self.done.callback(self.reply)
+
+
+def _tunnel_port(server):
+    for line in server.lines:
+        if "tunnel listening on" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise AssertionError("server never said where it listens")
+
+
+def server_url(server):
+    for line in server.lines:
+        if "target listening on" in line:
+            target = line.rsplit(" ", 1)[1]
+            return f"server://secret@127.0.0.1:{_tunnel_port(server)}/{target}"
+    raise AssertionError("server never said where it listens")
