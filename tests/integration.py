@@ -234,7 +234,7 @@ class _ChunkProducer:
 class Collector(Protocol):
     """Sends ``chunks`` (with backpressure), then half-closes; hashes what comes back."""
 
-    def __init__(self, chunks: Iterator[bytes] = iter(()), half_close: bool = True,
+    def __init__(self, chunks: Iterator[bytes], half_close: bool = True,
                  keep: bool = False) -> None:
         self.chunks = chunks
         self.half_close = half_close
@@ -267,7 +267,7 @@ class Collector(Protocol):
             self.done.callback(self)
 
 
-async def exchange(port: int, chunks: Iterator[bytes] = iter(()), keep: bool = True,
+async def exchange(port: int, chunks: Iterator[bytes], keep: bool = True,
                    timeout: float = WAIT) -> Collector:
     """Connect, send ``chunks``, half-close, and collect the reply until the peer closes."""
     collector = Collector(chunks, keep=keep)

@@ -54,7 +54,7 @@ class Traffic(TestCase):
 
     async def test_64_mib_each_way_intact(self):
         backend = await echo_backend(self)
-        server, client, exposed = await tunnel_pair(self, backend)
+        _, _, exposed = await tunnel_pair(self, backend)
         expected = hashlib.sha256(b"".join(pattern_bytes(64 * MIB, seed=1))).hexdigest()
         result = await exchange(exposed, pattern_bytes(64 * MIB, seed=1), keep=False,
                                 timeout=90)
@@ -78,7 +78,7 @@ class Traffic(TestCase):
 
     async def test_refusing_local_target_closes_the_user_promptly(self):
         nobody = free_port()
-        server, client, exposed = await tunnel_pair(self, nobody)
+        _, client, exposed = await tunnel_pair(self, nobody)
         started = reactor.seconds()
         result = await exchange(exposed, iter([b"hello?"]), timeout=5)
         self.assertEqual(bytes(result.received), b"")
@@ -132,7 +132,7 @@ class Faults(TestCase):
     async def test_sigterm_lets_a_live_transfer_finish(self):
         backends = []
         backend = await listen(self, Factory.forProtocol(lambda: _Recorded(backends)))
-        server, client, exposed = await tunnel_pair(self, backend)
+        server, _, exposed = await tunnel_pair(self, backend)
         chunks = [bytes([i]) * 256 * 1024 for i in range(12)]
         sender = PacedSender(chunks, interval=0.1)
         await TCP4ClientEndpoint(reactor, "127.0.0.1", exposed).connect(_OneShot(sender))
