@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 
-from nodepass import logs
+from nodepass import __version__, logs
 
 
 class RootService(MultiService):
@@ -24,6 +24,15 @@ class RootService(MultiService):
         super().__init__()
         self.reactor = reactor
         self.exit_status = 0
+
+    def startService(self) -> None:
+        self.log.info("nodepass {version} starting", version=__version__)
+        super().startService()
+
+    def stopService(self) -> Any:
+        self.log.info("stopping")
+        stopped = super().stopService()
+        return stopped.addCallback(lambda _: self.log.info("stopped"))
 
     def fail(self, message: str) -> None:
         if self.exit_status:

@@ -1,8 +1,13 @@
 """The nodepass command as a user meets it, in a subprocess."""
 
-from twisted.trial.unittest import SynchronousTestCase
+import signal
+import socket
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nodepass import __version__
+from tests.integration import WAIT, free_port, spawn
 from tests.procs import clean_env, run_nodepass
 
 
@@ -67,3 +72,29 @@ class BadInput(SynchronousTestCase):
         self.assertRefused(["server://127.0.0.1:1/127.0.0.1:2"],
                            "MIN_POOL_CAPACITY (9) is greater than MAX_POOL_CAPACITY (3)",
                            env=clean_env(MIN_POOL_CAPACITY="9", MAX_POOL_CAPACITY="3"))
+
+
+class Lifecycle(TestCase):
+    """A running nodepass as users stop it, and a start that cannot succeed."""
+
+    timeout = 60
+
+    async def test_sigterm_and_sigint_stop_cleanly(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            port = free_port()
+            daemon = spawn(self, f"server://k@127.0.0.1:{port}/127.0.0.1:{free_port()}")
+            await daemon.wait_for("target listening")
+            self.assertEqual(await daemon.stop(sig), 0)
+            self.assertTrue(daemon.lines[-1].endswith("INFO   stopped"), daemon.lines[-1])
+
+    async def test_port_in_use_exits_one_with_the_reason(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            daemon = spawn(self, f"server://k@127.0.0.1:{port}/127.0.0.1:{free_port()}")
+            code = await daemon.ended.addTimeout(WAIT, reactor)
+        self.assertEqual(code, 1)
+        self.assertEqual(daemon.count(
+            rf"FATAL  cannot listen for tunnel on 127.0.0.1:{port}: Address already in use"), 1)
+        self.assertFalse(any("Traceback" in line for line in daemon.lines))
