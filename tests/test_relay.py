@@ -65,6 +65,7 @@ class RelayTests(SynchronousTestCase):
         self.assertTrue(b.transport.disconnecting)
         self.assertIsNone(a.transport.producer)
         self.assertIsNone(b.transport.producer)
+        self.assertEqual(ended, [])
         b.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(ended, [relay])
 
@@ -82,17 +83,20 @@ class DrainTests(SynchronousTestCase):
         clock.advance(0.2)
         self.assertTrue(a.transport.disconnected and b.transport.disconnected)  # aborted
         a.connectionLost(Failure(ConnectionDone()))
+        b.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(done)
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_drain_fires_early_when_the_last_relay_ends(self):
         clock, relays = Clock(), RelaySet()
-        relay, a, _, _, _ = pair()
+        relay, a, b, _, _ = pair()
         relay._on_end = relays.discard
         relays.add(relay)
         relay.start()
         done = relays.drain(clock, 5.0)
         a.connectionLost(Failure(ConnectionDone()))
+        self.assertNoResult(done)  # b is still writing what it holds
+        b.connectionLost(Failure(ConnectionDone()))
         self.successResultOf(done)
         self.assertEqual(clock.getDelayedCalls(), [])
 

@@ -77,6 +77,7 @@ class Relay:
         self._count = {id(a): count_a, id(b): count_b}
         self._eof: set[int] = set()
         self._producing_for: set[int] = set()  # sides whose transport has a producer
+        self._lost: set[int] = set()
         self._on_end: Callable[[Relay], None] | None = on_end
 
     def other(self, side: RelayProtocol) -> RelayProtocol:
@@ -112,9 +113,14 @@ class Relay:
             other.transport.loseWriteConnection()
 
     def lost(self, side: RelayProtocol) -> None:
+        """One connection is gone: close the other once it has written what it holds.
+        The relay ends when both are gone, so shutdown waits for that last flush."""
+        self._lost.add(id(side))
+        if len(self._lost) == 2:
+            self._end()
+            return
         self._unregister(self.a, self.b)
         self.other(side).transport.loseConnection()
-        self._end()
 
     def close(self) -> None:
         """End both connections after what they have buffered is written."""
