@@ -15,8 +15,9 @@ from nodepass import logs
 from nodepass.helptext import USAGE
 from nodepass.report import reporter
 from nodepass.root import RootService
+from nodepass.tls import Credentials, ServerCredentials, TLSConfigError
 from nodepass.tunables import TunableError, Tunables, from_environ
-from nodepass.url import ClientConfig, ServerConfig, URLError, parse
+from nodepass.url import ClientConfig, Config, MasterConfig, ServerConfig, URLError, parse
 
 BUILT_MODES: tuple[str, ...] = ("server", "client")
 
@@ -46,11 +47,52 @@ class Options(usage.Options):
             self["tunables"] = from_environ(self._environ)
         except TunableError as e:
             raise usage.UsageError(f"environment: {e}") from None
+        try:
+            self["credentials"] = _tls_at_start(self["config"])
+        except TLSConfigError as e:
+            raise usage.UsageError(str(e)) from None
 
     def postOptions(self) -> None:
         scheme = self["config"].scheme
         if scheme not in BUILT_MODES:
             raise usage.UsageError(f"{scheme} mode is not built yet in this version")
+
+
+def _tls_at_start(config: Config) -> Credentials | None:
+    """Check every TLS file now, so a bad one stops the start with a clear message."""
+    from nodepass import tls
+
+    if isinstance(config, ClientConfig):
+        if config.ca is not None:
+            tls.verifying_options("localhost", config.ca)
+        return None
+    if config.tls == 2:
+        assert config.crt is not None and config.key is not None
+        return tls.load_credentials(config.crt, config.key)
+    return None
+
+
+def server_credentials(root: RootService, config: ServerConfig | MasterConfig,
+                       loaded: Credentials | None,
+                       tunables: Tunables) -> ServerCredentials | None:
+    """The certificate a server or master serves, and its reloader for tls=2."""
+    from datetime import UTC, datetime
+
+    from nodepass import tls
+
+    now = datetime.fromtimestamp(root.reactor.seconds(), UTC)
+    if config.tls == 1:
+        return tls.ServerCredentials(tls.make_self_signed(now))
+    if config.tls == 2:
+        assert loaded is not None
+        warning = tls.describe_validity(loaded.leaf, now)
+        if warning:
+            root.log.warn("tls=2: {crt}: {warning}", crt=config.crt, warning=warning)
+        credentials = tls.ServerCredentials(loaded, config.crt, config.key)
+        tls.CertificateReloader(root.reactor, credentials,
+                                tunables.reload_interval).setServiceParent(root)
+        return credentials
+    return None
 
 
 def makeService(options: Options) -> RootService:
@@ -60,15 +102,17 @@ def makeService(options: Options) -> RootService:
     logs.gate.set_level(config.log)
     root = RootService(reactor)
     build = {"server": _server, "client": _client}[config.scheme]
-    build(root, config, options["tunables"])
+    build(root, config, options["tunables"], options.get("credentials"))
     return root
 
 
-def _server(root: RootService, config: ServerConfig, tunables: Tunables) -> None:
+def _server(root: RootService, config: ServerConfig, tunables: Tunables,
+            loaded: Credentials | None) -> None:
     from nodepass.endpoints import ListenerService
     from nodepass.tunnel.server import ServerTunnel
 
-    tunnel = ServerTunnel(root.reactor, config, tunables)
+    credentials = server_credentials(root, config, loaded, tunables)
+    tunnel = ServerTunnel(root.reactor, config, tunables, credentials)
     tunnel.setServiceParent(root)
     for address, factory, role in ((config.tunnel, tunnel.tunnel_factory(), "tunnel"),
                                    (config.target, tunnel.target_factory(), "target")):
@@ -76,7 +120,8 @@ def _server(root: RootService, config: ServerConfig, tunables: Tunables) -> None
     reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
 
 
-def _client(root: RootService, config: ClientConfig, tunables: Tunables) -> None:
+def _client(root: RootService, config: ClientConfig, tunables: Tunables,
+            loaded: Credentials | None) -> None:
     from nodepass.tunnel.client import ClientTunnel
 
     tunnel = ClientTunnel(root.reactor, config, tunables)

@@ -77,6 +77,8 @@ class ClientConfig(_Config):
     tunnel: Address = Address("127.0.0.1", 10101)
     target: Address = Address("127.0.0.1", 8080)
     tunnel_key: str | None = None
+    sni: str | None = None
+    ca: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,13 @@ def _path(text: str) -> str:
     return text
 
 
+def _server_name(text: str) -> str:
+    try:
+        return parse_host(text, "sni")
+    except URLError:
+        raise ValueError(text) from None
+
+
 _PARAMS = {
     p.name: p
     for p in (
@@ -137,12 +146,15 @@ _PARAMS = {
                lambda v: quote(v, safe=_PATH_SAFE)),
         _Param("key", _path, "a path to a PEM private key file",
                lambda v: quote(v, safe=_PATH_SAFE)),
+        _Param("sni", _server_name, "a DNS name or IP address to verify the server as"),
+        _Param("ca", _path, "a path to a PEM file of trusted CA certificates",
+               lambda v: quote(v, safe=_PATH_SAFE)),
     )
 }
 
 _MODE_PARAMS: Mapping[str, tuple[str, ...]] = {
     "server": ("log", "tls", "crt", "key"),
-    "client": ("log",),
+    "client": ("log", "sni", "ca"),
     "master": ("log", "tls", "crt", "key"),
 }
 
@@ -296,14 +308,17 @@ def _check_tls_files(values: dict[str, Any]) -> None:
         missing = " and ".join(n for n in ("crt", "key") if values.get(n) is None)
         raise URLError(f"query: tls=2 needs {missing} (paths to PEM files)")
     for name in ("crt", "key"):
-        path = values[name]
-        if not os.path.isfile(path):
-            raise URLError(f"query: {name} file {path!r} does not exist or is not a file")
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as e:
-            raise URLError(f"query: {name} file {path!r} is not readable ({e.strerror})") from None
+        _check_readable(name, values[name])
+
+
+def _check_readable(name: str, path: str) -> None:
+    if not os.path.isfile(path):
+        raise URLError(f"query: {name} file {path!r} does not exist or is not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise URLError(f"query: {name} file {path!r} is not readable ({e.strerror})") from None
 
 
 def parse(text: str) -> Config:
@@ -325,6 +340,8 @@ def parse(text: str) -> Config:
         raise URLError("target address: missing (expected /target_host:port after the tunnel)")
     target = parse_address(path[1:], "target address")
     key = unquote(userinfo) if userinfo else None
+    if "ca" in values:
+        _check_readable("ca", values["ca"])
     cls = ServerConfig if scheme == "server" else ClientConfig
     return cls(tunnel=tunnel, target=target, tunnel_key=key, **values)
 

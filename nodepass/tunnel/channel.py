@@ -14,8 +14,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
 from nodepass import logs
+from nodepass.tunnel import wire
 from nodepass.tunnel.relay import RelayProtocol
-from nodepass.tunnel.wire import Frame, FrameDecoder, ProtocolError
+from nodepass.tunnel.wire import STREAM_TYPES, Frame, FrameDecoder, ProtocolError, Type
 from nodepass.url import Address
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -46,6 +47,7 @@ class FramedConnection(RelayProtocol):
 
     def __init__(self) -> None:
         self.decoder = FrameDecoder(self.expect_preamble)
+        self.stream: FrameDecoder | None = None  # set when a TLS stream is framed
         self.framing = True
         self.closed = False
         self.peer = "?"
@@ -73,6 +75,38 @@ class FramedConnection(RelayProtocol):
 
     def frame_received(self, frame: Frame) -> None:
         raise NotImplementedError
+
+    def frame_stream(self) -> None:
+        """After LAUNCH on a TLS tunnel: the byte stream travels in DATA/EOF frames,
+        because Twisted's TLS transport cannot half-close."""
+        self.stream = FrameDecoder(allowed=STREAM_TYPES)
+
+    def relay_received(self, data: bytes) -> None:
+        if self.stream is None:
+            super().relay_received(data)
+            return
+        assert self.relay is not None
+        try:
+            self.stream.feed(data)
+            while self.relay is not None and (frame := self.stream.next_frame()) is not None:
+                if frame.type is Type.DATA:
+                    self.relay.carry(self, frame.payload)
+                else:
+                    self.relay.read_closed(self)
+        except ProtocolError as e:
+            self.protocol_error(str(e))
+
+    def send_stream(self, data: bytes) -> None:
+        if self.stream is None:
+            self.transport.write(data)
+        else:
+            self.transport.writeSequence(wire.stream_data(data))
+
+    def end_stream(self) -> None:
+        if self.stream is None:
+            self.transport.loseWriteConnection()
+        else:
+            self.transport.write(wire.frame(Type.EOF))
 
     def raw_before_relay(self, data: bytes) -> None:
         """Bytes after LAUNCH that arrive before the relay is joined."""

@@ -18,6 +18,13 @@ from zope.interface import implementer
 from nodepass import logs
 from nodepass.endpoints import describe_failure, dial_endpoint
 from nodepass.stats import Report, Traffic
+from nodepass.tls import (
+    ReasonRecorder,
+    fingerprint_text,
+    peer_fingerprint,
+    pinning_options,
+    verifying_options,
+)
 from nodepass.tunables import Tunables
 from nodepass.tunnel import wire
 from nodepass.tunnel.channel import HANDSHAKE_TIMEOUT, FramedConnection, QuietFactory, tune
@@ -57,6 +64,7 @@ class _Handshaking(FramedConnection):
         self.handshake = ClientHandshake(tunnel.key, self.kind, os.urandom(wire.NONCE_SIZE),
                                          session_id)
         self._timeout: Any = None
+        self.tls_creator: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -76,12 +84,18 @@ class _Handshaking(FramedConnection):
 
     def frame_received(self, frame: Frame) -> None:
         if self.state == "challenge" and frame.type is Type.CHALLENGE:
-            self.handshake.on_challenge(frame.payload)
-            if self.handshake.tls_mode != 0:
-                raise ProtocolError(f"the server asks for tls={self.handshake.tls_mode}, "
-                                    "which this version does not support")
-            self.send(self.handshake.auth())
-            self.state = "welcome"
+            mode = self.handshake.on_challenge(frame.payload)
+            if mode == 0:
+                self.send(self.handshake.auth())
+                self.state = "welcome"
+                return
+            if self.decoder.buffered:
+                raise ProtocolError("data sent before TLS started")
+            self.tls_creator = self.tunnel.tls_creator(mode)
+            self.transport.startTLS(self.tls_creator)
+            self.state = "tls"
+        elif self.state == "tls" and frame.type is Type.ATTEST:
+            self.attested(frame.payload)
         elif self.state == "welcome" and frame.type is Type.WELCOME:
             try:
                 settings = self.handshake.on_welcome(frame.payload)
@@ -94,6 +108,29 @@ class _Handshaking(FramedConnection):
             self.welcomed(settings)
         else:
             self.frame_after_handshake(frame)
+
+    def attested(self, attestation: bytes) -> None:
+        """TLS is up (the server's first frame arrived through it): check the certificate
+        against the key holder's attestation, then authenticate.  (Not IHandshakeListener:
+        Twisted's endpoint wrapper then hides IHalfCloseableProtocol.)"""
+        seen = peer_fingerprint(self.transport) or b""
+        try:
+            self.handshake.on_attest(attestation, seen)
+        except AuthenticationError:
+            self.tunnel.tls_refused(self, f"its certificate {fingerprint_text(seen)[:23]}... "
+                                    "is not attested by the tunnel key (a man in the middle, "
+                                    "or a different key)")
+            return
+        pinned = self.tunnel.session_fingerprint
+        if self.kind is Kind.DATA and self.handshake.tls_mode == 1 and pinned and seen != pinned:
+            self.tunnel.tls_refused(self, "its certificate changed within the session")
+            return
+        self.send(self.handshake.auth())
+        self.state = "welcome"
+
+    def tls_problem(self, reason: Failure) -> str:
+        problems = getattr(self.tls_creator, "problems", None)
+        return "; ".join(dict.fromkeys(problems)) if problems else reason.getErrorMessage()
 
     def welcomed(self, settings: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -126,7 +163,7 @@ class ControlConnection(_Handshaking):
         super().ended(reason)
         if self.control is not None:
             self.control.stop()
-        self.tunnel.control_ended(self)
+        self.tunnel.control_ended(self, reason)
 
 
 class DataConnection(_Handshaking):
@@ -148,6 +185,8 @@ class DataConnection(_Handshaking):
             proto, source = wire.parse_launch(frame.payload)
             self.state = "launched"
             self.framing = False
+            if self.handshake.tls_mode:
+                self.frame_stream()
             self.pending = self.decoder.rest()
             self.transport.pauseProducing()
             self.tunnel.launched(self, proto, source)
@@ -165,7 +204,9 @@ class DataConnection(_Handshaking):
 
     def ended(self, reason: Failure) -> None:
         super().ended(reason)
-        if self.state in ("challenge", "welcome"):
+        if self.state == "tls":
+            self.tunnel.tls_failed(self.tls_problem(reason))
+        if self.state in ("challenge", "tls", "welcome"):
             self.ready.errback(Failure(ConnectionError(
                 f"data connection closed during the handshake ({reason.getErrorMessage()})")))
         elif self.state == "idle":
@@ -218,6 +259,9 @@ class ClientTunnel(MultiService):
             retryPolicy=reconnect_policy(tunables.service_cooldown, rand))
         self.control_service.setServiceParent(self)
         self.session: ControlConnection | None = None
+        self.session_fingerprint = b""
+        self._tls_options: dict[int, Any] = {}
+        self._tls_throttle = logs.Throttle(reactor, 60.0)
         self.pool = ClientPool(reactor, self._dial_data, tunables.min_pool_capacity,
                                tunables.max_pool_capacity, tunables.min_pool_interval,
                                tunables.max_pool_interval)
@@ -236,6 +280,7 @@ class ClientTunnel(MultiService):
             interval = int(self.tunables.report_interval * 1000)
         max_pool = settings.get("max_pool")
         self.session = conn
+        self.session_fingerprint = conn.handshake.binding
         conn.control = ControlSession(
             self.clock, interval / 1000.0, conn.send,
             on_dead=lambda: self._session_dead(conn),
@@ -244,7 +289,10 @@ class ClientTunnel(MultiService):
         )
         conn.control.start()
         self.pool.start(max_pool if isinstance(max_pool, int) and max_pool > 0 else None)
-        self.log.info("connected to server {peer}: tunnel session open", peer=conn.peer)
+        tls = conn.handshake.tls_mode
+        self.log.info("connected to server {peer}: tunnel session open ({how})", peer=conn.peer,
+                      how=f"tls={tls}, certificate {fingerprint_text(conn.handshake.binding)}"
+                      if tls else "tls=0, not encrypted")
 
     def _dial_failed(self, reason: Failure) -> None:
         if not reason.check(CancelledError):
@@ -260,12 +308,36 @@ class ClientTunnel(MultiService):
             self.log.info("server {peer} is shutting down", peer=conn.peer)
         conn.close()
 
-    def control_ended(self, conn: ControlConnection) -> None:
+    def tls_creator(self, mode: int) -> Any:
+        """What this client dials TLS with: pinning (tls=1) or verifying (tls=2)."""
+        if mode not in self._tls_options:
+            if mode == 1:
+                self._tls_options[mode] = pinning_options()
+            else:
+                name = self.config.sni or self.config.tunnel.host
+                self._tls_options[mode] = verifying_options(name, self.config.ca)
+        options = self._tls_options[mode]
+        return ReasonRecorder(options) if mode == 2 else options
+
+    def tls_refused(self, conn: _Handshaking, why: str) -> None:
+        if self._tls_throttle.allow() is not None:
+            self.log.error("refusing server {peer}: {why}", peer=conn.peer, why=why)
+        conn.abort()
+
+    def tls_failed(self, why: str) -> None:
+        if not self.stopping and self._tls_throttle.allow() is not None:
+            self.log.error("TLS with server {server} failed: {why}", server=self.config.tunnel,
+                           why=why)
+
+    def control_ended(self, conn: ControlConnection, reason: Failure) -> None:
         if conn is self.session:
             self.session = None
+            self.session_fingerprint = b""
             self.pool.stop()
             if not self.stopping:
                 self.log.warn("tunnel to {peer} closed; reconnecting", peer=conn.peer)
+        elif conn.state == "tls":
+            self.tls_failed(conn.tls_problem(reason))
         elif conn.state == "busy":
             self.log.warn("server {peer} is busy: another client holds the tunnel; retrying",
                           peer=conn.peer)

@@ -33,9 +33,22 @@ class RelayProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None:
-            self.relay.carry(self, data)
+            self.relay_received(data)
         else:
             self.before_relay_data(data)
+
+    # How this connection's byte stream is read and written while relayed; a TLS
+    # tunnel connection frames it (see FramedConnection) to carry half-close.
+
+    def relay_received(self, data: bytes) -> None:
+        assert self.relay is not None
+        self.relay.carry(self, data)
+
+    def send_stream(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def end_stream(self) -> None:
+        self.transport.loseWriteConnection()
 
     def readConnectionLost(self) -> None:
         if self.relay is not None:
@@ -90,7 +103,7 @@ class Relay:
         self.b.transport.registerProducer(self.a.transport, True)
         self._producing_for = {id(self.a), id(self.b)}
         if b_pending:
-            self.carry(self.b, b_pending)
+            self.b.relay_received(b_pending)
         if b_eof:
             self.read_closed(self.b)
         for side in (self.a, self.b):
@@ -99,7 +112,7 @@ class Relay:
 
     def carry(self, side: RelayProtocol, data: bytes) -> None:
         self._count[id(side)](len(data))
-        self.other(side).transport.write(data)
+        self.other(side).send_stream(data)
 
     def read_closed(self, side: RelayProtocol) -> None:
         self._eof.add(id(side))
@@ -110,7 +123,7 @@ class Relay:
         if len(self._eof) == 2:
             self.close()
         else:
-            other.transport.loseWriteConnection()
+            other.end_stream()
 
     def lost(self, side: RelayProtocol) -> None:
         """One connection is gone: close the other once it has written what it holds.

@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 
 from nodepass import __version__, logs
 from nodepass.stats import Report, Traffic
+from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
 from nodepass.tunnel import wire
 from nodepass.tunnel.channel import (
@@ -64,7 +65,16 @@ class TunnelConnection(FramedConnection):
             assert self.control is not None
             self.control.frame_received(frame)
         elif self.state == "hello" and frame.type is Type.HELLO:
-            self.send(self.handshake.on_hello(frame.payload))
+            credentials = self.tunnel.credentials
+            if credentials is None:
+                self.send(self.handshake.on_hello(frame.payload))
+            else:
+                options, self.handshake.binding = credentials.current()
+                self.send(self.handshake.on_hello(frame.payload))
+                if self.decoder.buffered:
+                    raise ProtocolError("data sent before TLS started")
+                self.transport.startTLS(options)
+                self.send(self.handshake.attest())
             self.state = "auth"
         elif self.state == "auth" and frame.type is Type.AUTH:
             self._authenticate(frame.payload)
@@ -117,12 +127,14 @@ class ServerTunnel(Service):
 
     log = logs.logger("nodepass")
 
-    def __init__(self, reactor: Any, config: ServerConfig, tunables: Tunables) -> None:
+    def __init__(self, reactor: Any, config: ServerConfig, tunables: Tunables,
+                 credentials: ServerCredentials | None = None) -> None:
         self.clock = reactor
         self.config = config
         self.tunables = tunables
         self.key = derived_key(config).encode()
         self.tls_mode = config.tls
+        self.credentials = credentials
         self.session: TunnelConnection | None = None
         self.session_id = b""
         self.pool = IdlePool(reactor, tunables.max_pool_capacity, POOL_WAIT_TIMEOUT,
@@ -251,6 +263,8 @@ class ServerTunnel(Service):
         conn.state = "relay"
         conn.framing = False
         conn.send(wire.launch(Proto.TCP, peer_of(user.transport)))
+        if self.credentials is not None:
+            conn.frame_stream()
         relay = Relay(user, conn, self.traffic.add_tcp_in, self.traffic.add_tcp_out,
                       self.relays.discard)
         self.relays.add(relay)
@@ -273,8 +287,11 @@ class ServerTunnel(Service):
         if self.config.tunnel_key is None:
             self.log.warn("no key in the URL: the tunnel key is the port in hex, which anyone "
                           "can guess; set one as server://KEY@host:port/...")
-        if self.tls_mode == 0:
+        if self.credentials is None:
             self.log.info("tls=0: tunnel traffic is not encrypted")
+        else:
+            self.log.info("tls={mode}: certificate fingerprint {fp}", mode=self.tls_mode,
+                          fp=fingerprint_text(self.credentials.credentials.fingerprint))
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

@@ -44,11 +44,14 @@ class Type(IntEnum):
     AUTH = 3
     WELCOME = 4
     BUSY = 5
+    ATTEST = 6
     PING = 16
     PONG = 17
     DEMAND = 18
     GOODBYE = 19
     LAUNCH = 32
+    DATA = 33
+    EOF = 34
 
 
 class Proto(IntEnum):
@@ -69,12 +72,19 @@ MAX_PAYLOAD: dict[Type, int] = {
     Type.AUTH: SESSION_ID_SIZE + MAC_SIZE,
     Type.WELCOME: MAC_SIZE + SESSION_ID_SIZE + MAX_SETTINGS,
     Type.BUSY: 0,
+    Type.ATTEST: MAC_SIZE,
     Type.PING: _PING.size,
     Type.PONG: _PING.size,
     Type.DEMAND: _DEMAND.size,
     Type.GOODBYE: 1,
     Type.LAUNCH: 1 + MAX_ADDRESS,
+    Type.DATA: 0xFFFF,
+    Type.EOF: 0,
 }
+
+# Frames of a launched data connection's byte stream under TLS; never before LAUNCH.
+STREAM_TYPES = frozenset({Type.DATA, Type.EOF})
+SIGNAL_TYPES = frozenset(Type) - STREAM_TYPES
 
 
 @dataclass(frozen=True)
@@ -97,9 +107,11 @@ class FrameDecoder:
     relay bytes: the reader stops pulling and takes :meth:`rest`.
     """
 
-    def __init__(self, expect_preamble: bool = False) -> None:
+    def __init__(self, expect_preamble: bool = False,
+                 allowed: frozenset[Type] = SIGNAL_TYPES) -> None:
         self._buffer = bytearray()
         self._need_preamble = expect_preamble
+        self._allowed = allowed
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -122,6 +134,8 @@ class FrameDecoder:
             kind = Type(code)
         except ValueError:
             raise ProtocolError(f"unknown frame type {code}") from None
+        if kind not in self._allowed:
+            raise ProtocolError(f"{kind.name} frame is not allowed here")
         if length > MAX_PAYLOAD[kind]:
             raise ProtocolError(
                 f"{kind.name} frame of {length} bytes exceeds its limit of {MAX_PAYLOAD[kind]}"
@@ -132,6 +146,10 @@ class FrameDecoder:
         payload = bytes(self._buffer[_HEADER.size : end])
         del self._buffer[:end]
         return Frame(kind, payload)
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
 
     def rest(self) -> bytes:
         """The bytes after the last frame pulled (raw relay data after LAUNCH)."""
@@ -219,6 +237,16 @@ def parse_demand(payload: bytes) -> int:
 
 def goodbye(reason: Goodbye) -> bytes:
     return frame(Type.GOODBYE, bytes([reason]))
+
+
+def stream_data(data: bytes) -> list[bytes]:
+    """``data`` as DATA frames (header and payload pieces, for writeSequence)."""
+    pieces = []
+    for start in range(0, len(data), 0xFFFF):
+        chunk = data[start : start + 0xFFFF]
+        pieces.append(_HEADER.pack(Type.DATA, len(chunk)))
+        pieces.append(chunk)
+    return pieces
 
 
 def launch(proto: Proto, source: str) -> bytes:
