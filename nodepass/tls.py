@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import ipaddress
 import signal
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
+from service_identity import VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -211,24 +217,45 @@ def verifying_options(hostname: str, ca_path: str | None) -> IOpenSSLClientConne
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class ReasonRecorder:
-    """Wraps a client connection creator for one connection, recording why OpenSSL
-    rejected the server's chain so the log can say "expired" or "unknown CA"."""
+class VerifyingCreator:
+    """tls=2 for one connection: OpenSSL checks the chain, service_identity the name,
+    and every reason for a refusal is kept so the log can say "expired" or
+    "unknown CA" rather than "handshake failure"."""
 
-    def __init__(self, inner: IOpenSSLClientConnectionCreator) -> None:
+    def __init__(self, inner: IOpenSSLClientConnectionCreator, hostname: str) -> None:
         self._inner = inner
+        self._hostname = hostname
         self.problems: list[str] = []
 
     def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
+        # The inner creator sets SNI and the trust roots; its verify callback (which
+        # would check the name) is replaced by ours, which checks the name itself.
         connection = self._inner.clientConnectionForTLS(tls_protocol)
-
-        def verify(conn: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
-            if not ok:
-                self.problems.append(_VERIFY_REASONS.get(errno, f"verify error {errno}"))
-            return bool(ok)
-
-        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
         return connection
+
+    def _verify(self, conn: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
+        if not ok:
+            self.problems.append(_VERIFY_REASONS.get(errno, f"verify error {errno}"))
+            return False
+        if depth != 0:
+            return True
+        try:
+            _check_name(cert.to_cryptography(), self._hostname)
+        except VerificationError:
+            self.problems.append(f"the certificate does not match the name {self._hostname!r}"
+                                 " (hostname mismatch; set sni=NAME to verify another name)")
+            return False
+        return True
+
+
+def _check_name(cert: x509.Certificate, hostname: str) -> None:
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        verify_certificate_hostname(cert, hostname)
+    else:
+        verify_certificate_ip_address(cert, hostname)
 
 
 def peer_fingerprint(transport: Any) -> bytes | None:

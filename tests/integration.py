@@ -127,13 +127,15 @@ def spawn(case: TestCase, url: str, name: str | None = None, **env: str) -> Daem
 
 
 async def tunnel_pair(case: TestCase, target_port: int, key: str = "secret",
+                      server_query: str = "", client_query: str = "",
                       **env: str) -> tuple[Daemon, Daemon, int]:
     """A server and a client on fresh ports; returns them and the server's target port."""
     tunnel_port, exposed = free_port(), free_port()
-    server = spawn(case, f"server://{key}@127.0.0.1:{tunnel_port}/127.0.0.1:{exposed}", **env)
+    server = spawn(case, f"server://{key}@127.0.0.1:{tunnel_port}/127.0.0.1:{exposed}"
+                         f"{server_query}", **env)
     await server.wait_for("target listening")
-    client = spawn(case, f"client://{key}@127.0.0.1:{tunnel_port}/127.0.0.1:{target_port}",
-                   **env)
+    client = spawn(case, f"client://{key}@127.0.0.1:{tunnel_port}/127.0.0.1:{target_port}"
+                         f"{client_query}", **env)
     await client.wait_for("tunnel session open")
     await server.wait_for("tunnel session open")
     return server, client, exposed
@@ -282,6 +284,68 @@ class _OneShot(Factory):
 
     def buildProtocol(self, addr) -> Protocol:
         return self.protocol_instance
+
+
+@implementer(IHalfCloseableProtocol)
+class _Forward(Protocol):
+    """One side of a test proxy: what it reads goes to ``peer``; bytes are recorded;
+    a half-close is passed on."""
+
+    def __init__(self, record: bytearray) -> None:
+        self.record = record
+        self.peer: _Forward | None = None
+        self.early: list[bytes] = []
+        self.eof = False
+
+    def readConnectionLost(self) -> None:
+        self.eof = True
+        if self.peer.eof:
+            self.transport.loseConnection()
+            self.peer.transport.loseConnection()
+        else:
+            self.peer.transport.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        self.record += data
+        if self.peer is None or self.peer.transport is None:
+            self.early.append(data)
+        else:
+            self.peer.transport.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.loseConnection()
+
+
+class _ForwardingFactory(Factory):
+    def __init__(self, upstream: int, record: bytearray) -> None:
+        self.upstream = upstream
+        self.record = record
+
+    def buildProtocol(self, addr) -> Protocol:
+        inbound = _Forward(self.record)
+        outbound = _Forward(self.record)
+        inbound.peer, outbound.peer = outbound, inbound
+
+        def connected(_):
+            for data in inbound.early:
+                outbound.transport.write(data)
+            inbound.early.clear()
+
+        TCP4ClientEndpoint(reactor, "127.0.0.1", self.upstream).connect(
+            _OneShot(outbound)).addCallbacks(connected,
+                                             lambda _: inbound.transport.loseConnection())
+        return inbound
+
+
+async def recording_proxy(case: TestCase, upstream: int) -> tuple[int, bytearray]:
+    """A TCP forwarder to ``upstream`` that records every byte in both directions."""
+    record = bytearray()
+    port = await listen(case, _ForwardingFactory(upstream, record))
+    return port, record
 
 
 def sleep(seconds: float) -> Deferred[None]:

@@ -167,3 +167,43 @@ class Handshake(SynchronousTestCase):
         client.on_challenge(decode_all(sent[len(client.hello()):])[0][0].payload)
         sent += client.auth() + server.welcome(b"S" * 16)
         self.assertNotIn(key, sent)
+
+
+class TLSBinding(SynchronousTestCase):
+    """Under TLS the MACs cover the certificate fingerprint each end sees."""
+
+    def start(self, server_binding):
+        server = ServerHandshake(b"k", 1, os.urandom(32), server_binding)
+        client = ClientHandshake(b"k", Kind.CONTROL, os.urandom(32))
+        hello = decode_all(client.hello(), expect_preamble=True)[0][0]
+        challenge = decode_all(server.on_hello(hello.payload))[0][0]
+        self.assertEqual(client.on_challenge(challenge.payload), 1)
+        attest = decode_all(server.attest())[0][0]
+        self.assertEqual(attest.type, Type.ATTEST)
+        return server, client, attest.payload
+
+    def test_matching_certificate_authenticates(self):
+        server, client, attestation = self.start(b"F" * 32)
+        client.on_attest(attestation, b"F" * 32)
+        server.on_auth(decode_all(client.auth())[0][0].payload)
+        client.on_welcome(decode_all(server.welcome(b"S" * 16))[0][0].payload)
+
+    def test_other_certificate_is_refused_by_the_client(self):
+        _, client, attestation = self.start(b"F" * 32)
+        with self.assertRaisesRegex(AuthenticationError, "not attested"):
+            client.on_attest(attestation, b"M" * 32)  # what a man in the middle shows
+
+    def test_auth_bound_to_another_certificate_is_refused_by_the_server(self):
+        server, client, _ = self.start(b"F" * 32)
+        client.binding = b"M" * 32
+        with self.assertRaises(AuthenticationError):
+            server.on_auth(decode_all(client.auth())[0][0].payload)
+
+    def test_stripping_tls_from_the_challenge_fails_authentication(self):
+        server = ServerHandshake(b"k", 1, os.urandom(32), b"F" * 32)
+        client = ClientHandshake(b"k", Kind.CONTROL, os.urandom(32))
+        hello = decode_all(client.hello(), expect_preamble=True)[0][0]
+        challenge = decode_all(server.on_hello(hello.payload))[0][0]
+        client.on_challenge(b"\x00" + challenge.payload[1:])  # rewritten to tls=0
+        with self.assertRaises(AuthenticationError):
+            server.on_auth(decode_all(client.auth())[0][0].payload)

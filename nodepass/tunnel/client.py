@@ -19,7 +19,7 @@ from nodepass import logs
 from nodepass.endpoints import describe_failure, dial_endpoint
 from nodepass.stats import Report, Traffic
 from nodepass.tls import (
-    ReasonRecorder,
+    VerifyingCreator,
     fingerprint_text,
     peer_fingerprint,
     pinning_options,
@@ -317,7 +317,9 @@ class ClientTunnel(MultiService):
                 name = self.config.sni or self.config.tunnel.host
                 self._tls_options[mode] = verifying_options(name, self.config.ca)
         options = self._tls_options[mode]
-        return ReasonRecorder(options) if mode == 2 else options
+        if mode == 1:
+            return options
+        return VerifyingCreator(options, self.config.sni or self.config.tunnel.host)
 
     def tls_refused(self, conn: _Handshaking, why: str) -> None:
         if self._tls_throttle.allow() is not None:

@@ -1,0 +1,52 @@
+"""Certificates: made, loaded, checked, reloaded."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from nodepass import tls
+from tests import certs
+
+
+class Certificates(SynchronousTestCase):
+    def setUp(self):
+        self.dir = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.ca = certs.make_ca()
+
+    def test_self_signed_is_ecdsa_and_valid_now(self):
+        made = tls.make_self_signed(certs.NOW)
+        self.assertIsNone(tls.describe_validity(made.leaf, certs.NOW))
+        self.assertEqual(made.key.curve.name, "secp256r1")
+        self.assertEqual(len(made.fingerprint), 32)
+        made.server_options().getContext()
+
+    def test_load_chain_and_key(self):
+        leaf = certs.issue(self.ca)
+        crt, key = leaf.write(self.dir, "s", chain=(self.ca.cert,))
+        loaded = tls.load_credentials(crt, key)
+        self.assertEqual(len(loaded.chain), 2)
+        self.assertEqual(loaded.fingerprint, tls.fingerprint(leaf.cert))
+
+    def test_expired_is_described(self):
+        old = certs.issue(self.ca, expired=True)
+        self.assertIn("expired on", tls.describe_validity(old.cert, certs.NOW))
+
+    def test_reload_keeps_the_old_certificate_when_the_new_file_is_broken(self):
+        crt, key = certs.issue(self.ca).write(self.dir, "s")
+        current = tls.ServerCredentials(tls.load_credentials(crt, key), crt, key)
+        before = current.current()[1]
+        self.assertFalse(current.reload())  # unchanged files: nothing to do
+        Path(key).write_text("broken")
+        with capturedLogs() as events:
+            self.assertFalse(current.reload())
+        self.assertEqual(current.current()[1], before)
+        self.assertIn("certificate reload failed, keeping the current one",
+                      " ".join(formatEvent(e) for e in events))
+        renewed = certs.issue(self.ca)
+        renewed.write(self.dir, "s")
+        self.assertTrue(current.reload())
+        self.assertEqual(current.current()[1], tls.fingerprint(renewed.cert))
