@@ -35,11 +35,14 @@ setup(
         "pyopenssl>=24.2.0",
         "cryptography>=43.0.0",
         "attrs>=23.1.0",
+        "klein>=24.8.0",
+        "swagger-ui-bundle>=1.1.0",
     ],
     extras_require={
         "test": [
             "hypothesis>=6.100",
             "treq>=24.9.1",
+            "openapi-spec-validator>=0.7",
         ],
         "lint": ["ruff>=0.6"],
     },

@@ -12,6 +12,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
+    SSL4ServerEndpoint,
     TCP4ClientEndpoint,
     TCP4ServerEndpoint,
     TCP6ClientEndpoint,
@@ -36,7 +37,10 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def listen_endpoint(reactor: Any, address: Address) -> Any:
+def listen_endpoint(reactor: Any, address: Address, tls: Any = None) -> Any:
+    """TCP, or TLS with ``tls`` (an object whose getContext() gives the current context)."""
+    if tls is not None:
+        return SSL4ServerEndpoint(reactor, address.port, tls, BACKLOG, address.host)
     if address.is_ipv6:
         return TCP6ServerEndpoint(reactor, address.port, BACKLOG, address.host)
     return TCP4ServerEndpoint(reactor, address.port, BACKLOG, address.host)
@@ -70,8 +74,9 @@ class ListenerService(Service):
     log = logs.logger("nodepass")
 
     def __init__(self, reactor: Any, address: Address, factory: Factory, role: str,
-                 on_failure: Callable[[str], None]) -> None:
+                 on_failure: Callable[[str], None], tls: Any = None) -> None:
         self.reactor = reactor
+        self.tls = tls
         self.address = address
         self.factory = factory
         self.role = role
@@ -82,7 +87,8 @@ class ListenerService(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._pending = listen_endpoint(self.reactor, self.address).listen(self.factory)
+        endpoint = listen_endpoint(self.reactor, self.address, self.tls)
+        self._pending = endpoint.listen(self.factory)
         self._pending.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: IListeningPort) -> None:

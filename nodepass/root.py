@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -24,6 +25,7 @@ class RootService(MultiService):
         super().__init__()
         self.reactor = reactor
         self.exit_status = 0
+        self.on_fail: list[Callable[[str], None]] = []
 
     def startService(self) -> None:
         self.log.info("nodepass {version} starting", version=__version__)
@@ -39,5 +41,10 @@ class RootService(MultiService):
             return
         self.exit_status = 1
         self.log.critical("{text}", text=message)
+        for hook in self.on_fail:
+            hook(message)
+        self.stop()
+
+    def stop(self) -> None:
         if self.reactor.running:
             self.reactor.stop()

@@ -7,19 +7,23 @@ come through here.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.python import usage
 
 from nodepass import logs
 from nodepass.helptext import USAGE
 from nodepass.report import reporter
 from nodepass.root import RootService
+from nodepass.stats import Report
+from nodepass.statuschannel import ENV, StatusChannel
 from nodepass.tls import Credentials, ServerCredentials, TLSConfigError
 from nodepass.tunables import TunableError, Tunables, from_environ
 from nodepass.url import ClientConfig, Config, MasterConfig, ServerConfig, URLError, parse
 
-BUILT_MODES: tuple[str, ...] = ("server", "client")
+BUILT_MODES: tuple[str, ...] = ("server", "client", "master")
 
 
 class Options(usage.Options):
@@ -28,7 +32,7 @@ class Options(usage.Options):
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
-        self._environ = os.environ if environ is None else environ
+        self.environ = os.environ if environ is None else environ
 
     def getUsage(self, width: int | None = None) -> str:
         return USAGE
@@ -44,7 +48,7 @@ class Options(usage.Options):
         except URLError as e:
             raise usage.UsageError(str(e)) from None
         try:
-            self["tunables"] = from_environ(self._environ)
+            self["tunables"] = from_environ(self.environ)
         except TunableError as e:
             raise usage.UsageError(f"environment: {e}") from None
         try:
@@ -101,29 +105,63 @@ def makeService(options: Options) -> RootService:
     config = options["config"]
     logs.gate.set_level(config.log)
     root = RootService(reactor)
+    if isinstance(config, MasterConfig):
+        _master(root, config, options["tunables"], options.get("credentials"), options.environ)
+        return root
     build = {"server": _server, "client": _client}[config.scheme]
-    build(root, config, options["tunables"], options.get("credentials"))
+    built = build(root, config, options["tunables"], options.get("credentials"))
+    status_fd = options.environ.get(ENV)
+    if status_fd is not None and built is not None:
+        snapshot, ready = built
+        _report_to_master(root, int(status_fd), snapshot, ready, options["tunables"])
     return root
 
 
+def _report_to_master(root: RootService, fd: int, snapshot: Callable[[], Report],
+                      ready: Deferred[Any], tunables: Tunables) -> None:
+    channel = StatusChannel(root.reactor, fd, snapshot, tunables.report_interval, root.stop)
+    channel.setServiceParent(root)
+    root.on_fail.append(channel.fatal)
+    ready.addCallback(lambda _: channel.ready())
+    ready.addErrback(lambda _: None)  # a listener's failure is reported through root.fail
+
+
+def _master(root: RootService, config: MasterConfig, tunables: Tunables,
+            loaded: Credentials | None, environ: Mapping[str, str]) -> None:
+    from nodepass.master.service import build_master
+
+    credentials = server_credentials(root, config, loaded, tunables)
+    build_master(root, config, tunables, credentials, environ)
+
+
+Built = tuple[Callable[[], Report], Deferred[Any]]
+
+
 def _server(root: RootService, config: ServerConfig, tunables: Tunables,
-            loaded: Credentials | None) -> None:
+            loaded: Credentials | None) -> Built:
     from nodepass.endpoints import ListenerService
     from nodepass.tunnel.server import ServerTunnel
 
     credentials = server_credentials(root, config, loaded, tunables)
     tunnel = ServerTunnel(root.reactor, config, tunables, credentials)
     tunnel.setServiceParent(root)
+    listeners = []
     for address, factory, role in ((config.tunnel, tunnel.tunnel_factory(), "tunnel"),
                                    (config.target, tunnel.target_factory(), "target")):
-        ListenerService(root.reactor, address, factory, role, root.fail).setServiceParent(root)
+        listener = ListenerService(root.reactor, address, factory, role, root.fail)
+        listener.setServiceParent(root)
+        listeners.append(listener.listening)
     reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
+    return tunnel.report, gatherResults(listeners, consumeErrors=True)
 
 
 def _client(root: RootService, config: ClientConfig, tunables: Tunables,
-            loaded: Credentials | None) -> None:
+            loaded: Credentials | None) -> Built:
     from nodepass.tunnel.client import ClientTunnel
 
     tunnel = ClientTunnel(root.reactor, config, tunables)
     tunnel.setServiceParent(root)
     reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
+    started: Deferred[Any] = Deferred()
+    root.reactor.callWhenRunning(started.callback, None)
+    return tunnel.report, started

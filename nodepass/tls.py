@@ -164,6 +164,10 @@ class ServerCredentials:
     def current(self) -> tuple[ssl.CertificateOptions, bytes]:
         return self.options, self.credentials.fingerprint
 
+    def getContext(self) -> SSL.Context:
+        """For TLS listeners: each new connection gets the current certificate."""
+        return self.options.getContext()
+
     def reload(self) -> bool:
         """Re-read the files; on any problem keep the old certificate and log why."""
         if self.crt is None or self.key is None:

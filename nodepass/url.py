@@ -89,6 +89,8 @@ class MasterConfig(_Config):
     tls: int = 0
     crt: str | None = None
     key: str | None = None
+    auth: int = 1
+    state: str | None = None
 
 
 Config = ServerConfig | ClientConfig | MasterConfig
@@ -146,6 +148,9 @@ _PARAMS = {
                lambda v: quote(v, safe=_PATH_SAFE)),
         _Param("key", _path, "a path to a PEM private key file",
                lambda v: quote(v, safe=_PATH_SAFE)),
+        _Param("auth", _choice((0, 1)), "0|1"),
+        _Param("state", _path, "a directory for the master's state",
+               lambda v: quote(v, safe=_PATH_SAFE)),
         _Param("sni", _server_name, "a DNS name or IP address to verify the server as"),
         _Param("ca", _path, "a path to a PEM file of trusted CA certificates",
                lambda v: quote(v, safe=_PATH_SAFE)),
@@ -155,7 +160,7 @@ _PARAMS = {
 _MODE_PARAMS: Mapping[str, tuple[str, ...]] = {
     "server": ("log", "tls", "crt", "key"),
     "client": ("log", "sni", "ca"),
-    "master": ("log", "tls", "crt", "key"),
+    "master": ("log", "tls", "crt", "key", "auth", "state"),
 }
 
 _HINTS = {

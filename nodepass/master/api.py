@@ -1,0 +1,221 @@
+"""The master's REST API (../shared/seed/api.md): a Klein app holding the registry.
+
+Every response is the envelope ``{success, data, error}``; every error has a
+stable code.  Routes live under ``{prefix}/v1``; CORS preflight is answered
+before authentication; ``openapi.json`` and ``docs`` need no key.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from klein import Klein
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.static import File
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from nodepass import logs
+from nodepass.master.instances import InstanceError, Registry, iso
+from nodepass.master.openapi import document
+
+MAX_BODY = 64 * 1024
+ACTIONS = ("start", "stop", "restart")
+CORS = {
+    b"Access-Control-Allow-Origin": b"*",
+    b"Access-Control-Allow-Methods": b"GET, POST, PUT, DELETE, OPTIONS",
+    b"Access-Control-Allow-Headers": b"Content-Type, X-API-Key, Authorization",
+    b"Access-Control-Max-Age": b"600",
+}
+
+_DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>nodepass master API</title>
+<link rel="stylesheet" href="docs/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="docs/swagger-ui-bundle.js"></script>
+<script>
+window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui",
+  deepLinking: true, persistAuthorization: true});
+</script></body></html>
+"""
+
+
+class ApiError(Exception):
+    def __init__(self, code: str, status: int, message: str) -> None:
+        super().__init__(message)
+        self.code, self.status, self.message = code, status, message
+
+
+def _swagger_assets() -> str:
+    import swagger_ui_bundle
+
+    return str(swagger_ui_bundle.swagger_ui_path)
+
+
+class MasterAPI:
+    log = logs.logger("nodepass.master")
+
+    def __init__(self, registry: Registry, prefix: str, api_key: str | None) -> None:
+        self.registry = registry
+        self.prefix = prefix
+        self.api_key = api_key
+        self.openapi = json.dumps(document(prefix), indent=1).encode()
+        self.app = Klein()
+        self._routes()
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _routes(self) -> None:
+        app, base = self.app, f"{self.prefix}/v1"
+        route = app.route
+        route(f"{base}/instances", methods=["GET"], strict_slashes=False)(
+            self._guard(self.list_instances))
+        route(f"{base}/instances", methods=["POST"], strict_slashes=False)(
+            self._guard(self.create_instance))
+        for method, handler in (("GET", self.get_instance), ("PUT", self.control_instance),
+                                ("DELETE", self.delete_instance)):
+            route(f"{base}/instances/<string:instance_id>", methods=[method],
+                  strict_slashes=False)(self._guard(handler))
+        route(f"{base}/openapi.json", methods=["GET"])(self.openapi_json)
+        route(f"{base}/docs", methods=["GET"])(self.docs_page)
+        route(f"{base}/docs/", methods=["GET"], branch=True)(self.docs_assets)
+        route("/", methods=["OPTIONS"], branch=True)(self.preflight)
+        app.handle_errors(NotFound)(self._not_found)
+        app.handle_errors(MethodNotAllowed)(self._not_allowed)
+
+    def _guard(self, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        """Authenticate, run the handler, and wrap what it returns in the envelope."""
+
+        async def guarded(request: IRequest, **kwargs: Any) -> bytes:
+            try:
+                self._authenticate(request)
+                status, data = await handler(request, **kwargs)
+            except (ApiError, InstanceError) as e:
+                return self._reply(request, e.status, None, {"code": e.code,
+                                                              "message": e.message})
+            except Exception:
+                self.log.failure("internal error serving {path}", Failure(),
+                                 path=request.path.decode("utf-8", "replace"))
+                return self._reply(request, 500, None, {"code": "INTERNAL",
+                                                        "message": "internal error; see the "
+                                                                   "master's log"})
+            return self._reply(request, status, data, None)
+
+        guarded.__name__ = handler.__name__
+        return guarded
+
+    def _reply(self, request: IRequest, status: int, data: Any, error: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"Content-Type", b"application/json")
+        for name, value in CORS.items():
+            request.setHeader(name, value)
+        body = {"success": error is None, "data": data, "error": error}
+        return json.dumps(body, separators=(",", ":")).encode()
+
+    def _authenticate(self, request: IRequest) -> None:
+        if self.api_key is None:
+            return
+        offered = request.getHeader(b"x-api-key")
+        if offered is None:
+            bearer = request.getHeader(b"authorization") or b""
+            scheme, _, token = bearer.partition(b" ")
+            offered = token.strip() if scheme.lower() == b"bearer" else None
+        if offered is None or not hmac.compare_digest(offered, self.api_key.encode()):
+            raise ApiError("UNAUTHORIZED", 401,
+                           "missing or wrong API key (send it as X-API-Key or "
+                           "Authorization: Bearer)")
+
+    def _json_body(self, request: IRequest, field: str) -> str:
+        ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if ctype != b"application/json":
+            raise ApiError("UNSUPPORTED_MEDIA_TYPE", 415,
+                           "the body must be JSON (Content-Type: application/json)")
+        raw = request.content.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            raise ApiError("PAYLOAD_TOO_LARGE", 413, f"the body exceeds {MAX_BODY} bytes")
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise ApiError("INVALID_JSON", 400, f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError("INVALID_JSON", 400, "the body must be a JSON object")
+        value = body.get(field)
+        if not isinstance(value, str):
+            raise ApiError("INVALID_REQUEST", 400,
+                           f"the body needs {field!r} as a string")
+        return value
+
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return self._reply(request, 404, None, {
+            "code": "NOT_FOUND",
+            "message": f"no route {request.path.decode('utf-8', 'replace')} "
+                       f"(the API lives under {self.prefix}/v1)"})
+
+    def _not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        request.setHeader(b"Allow", ", ".join(allowed).encode())
+        return self._reply(request, 405, None, {
+            "code": "METHOD_NOT_ALLOWED",
+            "message": f"{request.method.decode()} is not allowed here "
+                       f"(allowed: {', '.join(allowed)})"})
+
+    # -- routes ------------------------------------------------------------
+
+    def preflight(self, request: IRequest) -> bytes:
+        request.setResponseCode(204)
+        for name, value in CORS.items():
+            request.setHeader(name, value)
+        return b""
+
+    def openapi_json(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        return self.openapi
+
+    def docs_page(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        return _DOCS_PAGE.encode()
+
+    def docs_assets(self, request: IRequest) -> File:
+        return File(_swagger_assets())
+
+    async def list_instances(self, request: IRequest) -> tuple[int, Any]:
+        instances = [self.registry.describe(i) for i in self.registry.instances.values()]
+        return 200, {"instances": instances}
+
+    async def create_instance(self, request: IRequest) -> tuple[int, Any]:
+        url = self._json_body(request, "url")
+        instance = await self.registry.create(url)
+        return 201, self.registry.describe(instance)
+
+    async def get_instance(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
+        return 200, self.registry.describe(self.registry.get(instance_id))
+
+    async def control_instance(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
+        instance = self.registry.get(instance_id)
+        action = self._json_body(request, "action")
+        if action not in ACTIONS:
+            raise ApiError("INVALID_ACTION", 400,
+                           f"unknown action {action!r} (allowed: start, stop, restart)")
+        await getattr(self.registry, action)(instance)
+        data = self.registry.describe(instance)
+        stamp = {"start": "started_at", "stop": "stopped_at", "restart": "restarted_at"}[action]
+        data[stamp] = iso(getattr(instance, stamp))
+        return 200, data
+
+    async def delete_instance(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
+        instance = self.registry.get(instance_id)
+        await self.registry.delete(instance)
+        return 200, {"id": instance.id, "deleted": True}
+
+
+def docs_assets_present() -> bool:
+    return (Path(_swagger_assets()) / "swagger-ui-bundle.js").exists()

@@ -1,0 +1,198 @@
+"""The one source of the master's OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nodepass import __version__
+
+ERROR_CODES = [
+    "INVALID_JSON", "INVALID_REQUEST", "INVALID_URL", "INVALID_ACTION", "INSTANCE_NOT_FOUND",
+    "NOT_FOUND", "METHOD_NOT_ALLOWED", "UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE",
+    "PAYLOAD_TOO_LARGE", "CONFLICT", "INTERNAL",
+]
+
+
+def _envelope(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["success", "data", "error"],
+        "properties": {
+            "success": {"type": "boolean", "enum": [True]},
+            "data": data,
+            "error": {"type": "null"},
+        },
+    }
+
+
+def _response(description: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": _envelope(data)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"$ref": f"#/components/responses/E{s}"} for s in statuses}
+
+
+_INSTANCE = {
+    "type": "object",
+    "required": ["id", "type", "url", "status", "created_at", "uptime", "connections",
+                 "pool_size", "ping", "tcp_in", "tcp_out", "udp_in", "udp_out", "error"],
+    "properties": {
+        "id": {"type": "string", "pattern": "^ins_[0-9a-f]+$", "example": "ins_3f9a1c2e"},
+        "type": {"type": "string", "enum": ["server", "client"]},
+        "url": {"type": "string", "description": "canonical URL, inherited settings filled in",
+                "example": "server://0.0.0.0:10101/0.0.0.0:8080?log=info&tls=1"},
+        "status": {"type": "string", "enum": ["running", "stopped", "error"]},
+        "created_at": {"type": "string", "format": "date-time"},
+        "started_at": {"type": ["string", "null"], "format": "date-time"},
+        "stopped_at": {"type": ["string", "null"], "format": "date-time"},
+        "restarted_at": {"type": ["string", "null"], "format": "date-time"},
+        "uptime": {"type": "integer", "minimum": 0, "description": "seconds while running"},
+        "connections": {"type": "integer", "minimum": 0, "description": "active connections"},
+        "pool_size": {"type": "integer", "minimum": 0, "description": "idle pooled connections"},
+        "ping": {"type": ["number", "null"], "description": "last heartbeat round trip, ms"},
+        "tunnel": {"type": ["string", "null"], "enum": ["connected", "connecting", "waiting",
+                                                        None],
+                   "description": "the tunnel session as the instance last reported it"},
+        "tcp_in": {"type": "integer", "minimum": 0},
+        "tcp_out": {"type": "integer", "minimum": 0},
+        "udp_in": {"type": "integer", "minimum": 0},
+        "udp_out": {"type": "integer", "minimum": 0},
+        "error": {"type": ["string", "null"], "description": "the last failure"},
+    },
+}
+
+_REF = {"$ref": "#/components/schemas/Instance"}
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
+       "example": "ins_3f9a1c2e"}
+
+
+def document(prefix: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of every route under ``prefix``/v1."""
+    base = f"{prefix}/v1"
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "nodepass master API",
+            "version": __version__,
+            "description": "Create, control and watch nodepass server and client instances. "
+                           "Every response is the envelope {success, data, error}.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"ApiKey": []}, {"Bearer": []}],
+        "paths": {
+            f"{base}/instances": {
+                "get": {
+                    "summary": "List all instances",
+                    "operationId": "listInstances",
+                    "responses": {
+                        "200": _response("The instances", {
+                            "type": "object", "required": ["instances"],
+                            "properties": {"instances": {"type": "array", "items": _REF}},
+                        }),
+                        **_errors(401),
+                    },
+                },
+                "post": {
+                    "summary": "Create and start an instance",
+                    "operationId": "createInstance",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {
+                            "type": "object", "required": ["url"],
+                            "properties": {"url": {
+                                "type": "string",
+                                "example": "server://0.0.0.0:10101/0.0.0.0:8080?tls=1"}},
+                        }}},
+                    },
+                    "responses": {
+                        "201": _response("Created; status is what the instance reported",
+                                         _REF),
+                        **_errors(400, 401, 413, 415),
+                    },
+                },
+            },
+            f"{base}/instances/{{id}}": {
+                "parameters": [_ID],
+                "get": {
+                    "summary": "One instance",
+                    "operationId": "getInstance",
+                    "responses": {
+                        "200": _response("The instance", _REF),
+                        **_errors(401, 404),
+                    },
+                },
+                "put": {
+                    "summary": "Start, stop or restart an instance",
+                    "operationId": "controlInstance",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {
+                            "type": "object", "required": ["action"],
+                            "properties": {"action": {"type": "string",
+                                                      "enum": ["start", "stop", "restart"]}},
+                        }}},
+                    },
+                    "responses": {
+                        "200": _response("The instance after the action",
+                                         _REF),
+                        **_errors(400, 401, 404, 413, 415),
+                    },
+                },
+                "delete": {
+                    "summary": "Stop and remove an instance",
+                    "operationId": "deleteInstance",
+                    "responses": {
+                        "200": _response("Removed", {
+                            "type": "object", "required": ["id", "deleted"],
+                            "properties": {"id": {"type": "string"},
+                                           "deleted": {"type": "boolean"}},
+                        }),
+                        **_errors(401, 404),
+                    },
+                },
+            },
+            f"{base}/openapi.json": {
+                "get": {"summary": "This document", "operationId": "openapi", "security": [],
+                        "responses": {"200": {"description": "The OpenAPI document",
+                                              "content": {"application/json": {}}}}},
+            },
+            f"{base}/docs": {
+                "get": {"summary": "Swagger UI, served offline", "operationId": "docs",
+                        "security": [],
+                        "responses": {"200": {"description": "An HTML page",
+                                              "content": {"text/html": {}}}}},
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": {
+                "Instance": _INSTANCE,
+                "Error": {
+                    "type": "object",
+                    "required": ["success", "data", "error"],
+                    "properties": {
+                        "success": {"type": "boolean", "enum": [False]},
+                        "data": {"type": "null"},
+                        "error": {
+                            "type": "object", "required": ["code", "message"],
+                            "properties": {"code": {"type": "string", "enum": ERROR_CODES},
+                                           "message": {"type": "string"}},
+                        },
+                    },
+                },
+            },
+            "responses": {
+                f"E{s}": {"description": d, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Error"}}}}
+                for s, d in ((400, "Bad request"), (401, "Missing or wrong API key"),
+                             (404, "Not found"), (405, "Method not allowed"),
+                             (409, "Conflict"), (413, "Body too large"),
+                             (415, "Body is not application/json"), (500, "Internal error"))
+            },
+        },
+    }

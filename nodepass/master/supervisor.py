@@ -1,0 +1,151 @@
+"""Instance processes: ``python -m nodepass URL`` children of the master.
+
+Each child gets one end of a Unix socket pair as fd 3 (``NODEPASS_STATUS_FD``)
+and reports its state and counters there as JSON lines; its log lines (stdout)
+are re-emitted by the master with the instance id, its stderr at error level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import LogLevel
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from nodepass import logs
+from nodepass.statuschannel import ENV
+
+_LEVELS = {"DEBUG": LogLevel.debug, "INFO": LogLevel.info, "WARN": LogLevel.warn,
+           "ERROR": LogLevel.error, "FATAL": LogLevel.critical}
+MAX_EVENT = 4096
+
+
+class _StatusReceiver(LineOnlyReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = MAX_EVENT
+
+    def __init__(self, child: ChildProcess) -> None:
+        self.child = child
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(event, dict) and isinstance(event.get("type"), str):
+            self.child.on_event(event)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.child.channel_closed()
+
+
+class ChildProcess(ProcessProtocol):
+    """One running instance process."""
+
+    log = logs.logger("nodepass.master")
+
+    def __init__(self, instance_id: str, on_event: Callable[[dict[str, Any]], None],
+                 on_exit: Callable[[int | None, int | None, list[str]], None]) -> None:
+        self.instance_id = instance_id
+        self.on_event = on_event
+        self.on_exit = on_exit
+        self._partial = {1: b"", 2: b""}
+        self.stderr_tail: deque[str] = deque(maxlen=20)
+        self.channel: _StatusReceiver | None = None
+        self.running = False
+        self._exit: tuple[int | None, int | None] | None = None
+        self._channel_open = True
+
+    @property
+    def pid(self) -> int | None:
+        return getattr(self.transport, "pid", None)
+
+    def connectionMade(self) -> None:
+        self.running = True
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        if fd not in self._partial:
+            return
+        buffered = self._partial[fd] + data
+        *lines, rest = buffered.split(b"\n")
+        self._partial[fd] = rest[-8192:]
+        for raw in lines:
+            self._relay_line(fd, raw.decode("utf-8", "replace"))
+
+    def _relay_line(self, fd: int, line: str) -> None:
+        if fd == 2:
+            self.stderr_tail.append(line)
+            self.log.emit(LogLevel.error, "{text}", text=line, instance_id=self.instance_id)
+            return
+        # "YYYY-MM-DD hh:mm:ss.mmm  LEVEL  message": the child's own line format
+        parts = line.split(None, 3)
+        level = _LEVELS.get(parts[2]) if len(parts) == 4 else None
+        text = parts[3] if level is not None else line
+        self.log.emit(level or LogLevel.info, "{text}", text=text, instance_id=self.instance_id)
+
+    def processEnded(self, reason: Failure) -> None:
+        self.running = False
+        self._exit = (getattr(reason.value, "exitCode", None),
+                      getattr(reason.value, "signal", None))
+        self._maybe_ended()
+
+    def channel_closed(self) -> None:
+        self._channel_open = False
+        self._maybe_ended()
+
+    def _maybe_ended(self) -> None:
+        # Both the exit and the end of the status channel: then every event the
+        # child sent (its fatal reason, say) has been read.
+        if self._exit is not None and not self._channel_open:
+            code, sig = self._exit
+            self._exit = None
+            self.on_exit(code, sig, list(self.stderr_tail))
+
+    def signal(self, sig: int) -> None:
+        if self.running and self.pid is not None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def spawn_child(reactor: Any, url: str, environ: Mapping[str, str],
+                child: ChildProcess) -> ChildProcess:
+    """Start ``python -m nodepass URL`` with its status channel on fd 3."""
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = dict(environ)
+    env[ENV] = "3"
+    try:
+        reactor.spawnProcess(
+            child, sys.executable, [sys.executable, "-m", "nodepass", url], env=env,
+            childFDs={0: "w", 1: "r", 2: "r", 3: child_end.fileno()},
+        )
+    finally:
+        child_end.close()
+    receiver = _StatusReceiver(child)
+    child.channel = receiver
+    reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX,
+                                  Factory.forProtocol(lambda: receiver))
+    parent_end.close()
+    return child
+
+
+def describe_exit(code: int | None, sig: int | None) -> str:
+    if sig is not None:
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    return f"exited with status {code}"

@@ -1,0 +1,106 @@
+"""An instance's structured channel to the master that started it.
+
+The master passes one end of a Unix socket pair as a file descriptor and names it
+in ``NODEPASS_STATUS_FD``.  The instance writes one JSON object per line:
+
+- ``{"type": "ready"}`` once it listens (server) or has started dialing (client);
+- ``{"type": "report", "state": ..., "pool": ..., "connections": ..., "ping_ms": ...,
+  "tcp_in": ..., "tcp_out": ..., "udp_in": ..., "udp_out": ...}`` every REPORT_INTERVAL;
+- ``{"type": "fatal", "message": ...}`` when it cannot go on.
+
+When the master goes away (the socket closes), the instance stops: no orphans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
+from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.failure import Failure
+
+from nodepass import logs
+from nodepass.stats import Report
+
+ENV = "NODEPASS_STATUS_FD"
+
+
+class _Channel(LineOnlyReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = 4096
+
+    def __init__(self, on_lost: Callable[[], None]) -> None:
+        self.on_lost = on_lost
+
+    def lineReceived(self, line: bytes) -> None:
+        pass  # the master sends nothing yet
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.on_lost()
+
+
+class StatusChannel(Service):
+    log = logs.logger("nodepass")
+
+    def __init__(self, reactor: Any, fd: int, snapshot: Callable[[], Report],
+                 interval: float, on_master_gone: Callable[[], None]) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.snapshot = snapshot
+        self.interval = interval
+        self.on_master_gone = on_master_gone
+        self.protocol: _Channel | None = None
+        self._loop = LoopingCall(self.report)
+        self._loop.clock = reactor
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        # The reactor only reads (to notice the master going away); events are
+        # written straight to the descriptor, so a fatal one is out before exit.
+        self.protocol = _Channel(self._lost)
+        factory = Factory.forProtocol(lambda: self.protocol)
+        self.reactor.adoptStreamConnection(self.fd, socket.AF_UNIX, factory)
+        self._loop.start(self.interval, now=False)
+
+    def send(self, **event: Any) -> None:
+        line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        try:
+            os.write(self.fd, line)
+        except BlockingIOError:
+            pass  # the master is not reading: a report can be dropped, the next one follows
+        except OSError:
+            pass  # the master is gone; _lost stops us
+
+    def ready(self) -> None:
+        self.send(type="ready")
+
+    def fatal(self, message: str) -> None:
+        self.send(type="fatal", message=message)
+
+    def report(self) -> None:
+        self.send(type="report", **self.snapshot().as_dict())
+
+    def _lost(self) -> None:
+        if not self._stopping:
+            self.log.warn("the master is gone: stopping")
+            self.on_master_gone()
+
+    def stopService(self) -> None:
+        self._stopping = True
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+        self.report()
+        if self.protocol is not None and self.protocol.transport is not None:
+            self.protocol.transport.loseConnection()
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
