@@ -122,8 +122,7 @@ def _report_to_master(root: RootService, fd: int, snapshot: Callable[[], Report]
     channel = StatusChannel(root.reactor, fd, snapshot, tunables.report_interval, root.stop)
     channel.setServiceParent(root)
     root.on_fail.append(channel.fatal)
-    ready.addCallback(lambda _: channel.ready())
-    ready.addErrback(lambda _: None)  # a listener's failure is reported through root.fail
+    ready.addCallback(lambda ok: channel.ready() if ok else None)
 
 
 def _master(root: RootService, config: MasterConfig, tunables: Tunables,
@@ -152,7 +151,9 @@ def _server(root: RootService, config: ServerConfig, tunables: Tunables,
         listener.setServiceParent(root)
         listeners.append(listener.listening)
     reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
-    return tunnel.report, gatherResults(listeners, consumeErrors=True)
+    # True once every listener listens; False when one failed (root.fail reported it).
+    listening = gatherResults(listeners, consumeErrors=True)
+    return tunnel.report, listening.addCallbacks(lambda _: True, lambda _: False)
 
 
 def _client(root: RootService, config: ClientConfig, tunables: Tunables,
@@ -163,5 +164,5 @@ def _client(root: RootService, config: ClientConfig, tunables: Tunables,
     tunnel.setServiceParent(root)
     reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
     started: Deferred[Any] = Deferred()
-    root.reactor.callWhenRunning(started.callback, None)
+    root.reactor.callWhenRunning(started.callback, True)
     return tunnel.report, started
