@@ -86,7 +86,9 @@ class MasterAPI:
         route(f"{base}/openapi.json", methods=["GET"])(self.openapi_json)
         route(f"{base}/docs", methods=["GET"])(self.docs_page)
         route(f"{base}/docs/", methods=["GET"], branch=True)(self.docs_assets)
-        route("/", methods=["OPTIONS"], branch=True)(self.preflight)
+        for path in ("instances", "instances/<string:instance_id>", "openapi.json", "docs"):
+            route(f"{base}/{path}", methods=["OPTIONS"], strict_slashes=False,
+                  endpoint=f"preflight {path}")(self.preflight)
         app.handle_errors(NotFound)(self._not_found)
         app.handle_errors(MethodNotAllowed)(self._not_allowed)
 
@@ -168,7 +170,7 @@ class MasterAPI:
 
     # -- routes ------------------------------------------------------------
 
-    def preflight(self, request: IRequest) -> bytes:
+    def preflight(self, request: IRequest, **kwargs: Any) -> bytes:
         request.setResponseCode(204)
         for name, value in CORS.items():
             request.setHeader(name, value)

@@ -276,6 +276,7 @@ class Registry:
             "pool_size": int(instance.report.get("pool") or 0) if running else 0,
             "ping": instance.report.get("ping_ms") if running else None,
             "tunnel": instance.report.get("state") if running else None,
+            "pid": instance.child.pid if running and instance.child is not None else None,
             "error": instance.error,
         }
         data.update(self.counters(instance))

@@ -55,6 +55,7 @@ _INSTANCE = {
         "tunnel": {"type": ["string", "null"], "enum": ["connected", "connecting", "waiting",
                                                         None],
                    "description": "the tunnel session as the instance last reported it"},
+        "pid": {"type": ["integer", "null"], "description": "the instance's process id"},
         "tcp_in": {"type": "integer", "minimum": 0},
         "tcp_out": {"type": "integer", "minimum": 0},
         "udp_in": {"type": "integer", "minimum": 0},

@@ -1,0 +1,399 @@
+"""The master API against a real master on 127.0.0.1, with treq and curl."""
+
+import json
+import os
+import shutil
+import signal
+import stat
+import tempfile
+from pathlib import Path
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import TestCase
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
+
+from tests import certs
+from tests.integration import eventually, free_port, listen, sleep, spawn
+
+KEY = "test-key-0123456789"
+
+
+async def start_master(case, query="", prefix="", key=KEY, **env):
+    state = Path(tempfile.mkdtemp())
+    case.addCleanup(shutil.rmtree, state, True)
+    port = free_port()
+    if key is not None:
+        env["NODEPASS_API_KEY"] = key
+    master = spawn(case, f"master://127.0.0.1:{port}{prefix}{query}", name="master",
+                   NODEPASS_STATE_DIR=str(state), REPORT_INTERVAL="500ms", **env)
+    await master.wait_for("master API at")
+    master.base = f"http://127.0.0.1:{port}{prefix or '/api'}/v1"
+    master.state = state
+    master.port = port
+    return master
+
+
+class Api:
+    """A tiny treq client that returns (status, envelope)."""
+
+    def __init__(self, base, key=KEY):
+        self.base = base
+        self.headers = {"X-API-Key": [key]} if key else {}
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+
+    async def call(self, method, path, body=None, headers=None, raw=None):
+        all_headers = dict(self.headers)
+        if body is not None or raw is not None:
+            all_headers["Content-Type"] = ["application/json"]
+        all_headers.update(headers or {})
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        response = await treq.request(method, self.base + path, data=data, pool=self.pool,
+                                      headers=all_headers, timeout=30)
+        text = await treq.content(response)
+        return response.code, json.loads(text) if text else None, response
+
+    async def ok(self, method, path, body=None, status=200):
+        code, envelope, _ = await self.call(method, path, body)
+        assert code == status, (code, envelope)
+        assert envelope["success"] is True and envelope["error"] is None, envelope
+        return envelope["data"]
+
+
+class SeedFlows(TestCase):
+    """Each flow of ../shared/seed/api.md, as a panel runs it."""
+
+    timeout = 90
+
+    async def setUp(self):
+        self.master = await start_master(self)
+        self.api = Api(self.master.base)
+
+    def server_url(self):
+        return f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}?tls=1"
+
+    async def test_create_list_get_monitor_control_delete(self):
+        url = self.server_url()
+        created = await self.api.ok("POST", "/instances", {"url": url}, status=201)
+        self.assertRegex(created["id"], r"^ins_[0-9a-f]{8}$")
+        self.assertEqual(created["status"], "running")
+        self.assertEqual(created["type"], "server")
+        self.assertEqual(created["url"], url.replace("?tls=1", "?log=info&tls=1"))
+        self.assertRegex(created["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+        listed = await self.api.ok("GET", "/instances")
+        self.assertEqual([i["id"] for i in listed["instances"]], [created["id"]])
+
+        path = f"/instances/{created['id']}"
+        got = await self.api.ok("GET", path)
+        for field in ("connections", "pool_size", "uptime", "ping", "tcp_in", "tcp_out",
+                      "udp_in", "udp_out", "error"):
+            self.assertIn(field, got)
+        self.assertEqual(got["status"], "running")
+
+        stopped = await self.api.ok("PUT", path, {"action": "stop"})
+        self.assertEqual((stopped["id"], stopped["status"]), (created["id"], "stopped"))
+        self.assertIsNotNone(stopped["stopped_at"])
+        again = await self.api.ok("PUT", path, {"action": "stop"})  # idempotent
+        self.assertEqual(again["status"], "stopped")
+        started = await self.api.ok("PUT", path, {"action": "start"})
+        self.assertEqual(started["status"], "running")
+        restarted = await self.api.ok("PUT", path, {"action": "restart"})
+        self.assertEqual(restarted["status"], "running")
+        self.assertRegex(restarted["restarted_at"], r"Z$")
+
+        deleted = await self.api.ok("DELETE", path)
+        self.assertEqual(deleted, {"id": created["id"], "deleted": True})
+        code, envelope, _ = await self.api.call("GET", path)
+        self.assertEqual((code, envelope["error"]["code"]), (404, "INSTANCE_NOT_FOUND"))
+        self.assertEqual((await self.api.ok("GET", "/instances"))["instances"], [])
+
+    async def test_ids_are_unique(self):
+        ids = set()
+        for _ in range(3):
+            data = await self.api.ok("POST", "/instances", {"url": self.server_url()},
+                                     status=201)
+            ids.add(data["id"])
+        self.assertEqual(len(ids), 3)
+
+    async def test_port_taken_shows_error_with_the_reason(self):
+        url = self.server_url()
+        await self.api.ok("POST", "/instances", {"url": url}, status=201)
+        second = await self.api.ok("POST", "/instances", {"url": url}, status=201)
+        self.assertEqual(second["status"], "error")
+        self.assertIn("Address already in use", second["error"])
+
+    async def test_instance_killed_from_outside_shows_error(self):
+        data = await self.api.ok("POST", "/instances", {"url": self.server_url()}, status=201)
+        os.kill(data["pid"], signal.SIGKILL)
+        path = f"/instances/{data['id']}"
+
+        async def status():
+            return (await self.api.ok("GET", path))["status"]
+
+        for _ in range(100):
+            if await status() == "error":
+                break
+            await sleep(0.1)
+        got = await self.api.ok("GET", path)
+        self.assertEqual(got["status"], "error")
+        self.assertIn("killed by SIGKILL", got["error"])
+
+
+class Errors(TestCase):
+    """Every error path answers with the envelope and a stable code."""
+
+    timeout = 60
+
+    async def setUp(self):
+        self.master = await start_master(self)
+        self.api = Api(self.master.base)
+
+    async def assertError(self, status, code, method, path, fragment="", **kwargs):
+        got, envelope, _ = await self.api.call(method, path, **kwargs)
+        self.assertEqual(got, status, envelope)
+        self.assertEqual(envelope["success"], False)
+        self.assertIsNone(envelope["data"])
+        self.assertEqual(envelope["error"]["code"], code)
+        self.assertIn(fragment, envelope["error"]["message"])
+
+    async def test_bad_bodies(self):
+        await self.assertError(400, "INVALID_JSON", "POST", "/instances", "not valid JSON",
+                               raw=b"{url:")
+        await self.assertError(400, "INVALID_JSON", "POST", "/instances", "JSON object",
+                               raw=b"[1]")
+        await self.assertError(400, "INVALID_REQUEST", "POST", "/instances", "'url'",
+                               body={"uri": "x"})
+        await self.assertError(400, "INVALID_URL", "POST", "/instances",
+                               "unknown parameter 'tsl'",
+                               body={"url": "server://127.0.0.1:1/127.0.0.1:2?tsl=1"})
+        await self.assertError(400, "INVALID_URL", "POST", "/instances",
+                               "a master cannot run another master",
+                               body={"url": "master://127.0.0.1:9999"})
+        await self.assertError(415, "UNSUPPORTED_MEDIA_TYPE", "POST", "/instances",
+                               raw=b'{"url": "x"}', headers={"Content-Type": ["text/plain"]})
+        await self.assertError(413, "PAYLOAD_TOO_LARGE", "POST", "/instances",
+                               raw=b'{"url": "' + b"x" * 70000 + b'"}')
+
+    async def test_unknown_instance_action_route_method(self):
+        for method in ("GET", "DELETE"):
+            await self.assertError(404, "INSTANCE_NOT_FOUND", method, "/instances/ins_nope",
+                                   "ins_nope")
+        await self.assertError(404, "INSTANCE_NOT_FOUND", "PUT", "/instances/ins_nope",
+                               body={"action": "start"})
+        data = await self.api.ok("POST", "/instances", {
+            "url": f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}"}, status=201)
+        await self.assertError(400, "INVALID_ACTION", "PUT", f"/instances/{data['id']}",
+                               "allowed: start, stop, restart", body={"action": "explode"})
+        await self.assertError(405, "METHOD_NOT_ALLOWED", "PATCH", "/instances", "PATCH")
+        await self.assertError(404, "NOT_FOUND", "GET", "/nothing-here", "/api/v1")
+
+    async def test_authentication(self):
+        anonymous = Api(self.master.base, key=None)
+        self.api = anonymous
+        await self.assertError(401, "UNAUTHORIZED", "GET", "/instances", "X-API-Key")
+        self.api = Api(self.master.base, key="wrong")
+        await self.assertError(401, "UNAUTHORIZED", "GET", "/instances")
+        bearer = Api(self.master.base, key=None)
+        bearer.headers = {"Authorization": [f"Bearer {KEY}"]}
+        self.assertEqual((await bearer.ok("GET", "/instances"))["instances"], [])
+        # the documentation needs no key
+        code, _, _ = await anonymous.call("GET", "/openapi.json")
+        self.assertEqual(code, 200)
+
+    async def test_cors_preflight_and_headers(self):
+        response = await treq.request("OPTIONS", self.master.base + "/instances", headers={
+            "Origin": ["http://panel.example"], "Access-Control-Request-Method": ["POST"]},
+            pool=self.api.pool)
+        await treq.content(response)
+        self.assertEqual(response.code, 204)
+        headers = response.headers
+        self.assertEqual(headers.getRawHeaders("Access-Control-Allow-Origin"), ["*"])
+        self.assertIn("X-API-Key", headers.getRawHeaders("Access-Control-Allow-Headers")[0])
+        self.assertIn("PUT", headers.getRawHeaders("Access-Control-Allow-Methods")[0])
+        _, _, plain = await self.api.call("GET", "/instances")
+        self.assertEqual(plain.headers.getRawHeaders("Access-Control-Allow-Origin"), ["*"])
+
+    async def test_openapi_document_validates(self):
+        from openapi_spec_validator import validate
+
+        response = await treq.get(self.master.base + "/openapi.json", pool=self.api.pool)
+        document = json.loads(await treq.content(response))
+        validate(document)
+        self.assertIn("/api/v1/instances/{id}", document["paths"])
+        self.assertIn("ApiKey", document["components"]["securitySchemes"])
+
+
+class MasterSettings(TestCase):
+    timeout = 90
+
+    async def test_custom_prefix(self):
+        master = await start_master(self, prefix="/admin/np")
+        api = Api(master.base)
+        self.assertEqual((await api.ok("GET", "/instances"))["instances"], [])
+        wrong = Api(f"http://127.0.0.1:{master.port}/api/v1")
+        code, envelope, _ = await wrong.call("GET", "/instances")
+        self.assertEqual((code, envelope["error"]["code"]), (404, "NOT_FOUND"))
+
+    async def test_generated_key_is_kept_private_and_logged_once(self):
+        master = await start_master(self, key=None)
+        key_file = master.state / "api.key"
+        key = key_file.read_text().strip()
+        self.assertEqual(stat.S_IMODE(key_file.stat().st_mode), 0o600)
+        self.assertEqual(master.count(f"API key generated and saved in {key_file}: {key}"), 1)
+        self.assertEqual((await Api(master.base, key).ok("GET", "/instances"))["instances"], [])
+        await master.stop()
+        again = spawn(self, f"master://127.0.0.1:{master.port}", name="master-2",
+                      NODEPASS_STATE_DIR=str(master.state))
+        await again.wait_for("master API at")
+        self.assertEqual(again.count(key), 0)
+        self.assertEqual((await Api(master.base, key).ok("GET", "/instances"))["instances"], [])
+
+    async def test_auth_off(self):
+        master = await start_master(self, query="?auth=0", key=None)
+        await master.wait_for("auth=0: the API accepts requests without a key")
+        self.assertEqual((await Api(master.base, None).ok("GET", "/instances"))["instances"],
+                         [])
+
+    async def test_instances_inherit_log_and_tls(self):
+        master = await start_master(self, query="?log=debug")
+        api = Api(master.base)
+        server = await api.ok("POST", "/instances", {
+            "url": f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}"}, status=201)
+        self.assertTrue(server["url"].endswith("?log=debug&tls=0"), server["url"])
+        explicit = await api.ok("POST", "/instances", {
+            "url": f"client://k@127.0.0.1:{free_port()}/127.0.0.1:1?log=warn"}, status=201)
+        self.assertTrue(explicit["url"].endswith("?log=warn"), explicit["url"])
+
+    async def test_master_sigterm_leaves_no_child(self):
+        master = await start_master(self)
+        api = Api(master.base)
+        pids = []
+        for _ in range(2):
+            data = await api.ok("POST", "/instances", {
+                "url": f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}"},
+                status=201)
+            pids.append(data["pid"])
+        self.assertEqual(await master.stop(), 0)
+        for pid in pids:
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
+
+    async def test_master_sigkill_children_exit_by_themselves(self):
+        master = await start_master(self)
+        data = await Api(master.base).ok("POST", "/instances", {
+            "url": f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}"}, status=201)
+        await master.stop(signal.SIGKILL)
+
+        def gone():
+            try:
+                os.kill(data["pid"], 0)
+            except ProcessLookupError:
+                return True
+            # a zombie waiting for init is gone too
+            return "Z" in Path(f"/proc/{data['pid']}/stat").read_text().split()[2]
+
+        await eventually(gone, timeout=15)
+
+
+class EndToEnd(TestCase):
+    timeout = 90
+
+    async def test_http_through_api_created_instances(self):
+        curl = shutil.which("curl")
+        if curl is None:
+            self.skipTest("curl is not installed: apt-get install curl")
+        root = Resource()
+        root.putChild(b"hello", Data(b"x" * 100_000, "text/plain"))
+        site = Site(root)
+        site.noisy = False
+        backend = await listen(self, site)
+        master = await start_master(self)
+        api = Api(master.base)
+        tunnel, exposed = free_port(), free_port()
+        server = await api.ok("POST", "/instances", {
+            "url": f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}"}, status=201)
+        client = await api.ok("POST", "/instances", {
+            "url": f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"}, status=201)
+        await master.wait_for(rf"\[{server['id']}\] client .* connected: tunnel session open")
+        out, _, code = await getProcessOutputAndValue(
+            curl, ["-sS", "--max-time", "10", f"http://127.0.0.1:{exposed}/hello"])
+        self.assertEqual((code, len(out)), (0, 100_000))
+        # the server reads the request from the user and writes the page to it; the
+        # client reads the page from the local service and writes the request to it
+        for instance, request_field, page_field in ((server, "tcp_in", "tcp_out"),
+                                                    (client, "tcp_out", "tcp_in")):
+            path = f"/instances/{instance['id']}"
+
+            async def counted(path=path, page_field=page_field):
+                return (await api.ok("GET", path))[page_field] >= 100_000
+
+            for _ in range(50):
+                if await counted():
+                    break
+                await sleep(0.1)
+            data = await api.ok("GET", path)
+            self.assertGreater(data[request_field], 0, data)
+            self.assertGreaterEqual(data[page_field], 100_000, data)
+            self.assertEqual(data["tunnel"], "connected")
+        # a connection held open shows in `connections`
+        held = await TCP4ClientEndpoint(reactor, "127.0.0.1", exposed).connect(
+            Factory.forProtocol(Protocol))
+        self.addCleanup(held.transport.loseConnection)
+        path = f"/instances/{server['id']}"
+        for _ in range(50):
+            if (await api.ok("GET", path))["connections"] == 1:
+                break
+            await sleep(0.1)
+        self.assertEqual((await api.ok("GET", path))["connections"], 1)
+
+
+class Https(TestCase):
+    timeout = 60
+
+    async def curl(self, *args):
+        curl = shutil.which("curl")
+        if curl is None:
+            self.skipTest("curl is not installed: apt-get install curl")
+        out, err, code = await getProcessOutputAndValue(curl, ["-sS", "--max-time", "10",
+                                                               *args])
+        return code, out.decode(), err.decode()
+
+    async def test_tls1_generated_certificate(self):
+        master = await start_master(self, query="?tls=1")
+        await master.wait_for("tls=1: API certificate fingerprint")
+        url = f"https://127.0.0.1:{master.port}/api/v1/instances"
+        code, out, _ = await self.curl("--insecure", "-H", f"X-API-Key: {KEY}", url)
+        self.assertEqual(code, 0)
+        self.assertEqual(json.loads(out)["data"], {"instances": []})
+        code, _, _ = await self.curl("-H", f"X-API-Key: {KEY}", url)
+        self.assertNotEqual(code, 0, "curl must refuse an unverifiable certificate")
+        created = await self.curl("--insecure", "-H", f"X-API-Key: {KEY}", "-H",
+                                  "Content-Type: application/json", "-d", json.dumps({
+                                      "url": f"server://k@127.0.0.1:{free_port()}/"
+                                             f"127.0.0.1:{free_port()}"}), url)
+        self.assertIn("&tls=1", json.loads(created[1])["data"]["url"])
+
+    async def test_tls2_given_certificate(self):
+        folder = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, folder, True)
+        ca = certs.make_ca()
+        crt, key = certs.issue(ca).write(folder, "api")
+        ca_file = certs.write_ca(ca, folder)
+        master = await start_master(self, query=f"?tls=2&crt={crt}&key={key}")
+        url = f"https://127.0.0.1:{master.port}/api/v1/instances"
+        code, out, err = await self.curl("--cacert", ca_file, "-H", f"X-API-Key: {KEY}", url)
+        self.assertEqual(code, 0, err)
+        self.assertEqual(json.loads(out)["success"], True)
+        created = await self.curl("--cacert", ca_file, "-H", f"X-API-Key: {KEY}", "-H",
+                                  "Content-Type: application/json", "-d", json.dumps({
+                                      "url": f"server://k@127.0.0.1:{free_port()}/"
+                                             f"127.0.0.1:{free_port()}"}), url)
+        self.assertIn(f"&tls=2&crt={crt}&key={key}", json.loads(created[1])["data"]["url"])
