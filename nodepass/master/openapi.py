@@ -20,7 +20,7 @@ def _envelope(data: dict[str, Any]) -> dict[str, Any]:
         "properties": {
             "success": {"type": "boolean", "enum": [True]},
             "data": data,
-            "error": {"type": "null"},
+            "error": {"type": "object", "nullable": True, "enum": [None]},
         },
     }
 
@@ -45,22 +45,22 @@ _INSTANCE = {
                 "example": "server://0.0.0.0:10101/0.0.0.0:8080?log=info&tls=1"},
         "status": {"type": "string", "enum": ["running", "stopped", "error"]},
         "created_at": {"type": "string", "format": "date-time"},
-        "started_at": {"type": ["string", "null"], "format": "date-time"},
-        "stopped_at": {"type": ["string", "null"], "format": "date-time"},
-        "restarted_at": {"type": ["string", "null"], "format": "date-time"},
+        "started_at": {"type": "string", "nullable": True, "format": "date-time"},
+        "stopped_at": {"type": "string", "nullable": True, "format": "date-time"},
+        "restarted_at": {"type": "string", "nullable": True, "format": "date-time"},
         "uptime": {"type": "integer", "minimum": 0, "description": "seconds while running"},
         "connections": {"type": "integer", "minimum": 0, "description": "active connections"},
         "pool_size": {"type": "integer", "minimum": 0, "description": "idle pooled connections"},
-        "ping": {"type": ["number", "null"], "description": "last heartbeat round trip, ms"},
-        "tunnel": {"type": ["string", "null"], "enum": ["connected", "connecting", "waiting",
-                                                        None],
+        "ping": {"type": "number", "nullable": True, "description": "last heartbeat round trip, ms"},
+        "tunnel": {"type": "string", "nullable": True,
+                   "enum": ["connected", "connecting", "waiting", None],
                    "description": "the tunnel session as the instance last reported it"},
-        "pid": {"type": ["integer", "null"], "description": "the instance's process id"},
+        "pid": {"type": "integer", "nullable": True, "description": "the instance's process id"},
         "tcp_in": {"type": "integer", "minimum": 0},
         "tcp_out": {"type": "integer", "minimum": 0},
         "udp_in": {"type": "integer", "minimum": 0},
         "udp_out": {"type": "integer", "minimum": 0},
-        "error": {"type": ["string", "null"], "description": "the last failure"},
+        "error": {"type": "string", "nullable": True, "description": "the last failure"},
     },
 }
 
@@ -70,10 +70,10 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"
 
 
 def document(prefix: str) -> dict[str, Any]:
-    """The OpenAPI 3.1 description of every route under ``prefix``/v1."""
+    """The OpenAPI 3.0 description (what the bundled Swagger UI renders) of every route under ``prefix``/v1."""
     base = f"{prefix}/v1"
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.0.3",
         "info": {
             "title": "nodepass master API",
             "version": __version__,
@@ -178,7 +178,7 @@ def document(prefix: str) -> dict[str, Any]:
                     "required": ["success", "data", "error"],
                     "properties": {
                         "success": {"type": "boolean", "enum": [False]},
-                        "data": {"type": "null"},
+                        "data": {"type": "object", "nullable": True, "enum": [None]},
                         "error": {
                             "type": "object", "required": ["code", "message"],
                             "properties": {"code": {"type": "string", "enum": ERROR_CODES},
