@@ -38,3 +38,9 @@ class Report:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def snapshot(state: str, pool: int, connections: int, ping_ms: float | None,
+             traffic: Traffic) -> Report:
+    return Report(state, pool, connections, ping_ms, traffic.tcp_in, traffic.tcp_out,
+                  traffic.udp_in, traffic.udp_out)

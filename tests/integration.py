@@ -183,6 +183,31 @@ async def listen(case: TestCase, factory: Factory) -> int:
     return port.getHost().port
 
 
+async def http_backend(case: TestCase, path: bytes, body: bytes) -> int:
+    """A web server on 127.0.0.1 serving ``body`` at ``/path``; returns its port."""
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+    from twisted.web.static import Data
+
+    root = Resource()
+    root.putChild(path, Data(body, "text/plain"))
+    site = Site(root)
+    site.noisy = False
+    return await listen(case, site)
+
+
+def need(tool: str, package: str) -> str:
+    """The path of ``tool``, or skip the test saying how to get it."""
+    import shutil
+
+    from twisted.trial.unittest import SkipTest
+
+    path = shutil.which(tool)
+    if path is None:
+        raise SkipTest(f"{tool} is not installed: apt-get install {package}")
+    return path
+
+
 async def echo_backend(case: TestCase) -> int:
     return await listen(case, Factory.forProtocol(Echo))
 

@@ -15,12 +15,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
-from twisted.web.resource import Resource
-from twisted.web.server import Site
-from twisted.web.static import Data
 
 from tests import certs
-from tests.integration import eventually, free_port, listen, sleep, spawn
+from tests.integration import eventually, free_port, http_backend, need, sleep, spawn
 
 KEY = "test-key-0123456789"
 
@@ -307,14 +304,8 @@ class EndToEnd(TestCase):
     timeout = 90
 
     async def test_http_through_api_created_instances(self):
-        curl = shutil.which("curl")
-        if curl is None:
-            self.skipTest("curl is not installed: apt-get install curl")
-        root = Resource()
-        root.putChild(b"hello", Data(b"x" * 100_000, "text/plain"))
-        site = Site(root)
-        site.noisy = False
-        backend = await listen(self, site)
+        curl = need("curl", "curl")
+        backend = await http_backend(self, b"hello", b"x" * 100_000)
         master = await start_master(self)
         api = Api(master.base)
         tunnel, exposed = free_port(), free_port()
@@ -346,22 +337,25 @@ class EndToEnd(TestCase):
         # a connection held open shows in `connections`
         held = await TCP4ClientEndpoint(reactor, "127.0.0.1", exposed).connect(
             Factory.forProtocol(Protocol))
-        self.addCleanup(held.transport.loseConnection)
         path = f"/instances/{server['id']}"
-        for _ in range(50):
-            if (await api.ok("GET", path))["connections"] == 1:
-                break
-            await sleep(0.1)
-        self.assertEqual((await api.ok("GET", path))["connections"], 1)
+
+        async def connections(n):
+            for _ in range(50):
+                if (await api.ok("GET", path))["connections"] == n:
+                    break
+                await sleep(0.1)
+            self.assertEqual((await api.ok("GET", path))["connections"], n)
+
+        await connections(1)
+        held.transport.loseConnection()
+        await connections(0)  # ... and it goes when the connection does
 
 
 class Https(TestCase):
     timeout = 60
 
     async def curl(self, *args):
-        curl = shutil.which("curl")
-        if curl is None:
-            self.skipTest("curl is not installed: apt-get install curl")
+        curl = need("curl", "curl")
         out, err, code = await getProcessOutputAndValue(curl, ["-sS", "--max-time", "10",
                                                                *args])
         return code, out.decode(), err.decode()

@@ -1,7 +1,6 @@
 """Server and client modes end to end: real nodepass processes on 127.0.0.1."""
 
 import hashlib
-import shutil
 import signal
 
 from twisted.internet import reactor
@@ -12,9 +11,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
-from twisted.web.resource import Resource
-from twisted.web.server import Site
-from twisted.web.static import Data
 
 from tests.integration import (
     DigestAfterEOF,
@@ -23,7 +19,9 @@ from tests.integration import (
     eventually,
     exchange,
     free_port,
+    http_backend,
     listen,
+    need,
     pattern_bytes,
     sleep,
     spawn,
@@ -37,15 +35,9 @@ class Traffic(TestCase):
     timeout = 120
 
     async def test_http_server_fetched_with_curl(self):
-        curl = shutil.which("curl")
-        if curl is None:
-            self.skipTest("curl is not installed: apt-get install curl")
-        root = Resource()
+        curl = need("curl", "curl")
         body = b"behind the tunnel\n" * 1000
-        root.putChild(b"page", Data(body, "text/plain"))
-        site = Site(root)
-        site.noisy = False
-        backend = await listen(self, site)
+        backend = await http_backend(self, b"page", body)
         _, _, exposed = await tunnel_pair(self, backend)
         out, err, code = await getProcessOutputAndValue(
             curl, ["-sS", "--max-time", "10", f"http://127.0.0.1:{exposed}/page"])

@@ -51,7 +51,8 @@ _INSTANCE = {
         "uptime": {"type": "integer", "minimum": 0, "description": "seconds while running"},
         "connections": {"type": "integer", "minimum": 0, "description": "active connections"},
         "pool_size": {"type": "integer", "minimum": 0, "description": "idle pooled connections"},
-        "ping": {"type": "number", "nullable": True, "description": "last heartbeat round trip, ms"},
+        "ping": {"type": "number", "nullable": True,
+                 "description": "last heartbeat round trip, ms"},
         "tunnel": {"type": "string", "nullable": True,
                    "enum": ["connected", "connecting", "waiting", None],
                    "description": "the tunnel session as the instance last reported it"},
@@ -70,7 +71,8 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"
 
 
 def document(prefix: str) -> dict[str, Any]:
-    """The OpenAPI 3.0 description (what the bundled Swagger UI renders) of every route under ``prefix``/v1."""
+    """The OpenAPI 3.0 description of every route under ``prefix``/v1 (3.0, not 3.1:
+    the bundled Swagger UI renders 3.0)."""
     base = f"{prefix}/v1"
     return {
         "openapi": "3.0.3",

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from nodepass import logs
 from nodepass.endpoints import describe_failure, dial_endpoint
-from nodepass.stats import Report, Traffic
+from nodepass.stats import Report, Traffic, snapshot
 from nodepass.tls import (
     VerifyingCreator,
     fingerprint_text,
@@ -398,13 +398,9 @@ class ClientTunnel(MultiService):
 
     def report(self) -> Report:
         control = self.session.control if self.session is not None else None
-        return Report(
-            state="connected" if self.session is not None else "connecting",
-            pool=len(self.pool.idle),
-            connections=len(self.relays),
-            ping_ms=control.rtt_ms if control is not None else None,
-            **{k: getattr(self.traffic, k) for k in ("tcp_in", "tcp_out", "udp_in", "udp_out")},
-        )
+        return snapshot("connected" if control is not None else "connecting", len(self.pool.idle),
+                        len(self.relays), control.rtt_ms if control is not None else None,
+                        self.traffic)
 
     def startService(self) -> None:
         if self.config.tunnel_key is None:

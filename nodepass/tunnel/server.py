@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from nodepass import __version__, logs
-from nodepass.stats import Report, Traffic
+from nodepass.stats import Report, Traffic, snapshot
 from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
 from nodepass.tunnel import wire
@@ -274,13 +274,9 @@ class ServerTunnel(Service):
 
     def report(self) -> Report:
         control = self.session.control if self.session is not None else None
-        return Report(
-            state="connected" if self.session is not None else "waiting",
-            pool=len(self.pool.idle),
-            connections=len(self.relays),
-            ping_ms=control.rtt_ms if control is not None else None,
-            **{k: getattr(self.traffic, k) for k in ("tcp_in", "tcp_out", "udp_in", "udp_out")},
-        )
+        return snapshot("connected" if control is not None else "waiting", len(self.pool.idle),
+                        len(self.relays), control.rtt_ms if control is not None else None,
+                        self.traffic)
 
     def startService(self) -> None:
         super().startService()
