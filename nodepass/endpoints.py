@@ -18,6 +18,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     TCP6ServerEndpoint,
 )
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -115,3 +116,37 @@ class ListenerService(Service):
 
 def _describe_host(host: Any) -> str:
     return str(Address(host.host, host.port))
+
+
+class UdpListenerService(Service):
+    """Receive UDP on an address while running; on failure, call ``on_failure(message)``."""
+
+    log = logs.logger("nodepass")
+
+    def __init__(self, reactor: Any, address: Address, protocol: Any, role: str,
+                 on_failure: Callable[[str], None]) -> None:
+        self.reactor = reactor
+        self.address = address
+        self.protocol = protocol
+        self.role = role
+        self.on_failure = on_failure
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        try:
+            self.port = self.reactor.listenUDP(self.address.port, self.protocol,
+                                               interface=self.address.host)
+        except CannotListenError as e:
+            self.on_failure(f"cannot receive UDP for {self.role} on {self.address}: "
+                            f"{describe_failure(Failure(e))}")
+            return
+        self.log.info("{role} receiving UDP on {address}", role=self.role,
+                      address=_describe_host(self.port.getHost()))
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None

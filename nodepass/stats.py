@@ -22,6 +22,12 @@ class Traffic:
     def add_tcp_out(self, n: int) -> None:
         self.tcp_out += n
 
+    def add_udp_in(self, n: int) -> None:
+        self.udp_in += n
+
+    def add_udp_out(self, n: int) -> None:
+        self.udp_out += n
+
 
 @dataclass(frozen=True)
 class Report:
@@ -35,12 +41,14 @@ class Report:
     tcp_out: int
     udp_in: int
     udp_out: int
+    udp_sessions: int = 0
+    udp_dropped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def snapshot(state: str, pool: int, connections: int, ping_ms: float | None,
-             traffic: Traffic) -> Report:
+             traffic: Traffic, udp_sessions: int = 0, udp_dropped: int = 0) -> Report:
     return Report(state, pool, connections, ping_ms, traffic.tcp_in, traffic.tcp_out,
-                  traffic.udp_in, traffic.udp_out)
+                  traffic.udp_in, traffic.udp_out, udp_sessions, udp_dropped)

@@ -138,7 +138,7 @@ Built = tuple[Callable[[], Report], Deferred[Any]]
 
 def _server(root: RootService, config: ServerConfig, tunables: Tunables,
             loaded: Credentials | None) -> Built:
-    from nodepass.endpoints import ListenerService
+    from nodepass.endpoints import ListenerService, UdpListenerService
     from nodepass.tunnel.server import ServerTunnel
 
     credentials = server_credentials(root, config, loaded, tunables)
@@ -150,6 +150,8 @@ def _server(root: RootService, config: ServerConfig, tunables: Tunables,
         listener = ListenerService(root.reactor, address, factory, role, root.fail)
         listener.setServiceParent(root)
         listeners.append(listener.listening)
+    UdpListenerService(root.reactor, config.target, tunnel.udp, "target",
+                       root.fail).setServiceParent(root)
     reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
     # True once every listener listens; False when one failed (root.fail reported it).
     listening = gatherResults(listeners, consumeErrors=True)

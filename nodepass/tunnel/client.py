@@ -32,6 +32,7 @@ from nodepass.tunnel.control import ControlSession
 from nodepass.tunnel.handshake import AuthenticationError, ClientHandshake
 from nodepass.tunnel.pool import ClientPool
 from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
+from nodepass.tunnel.udp import LocalUdp, UdpCounters, UdpSession, carry_datagrams
 from nodepass.tunnel.wire import Frame, Goodbye, Kind, Proto, ProtocolError, Type
 from nodepass.url import ClientConfig, derived_key
 
@@ -172,6 +173,7 @@ class DataConnection(_Handshaking):
     def __init__(self, tunnel: ClientTunnel, session_id: bytes) -> None:
         super().__init__(tunnel, session_id)
         self.ready: Deferred[DataConnection] = Deferred()
+        self.udp: UdpSession | None = None
         self.pending = b""
         self.eof_pending = False
         self.attempt: Deferred[Any] | None = None
@@ -181,8 +183,13 @@ class DataConnection(_Handshaking):
         self.ready.callback(self)
 
     def frame_after_handshake(self, frame: Frame) -> None:
-        if self.state == "idle" and frame.type is Type.LAUNCH:
+        if self.state == "udp" and self.udp is not None:
+            self.udp.from_tunnel(frame.payload)
+        elif self.state == "idle" and frame.type is Type.LAUNCH:
             proto, source = wire.parse_launch(frame.payload)
+            if proto is Proto.UDP:
+                self.tunnel.launched_udp(self, source)
+                return
             self.state = "launched"
             self.framing = False
             if self.handshake.tls_mode:
@@ -213,6 +220,8 @@ class DataConnection(_Handshaking):
             self.tunnel.pool.discard(self)
         elif self.state == "launched" and self.attempt is not None:
             self.attempt.cancel()
+        elif self.udp is not None:
+            self.udp.close()
 
 
 class LocalConnection(RelayProtocol):
@@ -267,6 +276,8 @@ class ClientTunnel(MultiService):
                                tunables.max_pool_interval)
         self.relays = RelaySet()
         self.connecting = 0
+        self.udp_sessions: set[UdpSession] = set()
+        self.udp_drops = UdpCounters()
         self.traffic = Traffic()
         self.stopping = False
         self._target_throttle = logs.Throttle(reactor)
@@ -355,12 +366,43 @@ class ClientTunnel(MultiService):
         factory = QuietFactory(DataConnection, self, session_id)
         return self.endpoint.connect(factory).addCallback(lambda conn: conn.ready)
 
+    def connections_in_use(self) -> int:
+        return len(self.relays) + self.connecting + len(self.udp_sessions)
+
+    def launched_udp(self, conn: DataConnection, source: str) -> None:
+        """A UDP session: a connected UDP socket to the target carries its datagrams."""
+        self.pool.taken(conn)
+        if self.connections_in_use() >= self.tunables.semaphore_limit:
+            self._target_problem(f"SEMAPHORE_LIMIT ({self.tunables.semaphore_limit}) reached")
+            conn.abort()
+            return
+        target = self.config.target
+        local = LocalUdp()
+        try:
+            port = self.clock.listenUDP(0, local, interface="::" if target.is_ipv6 else "")
+            local.transport.connect(target.host, target.port)
+        except (OSError, ValueError) as e:
+            self._target_problem(f"cannot reach UDP target {target}: {e}")
+            conn.abort()
+            return
+        tunables = self.tunables
+
+        def ended(session: UdpSession) -> None:
+            self.udp_sessions.discard(session)
+            port.stopListening()
+
+        session = UdpSession(self.clock, conn, local.transport.write,
+                             tunables.udp_read_timeout, tunables.udp_data_buf_size,
+                             self.traffic.add_udp_in, self.traffic.add_udp_out,
+                             self.udp_drops, ended)
+        local.session = session
+        self.udp_sessions.add(session)
+        carry_datagrams(conn, session)
+        self.log.debug("UDP session for {source}", source=source)
+
     def launched(self, conn: DataConnection, proto: Proto, source: str) -> None:
         self.pool.taken(conn)
-        if proto is not Proto.TCP:
-            conn.protocol_error(f"{proto.name} launch is not supported by this client")
-            return
-        if len(self.relays) + self.connecting >= self.tunables.semaphore_limit:
+        if self.connections_in_use() >= self.tunables.semaphore_limit:
             self._target_problem(f"SEMAPHORE_LIMIT ({self.tunables.semaphore_limit}) reached")
             conn.abort()
             return
@@ -400,7 +442,8 @@ class ClientTunnel(MultiService):
         control = self.session.control if self.session is not None else None
         return snapshot("connected" if control is not None else "connecting", len(self.pool.idle),
                         len(self.relays), control.rtt_ms if control is not None else None,
-                        self.traffic)
+                        self.traffic, len(self.udp_sessions),
+                        self.udp_drops.oversize + self.udp_drops.overload)
 
     def startService(self) -> None:
         if self.config.tunnel_key is None:
@@ -416,5 +459,7 @@ class ClientTunnel(MultiService):
             self.session.send(wire.goodbye(Goodbye.SHUTDOWN))
         stopped = super().stopService()
         self.pool.stop()
+        for session in list(self.udp_sessions):
+            session.close()
         drained = self.relays.drain(self.clock, self.tunables.shutdown_timeout)
         return gatherResults([stopped, drained])

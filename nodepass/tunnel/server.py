@@ -31,6 +31,7 @@ from nodepass.tunnel.control import ControlSession
 from nodepass.tunnel.handshake import AuthenticationError, ServerHandshake
 from nodepass.tunnel.pool import IdlePool
 from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
+from nodepass.tunnel.udp import ServerUdp, UdpSession
 from nodepass.tunnel.wire import Frame, Goodbye, Kind, Proto, ProtocolError, Type
 from nodepass.url import ServerConfig, derived_key
 
@@ -48,6 +49,7 @@ class TunnelConnection(FramedConnection):
         self.state = "hello"
         self.handshake = ServerHandshake(tunnel.key, tunnel.tls_mode, os.urandom(wire.NONCE_SIZE))
         self.control: ControlSession | None = None
+        self.udp: UdpSession | None = None
         self._timeout: Any = None
 
     def connectionMade(self) -> None:
@@ -64,6 +66,8 @@ class TunnelConnection(FramedConnection):
         if self.state == "control":
             assert self.control is not None
             self.control.frame_received(frame)
+        elif self.state == "udp":
+            self.udp.from_tunnel(frame.payload)
         elif self.state == "hello" and frame.type is Type.HELLO:
             credentials = self.tunnel.credentials
             if credentials is None:
@@ -102,6 +106,8 @@ class TunnelConnection(FramedConnection):
             self._timeout = None
         if self.control is not None:
             self.control.stop()
+        if self.udp is not None:
+            self.udp.close()
         self.tunnel.connection_ended(self)
 
 
@@ -141,6 +147,7 @@ class ServerTunnel(Service):
                              self._request_more)
         self.relays = RelaySet()
         self.traffic = Traffic()
+        self.udp = ServerUdp(self)
         self.stopping = False
         self._auth_throttle = logs.Throttle(reactor)
         self._refuse_throttle = logs.Throttle(reactor)
@@ -232,12 +239,16 @@ class ServerTunnel(Service):
             user.transport.abortConnection()
         elif self.session is None:
             self._refuse(user, "no client is connected to the tunnel")
-        elif len(self.relays) + len(self.pool.waiters) >= self.tunables.semaphore_limit:
+        elif self.connections_in_use() >= self.tunables.semaphore_limit:
             self._refuse(user, f"SEMAPHORE_LIMIT ({self.tunables.semaphore_limit}) reached")
         else:
             user.transport.pauseProducing()
             user.waiter = self.pool.take(lambda conn: self._launch(user, conn),
                                          lambda: self._no_pool(user))
+
+    def connections_in_use(self) -> int:
+        """What SEMAPHORE_LIMIT counts: relays, users waiting, UDP sessions."""
+        return len(self.relays) + len(self.pool.waiters) + len(self.udp.sessions)
 
     def user_left(self, user: UserConnection) -> None:
         if user.waiter is not None:
@@ -276,7 +287,8 @@ class ServerTunnel(Service):
         control = self.session.control if self.session is not None else None
         return snapshot("connected" if control is not None else "waiting", len(self.pool.idle),
                         len(self.relays), control.rtt_ms if control is not None else None,
-                        self.traffic)
+                        self.traffic, self.udp.active,
+                        self.udp.drops.oversize + self.udp.drops.overload)
 
     def startService(self) -> None:
         super().startService()
@@ -296,5 +308,6 @@ class ServerTunnel(Service):
             self.session.send(wire.goodbye(Goodbye.SHUTDOWN))
             self.session.close()
         self.pool.flush()
+        self.udp.close_all()
         return self.relays.drain(self.clock, self.tunables.shutdown_timeout)
 

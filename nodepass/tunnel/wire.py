@@ -52,6 +52,7 @@ class Type(IntEnum):
     LAUNCH = 32
     DATA = 33
     EOF = 34
+    DATAGRAM = 35
 
 
 class Proto(IntEnum):
@@ -80,11 +81,14 @@ MAX_PAYLOAD: dict[Type, int] = {
     Type.LAUNCH: 1 + MAX_ADDRESS,
     Type.DATA: 0xFFFF,
     Type.EOF: 0,
+    Type.DATAGRAM: 0xFFFF,
 }
 
 # Frames of a launched data connection's byte stream under TLS; never before LAUNCH.
 STREAM_TYPES = frozenset({Type.DATA, Type.EOF})
-SIGNAL_TYPES = frozenset(Type) - STREAM_TYPES
+# Frames of a data connection launched for UDP: one datagram each, boundaries kept.
+DATAGRAM_TYPES = frozenset({Type.DATAGRAM})
+SIGNAL_TYPES = frozenset(Type) - STREAM_TYPES - DATAGRAM_TYPES
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,10 @@ def stream_data(data: bytes) -> list[bytes]:
         pieces.append(_HEADER.pack(Type.DATA, len(chunk)))
         pieces.append(chunk)
     return pieces
+
+
+def datagram(payload: bytes) -> bytes:
+    return frame(Type.DATAGRAM, payload)
 
 
 def launch(proto: Proto, source: str) -> bytes:
