@@ -273,6 +273,7 @@ class Registry:
             "restarted_at": iso(instance.restarted_at),
             "uptime": int(now - instance.started_at) if running and instance.started_at else 0,
             "connections": int(instance.report.get("connections") or 0) if running else 0,
+            "udp_sessions": int(instance.report.get("udp_sessions") or 0) if running else 0,
             "pool_size": int(instance.report.get("pool") or 0) if running else 0,
             "ping": instance.report.get("ping_ms") if running else None,
             "tunnel": instance.report.get("state") if running else None,

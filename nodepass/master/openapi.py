@@ -51,6 +51,7 @@ _INSTANCE = {
         "uptime": {"type": "integer", "minimum": 0, "description": "seconds while running"},
         "connections": {"type": "integer", "minimum": 0, "description": "active connections"},
         "pool_size": {"type": "integer", "minimum": 0, "description": "idle pooled connections"},
+        "udp_sessions": {"type": "integer", "minimum": 0, "description": "active UDP sessions"},
         "ping": {"type": "number", "nullable": True,
                  "description": "last heartbeat round trip, ms"},
         "tunnel": {"type": "string", "nullable": True,
