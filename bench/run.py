@@ -1,0 +1,285 @@
+"""nodepass benchmarks: each workload directly against the backends and through a
+real nodepass server + client pair, in the same run, on 127.0.0.1.
+
+    python bench/run.py [--quick] [--tls 0,1] [--repeat 3] [--json bench/results/latest.json]
+
+Workloads (sizes shrink with --quick):
+- bulk_up / bulk_down: MiB over one connection, sha256-verified; MB/s
+- rr: round trips of 64 bytes on one connection; p50/p99 in microseconds
+- connect: sequential short connections (connect, 1 KiB echo, close); connections/s
+- udp: echo round trips of 512 bytes; round trips/s, lost
+
+Every figure is the median of --repeat runs; the table quotes tunnel/direct ratios, the
+honest measure on a noisy 2-core machine.  Traffic goes to 127.0.0.1 only; every loop
+is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+BLOCK = bytes(range(256)) * 1024
+DEADLINE = 120.0  # no single workload may run longer than this
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout}s")
+
+
+class Procs:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args: str, env: dict | None = None) -> subprocess.Popen:
+        environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        proc = subprocess.Popen([sys.executable, *args], env=environment,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.procs.clear()
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+# -- workloads -----------------------------------------------------------------
+
+
+def bulk_up(port: int, mib: int) -> float:
+    total = mib * 1024 * 1024
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        sent = 0
+        while sent < total:
+            chunk = BLOCK[: min(len(BLOCK), total - sent)]
+            s.sendall(chunk)
+            digest.update(chunk)
+            sent += len(chunk)
+        s.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := s.recv(128):
+            answer += chunk
+    elapsed = time.perf_counter() - start
+    if answer.decode() != digest.hexdigest():
+        raise RuntimeError("bulk_up: digest mismatch")
+    return total / elapsed / 1e6
+
+
+def bulk_down(port: int, mib: int) -> float:
+    total = mib * 1024 * 1024
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    got = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as s:
+        s.sendall(b"%d\n" % total)
+        while chunk := s.recv(1 << 20):
+            digest.update(chunk)
+            got += len(chunk)
+    elapsed = time.perf_counter() - start
+    expected = hashlib.sha256()
+    left = total
+    while left:
+        piece = BLOCK[: min(len(BLOCK), left)]
+        expected.update(piece)
+        left -= len(piece)
+    if got != total or digest.digest() != expected.digest():
+        raise RuntimeError(f"bulk_down: got {got} of {total} bytes or a wrong digest")
+    return total / elapsed / 1e6
+
+
+def rr(port: int, count: int) -> tuple[float, float]:
+    payload = b"r" * 64
+    samples = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            t = time.perf_counter()
+            s.sendall(payload)
+            got = b""
+            while len(got) < 64:
+                got += s.recv(64 - len(got))
+            samples.append((time.perf_counter() - t) * 1e6)
+    samples.sort()
+    return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+
+
+def connect(port: int, count: int) -> float:
+    payload = b"c" * 1024
+    start = time.perf_counter()
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            got = b""
+            while chunk := s.recv(4096):
+                got += chunk
+            if got != payload:
+                raise RuntimeError("connect: echo mismatch")
+        if time.perf_counter() - start > DEADLINE:
+            raise RuntimeError("connect: deadline")
+    return count / (time.perf_counter() - start)
+
+
+def udp(port: int, count: int) -> tuple[float, int]:
+    payload = b"u" * 512
+    lost = 0
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1.0)
+        s.connect(("127.0.0.1", port))
+        start = time.perf_counter()
+        for _ in range(count):
+            s.send(payload)
+            try:
+                s.recv(2048)
+            except TimeoutError:
+                lost += 1
+        elapsed = time.perf_counter() - start
+    return count / elapsed, lost
+
+
+class UdpEcho:
+    """A UDP echo backend in its own process."""
+
+    SCRIPT = ("import socket,sys\n"
+              "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+              "s.bind(('127.0.0.1',int(sys.argv[1])))\n"
+              "while True:\n d,a=s.recvfrom(65535)\n s.sendto(d,a)\n")
+
+
+def median(values: list) -> float:
+    return statistics.median(values)
+
+
+def run(args: argparse.Namespace) -> dict:
+    sizes = {"bulk_mib": 64 if args.quick else 1024, "rr": 2000 if args.quick else 20000,
+             "connect": 200 if args.quick else 2000, "udp": 2000 if args.quick else 20000}
+    procs = Procs()
+    results: dict = {"sizes": sizes, "runs": {}}
+    try:
+        echo, sink, source, udp_port = free_port(), free_port(), free_port(), free_port()
+        procs.start(str(HERE / "backends.py"), str(echo), str(sink), str(source))
+        procs.start("-c", UdpEcho.SCRIPT, str(udp_port))
+        wait_port(echo)
+        targets = {"direct": {"echo": echo, "sink": sink, "source": source, "udp": udp_port}}
+        servers = {}
+        for tls in args.tls:
+            ports = {}
+            for name, backend in (("echo", echo), ("sink", sink), ("source", source),
+                                  ("udp", udp_port)):
+                tunnel, exposed = free_port(), free_port()
+                env = {"MIN_POOL_CAPACITY": "64"}
+                server = procs.start("-m", "nodepass",
+                                     f"server://bench@127.0.0.1:{tunnel}/127.0.0.1:{exposed}"
+                                     f"?tls={tls}&log=warn", env=env)
+                wait_port(tunnel)
+                client = procs.start("-m", "nodepass",
+                                     f"client://bench@127.0.0.1:{tunnel}/127.0.0.1:{backend}"
+                                     "?log=warn", env=env)
+                ports[name] = exposed
+                servers[(tls, name)] = (server, client)
+                wait_port(exposed)
+            time.sleep(1.5)  # let the pools fill
+            targets[f"tls={tls}"] = ports
+        for label, ports in targets.items():
+            row = {}
+            row["bulk_up_MBps"] = median([bulk_up(ports["sink"], sizes["bulk_mib"])
+                                          for _ in range(args.repeat)])
+            row["bulk_down_MBps"] = median([bulk_down(ports["source"], sizes["bulk_mib"])
+                                            for _ in range(args.repeat)])
+            rrs = [rr(ports["echo"], sizes["rr"]) for _ in range(args.repeat)]
+            row["rr_p50_us"] = median([p50 for p50, _ in rrs])
+            row["rr_p99_us"] = median([p99 for _, p99 in rrs])
+            row["connect_per_s"] = median([connect(ports["echo"], sizes["connect"])
+                                           for _ in range(args.repeat)])
+            udps = [udp(ports["udp"], sizes["udp"]) for _ in range(args.repeat)]
+            row["udp_rt_per_s"] = median([r for r, _ in udps])
+            row["udp_lost"] = max(lost for _, lost in udps)
+            results["runs"][label] = row
+            print(f"measured {label}", file=sys.stderr, flush=True)
+        rss = {f"tls={tls} {name}": {"server_kib": rss_kib(s.pid), "client_kib": rss_kib(c.pid)}
+               for (tls, name), (s, c) in servers.items()}
+        results["rss_after"] = rss
+    finally:
+        procs.stop()
+    return results
+
+
+def table(results: dict) -> str:
+    runs = results["runs"]
+    direct = runs["direct"]
+    metrics = [("bulk_up_MBps", "bulk upload MB/s", True),
+               ("bulk_down_MBps", "bulk download MB/s", True),
+               ("rr_p50_us", "rr 64 B p50 µs", False), ("rr_p99_us", "rr 64 B p99 µs", False),
+               ("connect_per_s", "sequential connects/s", True),
+               ("udp_rt_per_s", "udp 512 B round trips/s", True), ("udp_lost", "udp lost", False)]
+    labels = list(runs)
+    lines = ["| workload | " + " | ".join(labels) + " |",
+             "|---|" + "---|" * len(labels)]
+    for key, name, higher in metrics:
+        cells = []
+        for label in labels:
+            value = runs[label][key]
+            cell = f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+            if label != "direct" and direct[key] and key != "udp_lost":
+                ratio = value / direct[key]
+                cell += f" ({ratio:.2f}x)" if higher else f" (+{value - direct[key]:,.0f})"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes (a minute or so)")
+    parser.add_argument("--tls", default="0,1", help="TLS modes to measure, e.g. 0,1")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
+    args = parser.parse_args()
+    args.tls = [int(t) for t in args.tls.split(",")]
+    results = run(args)
+    results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\nfigures: {args.json}")
+
+
+if __name__ == "__main__":
+    main()
