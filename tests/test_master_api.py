@@ -10,6 +10,7 @@ from pathlib import Path
 
 import treq
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.utils import getProcessOutputAndValue
@@ -111,6 +112,19 @@ class SeedFlows(TestCase):
         code, envelope, _ = await self.api.call("GET", path)
         self.assertEqual((code, envelope["error"]["code"]), (404, "INSTANCE_NOT_FOUND"))
         self.assertEqual((await self.api.ok("GET", "/instances"))["instances"], [])
+
+    async def test_concurrent_control_requests_are_serialised(self):
+        data = await self.api.ok("POST", "/instances", {"url": self.server_url()}, status=201)
+        path = f"/instances/{data['id']}"
+        actions = ["restart", "stop", "start", "restart", "stop", "start"]
+        results = await gatherResults([
+            Deferred.fromCoroutine(self.api.ok("PUT", path, {"action": a})) for a in actions])
+        # each answer is the state its own action left, in the order they were sent
+        self.assertEqual([r["status"] for r in results],
+                         ["running", "stopped", "running", "running", "stopped", "running"])
+        final = await self.api.ok("GET", path)
+        self.assertEqual((final["status"], final["error"]), ("running", None))
+        await self.master.wait_for(f"instance {data['id']} running", nth=5)
 
     async def test_ids_are_unique(self):
         ids = set()

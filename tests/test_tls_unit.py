@@ -4,6 +4,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -49,4 +50,18 @@ class Certificates(SynchronousTestCase):
         renewed = certs.issue(self.ca)
         renewed.write(self.dir, "s")
         self.assertTrue(current.reload())
+        self.assertEqual(current.current()[1], tls.fingerprint(renewed.cert))
+
+    def test_reloader_rereads_every_interval(self):
+        crt, key = certs.issue(self.ca).write(self.dir, "s")
+        current = tls.ServerCredentials(tls.load_credentials(crt, key), crt, key)
+        clock = Clock()
+        reloader = tls.CertificateReloader(clock, current, 3600.0)
+        reloader.startService()
+        self.addCleanup(reloader.stopService)
+        renewed = certs.issue(self.ca)
+        renewed.write(self.dir, "s")
+        clock.advance(3599)
+        self.assertNotEqual(current.current()[1], tls.fingerprint(renewed.cert))
+        clock.advance(1)
         self.assertEqual(current.current()[1], tls.fingerprint(renewed.cert))

@@ -95,6 +95,10 @@ class Sessions(SynchronousTestCase):
         self.assertEqual(self.drops.oversize, 1)
         self.assertEqual(self.conn.transport.value(), wire.datagram(b"y" * 1000))
 
+    def test_oversize_from_the_other_end_is_dropped_too(self):
+        self.session.from_tunnel(b"z" * 1001)
+        self.assertEqual((self.delivered, self.drops.oversize), ([], 1))
+
     def test_backed_up_tunnel_drops_instead_of_queueing(self):
         self.session.pauseProducing()
         self.assertFalse(self.session.to_tunnel(b"lost"))

@@ -88,6 +88,9 @@ class UdpSession:
 
     def from_tunnel(self, payload: bytes) -> None:
         """A datagram from the other end, for this end's target side."""
+        if len(payload) > self.max_size:
+            self.drops.oversize += 1  # the other end's limit is larger than ours
+            return
         self.count_out(len(payload))
         self.deliver(payload)
         self.touch()
