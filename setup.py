@@ -37,6 +37,7 @@ setup(
         "attrs>=23.1.0",
         "klein>=24.8.0",
         "swagger-ui-bundle>=1.1.0",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [

@@ -91,6 +91,7 @@ class MasterConfig(_Config):
     key: str | None = None
     auth: int = 1
     state: str | None = None
+    persist: int = 1
 
 
 Config = ServerConfig | ClientConfig | MasterConfig
@@ -151,6 +152,7 @@ _PARAMS = {
         _Param("auth", _choice((0, 1)), "0|1"),
         _Param("state", _path, "a directory for the master's state",
                lambda v: quote(v, safe=_PATH_SAFE)),
+        _Param("persist", _choice((0, 1)), "0|1"),
         _Param("sni", _server_name, "a DNS name or IP address to verify the server as"),
         _Param("ca", _path, "a path to a PEM file of trusted CA certificates",
                lambda v: quote(v, safe=_PATH_SAFE)),
@@ -160,7 +162,7 @@ _PARAMS = {
 _MODE_PARAMS: Mapping[str, tuple[str, ...]] = {
     "server": ("log", "tls", "crt", "key"),
     "client": ("log", "sni", "ca"),
-    "master": ("log", "tls", "crt", "key", "auth", "state"),
+    "master": ("log", "tls", "crt", "key", "auth", "state", "persist"),
 }
 
 _HINTS = {

@@ -192,8 +192,12 @@ class Errors(TestCase):
                                raw=b"{url:")
         await self.assertError(400, "INVALID_JSON", "POST", "/instances", "JSON object",
                                raw=b"[1]")
-        await self.assertError(400, "INVALID_REQUEST", "POST", "/instances", "'url'",
-                               body={"uri": "x"})
+        await self.assertError(400, "INVALID_REQUEST", "POST", "/instances",
+                               "unknown field 'uri'", body={"uri": "x"})
+        await self.assertError(400, "INVALID_REQUEST", "POST", "/instances", "'url'", body={})
+        await self.assertError(400, "INVALID_REQUEST", "POST", "/instances", "'tags'",
+                               body={"url": "client://127.0.0.1:1/127.0.0.1:2",
+                                     "tags": {"a": 1}})
         await self.assertError(400, "INVALID_URL", "POST", "/instances",
                                "unknown parameter 'tsl'",
                                body={"url": "server://127.0.0.1:1/127.0.0.1:2?tsl=1"})

@@ -74,7 +74,7 @@ class AcceptedForms(SynchronousTestCase):
         self.assertEqual(format_url(parse("client://k@[::1]:1/h:2")),
                          "client://k@[::1]:1/h:2?log=info")
         self.assertEqual(format_url(parse("master://127.0.0.1:9090")),
-                         "master://127.0.0.1:9090/api?log=info&tls=0&auth=1")
+                         "master://127.0.0.1:9090/api?log=info&tls=0&auth=1&persist=1")
 
     def test_default_key_is_port_in_hex(self):
         self.assertEqual(derived_key(parse("server://h:10101/h:2")), "2775")
@@ -152,7 +152,8 @@ class Refusals(SynchronousTestCase):
         ("master://h:1/a%20b", "API prefix: '/a%20b' is not allowed"),
         ("master://h:1//x", "API prefix"),
         ("master://h:1/api?tls=1&auth=x", "bad value 'x' for 'auth' (allowed: 0|1)"),
-        ("master://h:1/api?persist=2", "unknown parameter 'persist'"),
+        ("master://h:1/api?persist=2", "bad value '2' for 'persist' (allowed: 0|1)"),
+        ("master://h:1/api?perist=0", "unknown parameter 'perist'"),
         ("server://h:1/h:2#frag", "'#fragment' is not allowed"),
     ]
 

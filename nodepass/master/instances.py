@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import secrets
 import signal
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock, gatherResults
 from twisted.internet.error import AlreadyCalled
+from twisted.internet.task import LoopingCall
 
 from nodepass import logs
+from nodepass.master.events import EventHub
+from nodepass.master.store import Store, StoredInstance
 from nodepass.master.supervisor import ChildProcess, describe_exit, spawn_child
 from nodepass.tunables import Tunables
 from nodepass.url import ClientConfig, MasterConfig, ServerConfig, URLError, format_url, parse
@@ -24,6 +28,9 @@ from nodepass.url import ClientConfig, MasterConfig, ServerConfig, URLError, for
 READY_TIMEOUT = 5.0
 KILL_GRACE = 2.0
 COUNTERS = ("tcp_in", "tcp_out", "udp_in", "udp_out")
+HISTORY_SAMPLES = 720  # one hour at the default REPORT_INTERVAL of 5 s
+RESTART_CAP_FACTOR = 12  # backoff caps at 12 cooldowns (60 s by default)
+HEALTHY_FACTOR = 10  # running 10 cooldowns (50 s by default) resets the backoff
 
 
 class InstanceError(Exception):
@@ -60,6 +67,15 @@ class Instance:
     ready: Deferred[None] | None = None
     last_fatal: str | None = None
     stopping: bool = False
+    alias: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    auto_restart: bool = False
+    restarts: int = 0
+    desired: str = "running"
+    failures: int = 0
+    restart_call: Any = None
+    history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_SAMPLES))
+    last_sample: tuple[float, dict[str, int]] | None = None
 
     @property
     def url(self) -> str:
@@ -91,14 +107,18 @@ class Registry:
     log = logs.logger("nodepass.master")
 
     def __init__(self, reactor: Any, master: MasterConfig, tunables: Tunables,
-                 environ: Mapping[str, str]) -> None:
+                 environ: Mapping[str, str], store: Store, hub: EventHub) -> None:
         self.reactor = reactor
         self.master = master
         self.tunables = tunables
         self.environ = {k: v for k, v in environ.items() if k != "NODEPASS_API_KEY"}
+        self.store = store
+        self.hub = hub
         self.instances: dict[str, Instance] = {}
-        self._issued: set[str] = set()
-        self.listeners: list[Callable[[str, Instance], None]] = []
+        self._issued: set[str] = store.issued()
+        self.started_at = reactor.seconds()
+        self._tick = LoopingCall(self.tick)
+        self._tick.clock = reactor
 
     # -- identity ----------------------------------------------------------
 
@@ -117,8 +137,45 @@ class Registry:
                                 f"no instance with id {instance_id!r}") from None
 
     def _changed(self, kind: str, instance: Instance) -> None:
-        for listener in self.listeners:
-            listener(kind, instance)
+        if kind == "delete":
+            self.hub.publish("delete", {"id": instance.id})
+        else:
+            self.hub.publish(kind, self.describe(instance))
+
+    def _save(self, instance: Instance) -> None:
+        """Commit what must survive a restart (before the API confirms a change)."""
+        self.store.save(StoredInstance(
+            id=instance.id, url=instance.url, created_at=instance.created_at,
+            desired=instance.desired, alias=instance.alias, tags=dict(instance.tags),
+            restart=instance.auto_restart, restarts=instance.restarts,
+            counters=self.counters(instance)))
+
+    # -- start of the master -----------------------------------------------
+
+    def restore(self) -> list[Instance]:
+        """Bring back the stored instances; start those that were meant to run."""
+        to_start = []
+        for stored in self.store.load():
+            try:
+                config = self.parse_instance_url(stored.url)
+            except InstanceError as e:
+                self.log.error("stored instance {id} has an unusable URL, left out: {why}",
+                               id=stored.id, why=e.message)
+                continue
+            instance = Instance(stored.id, config, stored.created_at, alias=stored.alias,
+                                tags=stored.tags, auto_restart=stored.restart,
+                                restarts=stored.restarts, desired=stored.desired)
+            instance.base.update({k: int(stored.counters.get(k, 0)) for k in COUNTERS})
+            self.instances[instance.id] = instance
+            if stored.desired == "running":
+                to_start.append(instance)
+        if self.instances:
+            self.log.info("restored {n} instances from the state database",
+                          n=len(self.instances))
+        self._tick.start(self.tunables.report_interval, now=False)
+        for instance in to_start:
+            Deferred.fromCoroutine(self.start(instance))
+        return to_start
 
     # -- creation ----------------------------------------------------------
 
@@ -133,21 +190,42 @@ class Registry:
                                 "client)")
         return inherit(config, given_parameters(text), self.master)
 
-    async def create(self, url: str) -> Instance:
+    async def create(self, url: str, alias: str | None = None,
+                     tags: dict[str, str] | None = None, restart: bool = False) -> Instance:
         config = self.parse_instance_url(url)
-        instance = Instance(self.new_id(), config, self.reactor.seconds())
+        instance = Instance(self.new_id(), config, self.reactor.seconds(), alias=alias,
+                            tags=dict(tags or {}), auto_restart=restart)
+        self._save(instance)
         self.instances[instance.id] = instance
         self.log.info("instance {id} created: {url}", id=instance.id, url=instance.url)
         self._changed("create", instance)
         await self.start(instance)
         return instance
 
+    def update(self, instance: Instance, alias: Any = None, tags: Any = None,
+               restart: Any = None) -> None:
+        """Change metadata or the restart flag; None leaves a field as it is."""
+        if alias is not None:
+            instance.alias = alias or None
+        if tags is not None:
+            instance.tags = dict(tags)
+        if restart is not None:
+            instance.auto_restart = restart
+            if not restart:
+                self._cancel_auto_restart(instance)
+        self._save(instance)
+        self._changed("update", instance)
+
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self, instance: Instance) -> None:
         await instance.lock.run(self._start, instance)
 
-    async def stop(self, instance: Instance) -> None:
+    async def stop(self, instance: Instance, keep_desired: bool = False) -> None:
+        if not keep_desired:
+            instance.desired = "stopped"
+            self._cancel_auto_restart(instance)
+            self._save(instance)
         await instance.lock.run(self._stop, instance)
 
     async def restart(self, instance: Instance) -> None:
@@ -156,16 +234,25 @@ class Registry:
             await self._start(instance)
             instance.restarted_at = instance.started_at
 
+        self._cancel_auto_restart(instance)
         await instance.lock.run(lambda: Deferred.fromCoroutine(both()))
 
     async def delete(self, instance: Instance) -> None:
         async def gone() -> None:
             await self._stop(instance)
+            self.store.delete(instance.id)
             self.instances.pop(instance.id, None)
             self.log.info("instance {id} deleted", id=instance.id)
             self._changed("delete", instance)
 
+        self._cancel_auto_restart(instance)
+        instance.desired = "stopped"
         await instance.lock.run(lambda: Deferred.fromCoroutine(gone()))
+
+    def _cancel_auto_restart(self, instance: Instance) -> None:
+        if instance.restart_call is not None and instance.restart_call.active():
+            instance.restart_call.cancel()
+        instance.restart_call = None
 
     def _start(self, instance: Instance) -> Deferred[None]:
         return Deferred.fromCoroutine(self._start_now(instance))
@@ -173,6 +260,9 @@ class Registry:
     async def _start_now(self, instance: Instance) -> None:
         if instance.child is not None and instance.child.running:
             return
+        if instance.desired != "running":
+            instance.desired = "running"
+            self._save(instance)
         instance.error = None
         instance.last_fatal = None
         instance.report = {}
@@ -180,7 +270,9 @@ class Registry:
         instance.ready = Deferred()
         instance.exited = Deferred()
         child = ChildProcess(instance.id, lambda e: self._event(instance, e),
-                             lambda code, sig, tail: self._exited(instance, code, sig, tail))
+                             lambda code, sig, tail: self._exited(instance, code, sig, tail),
+                             lambda level, text: self.hub.publish(
+                                 "log", {"id": instance.id, "level": level, "message": text}))
         instance.child = child
         try:
             spawn_child(self.reactor, instance.url, self.environ, child)
@@ -247,11 +339,69 @@ class Registry:
             instance.error = describe_exit(code, sig) + (f": {reason}" if reason else "")
             instance.stopped_at = self.reactor.seconds()
             self.log.error("instance {id} {error}", id=instance.id, error=instance.error)
+            self._schedule_auto_restart(instance)
             self._changed("update", instance)
         if instance.ready is not None:
             _fire(instance.ready)
         if instance.exited is not None:
             _fire(instance.exited)
+
+    def _schedule_auto_restart(self, instance: Instance) -> None:
+        """restart=true: try again after SERVICE_COOLDOWN, doubling while it keeps failing,
+        capped at 12 cooldowns; a run of 10 cooldowns counts as healthy and resets it."""
+        if not instance.auto_restart or instance.desired != "running":
+            return
+        cooldown = self.tunables.service_cooldown
+        ran = self.reactor.seconds() - (instance.started_at or self.reactor.seconds())
+        if ran >= HEALTHY_FACTOR * cooldown:
+            instance.failures = 0
+        instance.failures += 1
+        delay = min(cooldown * 2 ** min(instance.failures - 1, 30),
+                    RESTART_CAP_FACTOR * cooldown)
+        self.log.warn("instance {id} will be restarted in {delay:g}s (attempt {n})",
+                      id=instance.id, delay=round(delay, 3), n=instance.failures)
+        instance.restart_call = self.reactor.callLater(delay, self._auto_restart, instance)
+
+    def _auto_restart(self, instance: Instance) -> None:
+        instance.restart_call = None
+        if instance.id not in self.instances or instance.desired != "running":
+            return
+        instance.restarts += 1
+        self._save(instance)
+        Deferred.fromCoroutine(self.start(instance))
+
+    # -- every REPORT_INTERVAL ---------------------------------------------
+
+    def tick(self) -> None:
+        """Sample traffic rates, persist counters, tell subscribers how instances are."""
+        now = self.reactor.seconds()
+        counters = {}
+        for instance in self.instances.values():
+            current = self.counters(instance)
+            counters[instance.id] = current
+            self._sample(instance, now, current)
+            if instance.status == "running":
+                self._changed("update", instance)
+        self.store.save_counters(counters)
+
+    def _sample(self, instance: Instance, now: float, current: dict[str, int]) -> None:
+        previous = instance.last_sample
+        instance.last_sample = (now, current)
+        if previous is None or now <= previous[0]:
+            return
+        elapsed = now - previous[0]
+        sample: dict[str, Any] = {"time": iso(now), "timestamp": round(now, 3)}
+        for name in COUNTERS:
+            sample[f"{name}_rate"] = round(max(0, current[name] - previous[1][name]) / elapsed,
+                                           1)
+        running = instance.status == "running"
+        sample["connections"] = int(instance.report.get("connections") or 0) if running else 0
+        sample["ping"] = instance.report.get("ping_ms") if running else None
+        instance.history.append(sample)
+
+    def traffic(self, instance: Instance, window: float) -> list[dict[str, Any]]:
+        since = self.reactor.seconds() - window
+        return [s for s in instance.history if s["timestamp"] >= since]
 
     # -- views -------------------------------------------------------------
 
@@ -279,14 +429,32 @@ class Registry:
             "tunnel": instance.report.get("state") if running else None,
             "pid": instance.child.pid if running and instance.child is not None else None,
             "error": instance.error,
+            "alias": instance.alias,
+            "tags": dict(instance.tags),
+            "restart": instance.auto_restart,
+            "restarts": instance.restarts,
         }
         data.update(self.counters(instance))
         return data
 
+    def count_by_status(self) -> dict[str, int]:
+        counts = {"running": 0, "stopped": 0, "error": 0}
+        for instance in self.instances.values():
+            counts[instance.status] = counts.get(instance.status, 0) + 1
+        return counts
+
     async def shutdown(self) -> None:
-        """Stop every instance at once (SIGTERM, then SIGKILL after the grace)."""
-        await gatherResults([Deferred.fromCoroutine(self.stop(instance))
+        """Stop every instance at once (SIGTERM, then SIGKILL after the grace); what
+        they were meant to be doing is kept, so the next start brings them back."""
+        if self._tick.running:
+            self._tick.stop()
+        self.tick()
+        for instance in self.instances.values():
+            self._cancel_auto_restart(instance)
+        await gatherResults([Deferred.fromCoroutine(self.stop(instance, keep_desired=True))
                              for instance in list(self.instances.values())])
+        for instance in self.instances.values():
+            self._save(instance)
 
 
 def _fire(d: Deferred[None]) -> None:

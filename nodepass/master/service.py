@@ -7,30 +7,52 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.web.server import Site
 
 from nodepass import logs
 from nodepass.endpoints import ListenerService
 from nodepass.master.api import MasterAPI
+from nodepass.master.events import EventHub
 from nodepass.master.instances import Registry
 from nodepass.master.state import StateError, api_key, ensure_dir, state_dir
+from nodepass.master.store import SCHEMA_VERSION, Store, StoreError
 from nodepass.root import RootService
 from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
 from nodepass.url import MasterConfig
 
 log = logs.logger("nodepass.master")
+FLUSH_GRACE = 0.2
 
 
 class RegistryService(Service):
-    """Stops every instance when the master stops: no orphan process is left behind."""
+    """Brings stored instances back at start; stops every instance when the master
+    stops, so no orphan process is left behind."""
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
+    def startService(self) -> None:
+        super().startService()
+        self.registry.hub.start()
+        self.registry.restore()
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        return Deferred.fromCoroutine(self.registry.shutdown())
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await self.registry.shutdown()
+        hub = self.registry.hub
+        hub.publish("shutdown", {})
+        hub.stop()
+        if hub.subscribers:
+            hub.close_all()
+            # let the last event reach the subscribers before the reactor drops every
+            # connection (its shutdown does not flush)
+            await deferLater(self.registry.reactor, FLUSH_GRACE, lambda: None)
+        self.registry.store.close()
 
 
 class _QuietSite(Site):
@@ -44,13 +66,21 @@ class _QuietSite(Site):
 def build_master(root: RootService, config: MasterConfig, tunables: Tunables,
                  credentials: ServerCredentials | None, environ: Mapping[str, str]) -> None:
     key = None
-    if config.auth:
-        try:
-            folder = ensure_dir(state_dir(config, environ))
+    folder = state_dir(config, environ)
+    try:
+        if config.auth or config.persist:
+            ensure_dir(folder)
+        if config.auth:
             key, origin = api_key(folder, environ)
-        except StateError as e:
-            root.reactor.callWhenRunning(root.fail, str(e))
-            return
+        store = Store.open(folder if config.persist else None)
+    except (StateError, StoreError) as e:
+        root.reactor.callWhenRunning(root.fail, str(e))
+        return
+    if config.persist:
+        log.info("state in {path} (schema version {v})", path=str(store.path), v=SCHEMA_VERSION)
+    else:
+        log.warn("persist=0: instances live in memory and are forgotten when the master stops")
+    if config.auth:
         if origin == "new":
             log.warn("API key generated and saved in {path}: {key}",
                      path=str(folder / "api.key"), key=key)
@@ -60,9 +90,10 @@ def build_master(root: RootService, config: MasterConfig, tunables: Tunables,
     else:
         log.warn("auth=0: the API accepts requests without a key; put an authenticating "
                  "proxy in front of it")
-    registry = Registry(root.reactor, config, tunables, environ)
+    hub = EventHub(root.reactor, keepalive=max(1.0, min(15.0, 3 * tunables.report_interval)))
+    registry = Registry(root.reactor, config, tunables, environ, store, hub)
     RegistryService(registry).setServiceParent(root)
-    api = MasterAPI(registry, config.prefix, key)
+    api = MasterAPI(registry, config.prefix, key, str(folder))
     site = _QuietSite(api.resource())
     scheme = "https" if credentials is not None else "http"
     if credentials is not None:

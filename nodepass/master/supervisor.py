@@ -57,10 +57,12 @@ class ChildProcess(ProcessProtocol):
     log = logs.logger("nodepass.master")
 
     def __init__(self, instance_id: str, on_event: Callable[[dict[str, Any]], None],
-                 on_exit: Callable[[int | None, int | None, list[str]], None]) -> None:
+                 on_exit: Callable[[int | None, int | None, list[str]], None],
+                 on_log: Callable[[str, str], None] | None = None) -> None:
         self.instance_id = instance_id
         self.on_event = on_event
         self.on_exit = on_exit
+        self.on_log = on_log
         self._partial = {1: b"", 2: b""}
         self.stderr_tail: deque[str] = deque(maxlen=20)
         self.channel: _StatusReceiver | None = None
@@ -87,13 +89,15 @@ class ChildProcess(ProcessProtocol):
     def _relay_line(self, fd: int, line: str) -> None:
         if fd == 2:
             self.stderr_tail.append(line)
-            self.log.emit(LogLevel.error, "{text}", text=line, instance_id=self.instance_id)
-            return
-        # "YYYY-MM-DD hh:mm:ss.mmm  LEVEL  message": the child's own line format
-        parts = line.split(None, 3)
-        level = _LEVELS.get(parts[2]) if len(parts) == 4 else None
-        text = parts[3] if level is not None else line
-        self.log.emit(level or LogLevel.info, "{text}", text=text, instance_id=self.instance_id)
+            level, text = LogLevel.error, line
+        else:
+            # "YYYY-MM-DD hh:mm:ss.mmm  LEVEL  message": the child's own line format
+            parts = line.split(None, 3)
+            parsed = _LEVELS.get(parts[2]) if len(parts) == 4 else None
+            level, text = parsed or LogLevel.info, parts[3] if parsed else line
+        self.log.emit(level, "{text}", text=text, instance_id=self.instance_id)
+        if self.on_log is not None:
+            self.on_log("fatal" if level is LogLevel.critical else level.name, text)
 
     def processEnded(self, reason: Failure) -> None:
         self.running = False

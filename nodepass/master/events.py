@@ -1,0 +1,133 @@
+"""Server-Sent Events: the master's live feed (``GET /v1/events``).
+
+Events: ``initial`` (every instance, on connect), ``create``, ``update``,
+``delete``, ``log`` (instance log lines), ``shutdown``.  Each has an id; the hub
+keeps the last ``HISTORY`` events so a browser reconnecting with
+``Last-Event-ID`` gets what it missed (or a fresh ``initial`` if too much was
+missed).  A subscriber whose connection stops draining is dropped at the next
+event: its transport paused us, and nothing is queued for it beyond the socket.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import LoopingCall
+from zope.interface import implementer
+
+from nodepass import logs
+
+HISTORY = 1000
+KEEPALIVE = 15.0
+
+
+def encode(event_id: int, kind: str, data: Any) -> bytes:
+    body = json.dumps(data, separators=(",", ":"))
+    return f"id: {event_id}\nevent: {kind}\ndata: {body}\n\n".encode()
+
+
+@implementer(IPushProducer)
+class Subscriber:
+    """One open ``/v1/events`` response."""
+
+    def __init__(self, request: Any, on_gone: Callable[[Subscriber], None]) -> None:
+        self.request = request
+        self.on_gone = on_gone
+        self.backed_up = False
+        self.closed = False
+        self.finished: Deferred[None] = Deferred()  # what the route returns: open until closed
+        request.registerProducer(self, True)
+        request.notifyFinish().addBoth(lambda _: self._gone())
+
+    # The response's transport calls these as its buffer fills and drains.
+    def pauseProducing(self) -> None:
+        self.backed_up = True
+
+    def resumeProducing(self) -> None:
+        self.backed_up = False
+
+    def stopProducing(self) -> None:
+        self._gone()
+
+    def send(self, chunk: bytes) -> None:
+        if self.closed:
+            return
+        if self.backed_up:
+            logs.logger("nodepass.master").info("dropping an event subscriber that stopped "
+                                                "reading")
+            self.close()
+            return
+        self.request.write(chunk)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self._gone()
+        self.request.unregisterProducer()
+        if not self.finished.called:
+            self.finished.callback(None)  # Klein finishes the response
+
+    def _gone(self) -> None:
+        self.closed = True
+        self.on_gone(self)
+
+
+class EventHub:
+    def __init__(self, clock: Any, keepalive: float = KEEPALIVE) -> None:
+        self.clock = clock
+        self.next_id = 1
+        self.history: deque[tuple[int, bytes]] = deque(maxlen=HISTORY)
+        self.subscribers: set[Subscriber] = set()
+        self._keepalive = LoopingCall(self._ping)
+        self._keepalive.clock = clock
+        self._interval = keepalive
+
+    def start(self) -> None:
+        self._keepalive.start(self._interval, now=False)
+
+    def stop(self) -> None:
+        if self._keepalive.running:
+            self._keepalive.stop()
+
+    def publish(self, kind: str, data: Any) -> int:
+        event_id = self.next_id
+        self.next_id += 1
+        chunk = encode(event_id, kind, data)
+        self.history.append((event_id, chunk))
+        for subscriber in list(self.subscribers):
+            subscriber.send(chunk)
+        return event_id
+
+    def missed_since(self, last_id: int) -> list[bytes] | None:
+        """The events after ``last_id``, or None when they are no longer all kept."""
+        if last_id >= self.next_id - 1:
+            return []
+        if not self.history or self.history[0][0] > last_id + 1:
+            return None
+        return [chunk for event_id, chunk in self.history if event_id > last_id]
+
+    def subscribe(self, request: Any, last_id: int | None,
+                  snapshot: Callable[[], Any]) -> Subscriber:
+        subscriber = Subscriber(request, self.subscribers.discard)
+        self.subscribers.add(subscriber)
+        missed = self.missed_since(last_id) if last_id is not None else None
+        if missed is None:
+            # the client's position is unknown or lost: a fresh snapshot, numbered
+            subscriber.send(encode(self.next_id - 1, "initial", snapshot()))
+        else:
+            for chunk in missed:
+                subscriber.send(chunk)
+        return subscriber
+
+    def _ping(self) -> None:
+        for subscriber in list(self.subscribers):
+            subscriber.send(b": keep-alive\n\n")
+
+    def close_all(self) -> None:
+        for subscriber in list(self.subscribers):
+            subscriber.close()
