@@ -34,6 +34,25 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(s): {"$ref": f"#/components/responses/E{s}"} for s in statuses}
 
 
+_METADATA = {
+    "alias": {"type": "string", "maxLength": 64, "description": "a name for panels"},
+    "tags": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 256},
+             "description": "free key/value labels; filter with ?tag=key:value"},
+    "restart": {"type": "boolean",
+                "description": "restart the instance when it exits on its own"},
+}
+_SAMPLE = {
+    "type": "object",
+    "properties": {
+        "time": {"type": "string", "format": "date-time"},
+        "timestamp": {"type": "number"},
+        **{f"{n}_rate": {"type": "number", "description": "bytes per second"}
+           for n in ("tcp_in", "tcp_out", "udp_in", "udp_out")},
+        "connections": {"type": "integer"},
+        "ping": {"type": "number", "nullable": True},
+    },
+}
+
 _INSTANCE = {
     "type": "object",
     "required": ["id", "type", "url", "status", "created_at", "uptime", "connections",
@@ -63,6 +82,8 @@ _INSTANCE = {
         "udp_in": {"type": "integer", "minimum": 0},
         "udp_out": {"type": "integer", "minimum": 0},
         "error": {"type": "string", "nullable": True, "description": "the last failure"},
+        **_METADATA,
+        "restarts": {"type": "integer", "minimum": 0, "description": "automatic restarts"},
     },
 }
 
@@ -90,6 +111,10 @@ def document(prefix: str) -> dict[str, Any]:
                 "get": {
                     "summary": "List all instances",
                     "operationId": "listInstances",
+                    "parameters": [{"name": "tag", "in": "query", "required": False,
+                                    "schema": {"type": "array", "items": {"type": "string"}},
+                                    "style": "form", "explode": True,
+                                    "description": "key:value; every one given must match"}],
                     "responses": {
                         "200": _response("The instances", {
                             "type": "object", "required": ["instances"],
@@ -105,9 +130,12 @@ def document(prefix: str) -> dict[str, Any]:
                         "required": True,
                         "content": {"application/json": {"schema": {
                             "type": "object", "required": ["url"],
-                            "properties": {"url": {
-                                "type": "string",
-                                "example": "server://0.0.0.0:10101/0.0.0.0:8080?tls=1"}},
+                            "additionalProperties": False,
+                            "properties": {
+                                "url": {"type": "string",
+                                        "example": "server://0.0.0.0:10101/0.0.0.0:8080?tls=1"},
+                                **_METADATA,
+                            },
                         }}},
                     },
                     "responses": {
@@ -133,9 +161,11 @@ def document(prefix: str) -> dict[str, Any]:
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": {
-                            "type": "object", "required": ["action"],
+                            "type": "object", "additionalProperties": False,
+                            "description": "an action, metadata, or both",
                             "properties": {"action": {"type": "string",
-                                                      "enum": ["start", "stop", "restart"]}},
+                                                      "enum": ["start", "stop", "restart"]},
+                                           **_METADATA},
                         }}},
                     },
                     "responses": {
@@ -154,6 +184,73 @@ def document(prefix: str) -> dict[str, Any]:
                                            "deleted": {"type": "boolean"}},
                         }),
                         **_errors(401, 404),
+                    },
+                },
+            },
+            f"{base}/instances/{{id}}/traffic": {
+                "parameters": [_ID],
+                "get": {
+                    "summary": "Traffic history: rates per REPORT_INTERVAL",
+                    "operationId": "instanceTraffic",
+                    "parameters": [{"name": "window", "in": "query", "required": False,
+                                    "schema": {"type": "number", "default": 3600,
+                                               "exclusiveMinimum": True, "minimum": 0,
+                                               "maximum": 604800},
+                                    "description": "seconds of history"}],
+                    "responses": {
+                        "200": _response("Samples, oldest first", {
+                            "type": "object",
+                            "properties": {"id": {"type": "string"},
+                                           "interval": {"type": "number"},
+                                           "window": {"type": "number"},
+                                           "samples": {"type": "array", "items": _SAMPLE}},
+                        }),
+                        **_errors(400, 401, 404),
+                    },
+                },
+            },
+            f"{base}/events": {
+                "get": {
+                    "summary": "Server-Sent Events: initial, create, update, delete, log, "
+                               "shutdown",
+                    "operationId": "events",
+                    "parameters": [{"name": "Last-Event-ID", "in": "header", "required": False,
+                                    "schema": {"type": "integer"},
+                                    "description": "resume after this event"}],
+                    "responses": {"200": {"description": "An event stream",
+                                          "content": {"text/event-stream": {}}},
+                                  **_errors(401)},
+                },
+            },
+            f"{base}/metrics": {
+                "get": {
+                    "summary": "Prometheus text exposition",
+                    "operationId": "metrics",
+                    "responses": {"200": {"description": "Metrics",
+                                          "content": {"text/plain": {}}},
+                                  **_errors(401)},
+                },
+            },
+            f"{base}/info": {
+                "get": {
+                    "summary": "The master: version, uptime, platform, state, counts",
+                    "operationId": "info",
+                    "responses": {
+                        "200": _response("About the master", {
+                            "type": "object",
+                            "properties": {
+                                "version": {"type": "string"},
+                                "uptime": {"type": "integer"},
+                                "started_at": {"type": "string", "format": "date-time"},
+                                "platform": {"type": "string"},
+                                "python": {"type": "string"},
+                                "state_dir": {"type": "string", "nullable": True},
+                                "persist": {"type": "boolean"},
+                                "instances": {"type": "object",
+                                              "additionalProperties": {"type": "integer"}},
+                            },
+                        }),
+                        **_errors(401),
                     },
                 },
             },
