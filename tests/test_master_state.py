@@ -252,6 +252,7 @@ class SSE:
         return self
 
     def _chunk(self, data):
+        self.raw = getattr(self, "raw", b"") + data
         self.buffer += data
         while b"\n\n" in self.buffer:
             block, self.buffer = self.buffer.split(b"\n\n", 1)
@@ -303,6 +304,9 @@ class Events(TestCase):
         self.assertLess(kinds.index("update"), kinds.index("delete"))
         log = next(e[2] for e in sse.events if e[1] == "log")
         self.assertEqual(log["id"], created["id"])
+        await eventually(lambda: b": keep-alive" in sse.raw, timeout=5)  # every 1.5 s here
+        code, envelope, _ = await Api(master.base, key="wrong").call("GET", "/events")
+        self.assertEqual((code, envelope["error"]["code"]), (401, "UNAUTHORIZED"))
 
         # resume: what happened while away arrives, without a new snapshot
         last = sse.events[-1][0]
