@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -174,6 +175,99 @@ def udp(port: int, count: int) -> tuple[float, int]:
     return count / elapsed, lost
 
 
+def connect_concurrent(port: int, count: int, parallel: int = 50) -> tuple[float, int]:
+    """``count`` short connections, ``parallel`` at a time: connections/s and failures."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(_: int) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"c" * 1024)
+                s.shutdown(socket.SHUT_WR)
+                got = b""
+                while chunk := s.recv(4096):
+                    got += chunk
+                return got == b"c" * 1024
+        except OSError:
+            return False
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        results = list(pool.map(one, range(count)))
+    return count / (time.perf_counter() - start), results.count(False)
+
+
+def concurrent(port: int, connections: int, rounds: int = 100) -> tuple[float, int]:
+    """``connections`` open at once, each echoing ``rounds`` x 1 KiB: seconds, failures."""
+    import asyncio
+
+    async def one(index: int) -> bool:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection("127.0.0.1", port), 30)
+            payload = index.to_bytes(4, "big") * 256
+            for _ in range(rounds):
+                writer.write(payload)
+                got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+                if got != payload:
+                    return False
+            writer.close()
+            return True
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            return False
+
+    async def all_of_them() -> list[bool]:
+        return await asyncio.gather(*(one(i) for i in range(connections)))
+
+    start = time.perf_counter()
+    results = asyncio.run(all_of_them())
+    return time.perf_counter() - start, results.count(False)
+
+
+def iperf3(port: int, seconds: int, reverse: bool) -> float | None:
+    """Gbit/s from the iperf3 C client, or None when iperf3 is not installed."""
+    import shutil
+
+    if shutil.which("iperf3") is None:
+        return None
+    args = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]
+    if reverse:
+        args.append("-R")
+    out = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 30)
+    report = json.loads(out.stdout)
+    return report["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_connections_rss(port: int, count: int, pids: list[int]) -> float:
+    """KiB of RSS, summed over ``pids``, per idle relayed connection (``count`` held open)."""
+    before = sum(rss_kib(p) for p in pids)
+    held = []
+    try:
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"x")
+            s.recv(1)
+            held.append(s)
+        time.sleep(1.0)
+        after = sum(rss_kib(p) for p in pids)
+    finally:
+        for s in held:
+            s.close()
+    return (after - before) / count
+
+
 class UdpEcho:
     """A UDP echo backend in its own process."""
 
@@ -189,20 +283,28 @@ def median(values: list) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     sizes = {"bulk_mib": 64 if args.quick else 1024, "rr": 2000 if args.quick else 20000,
-             "connect": 200 if args.quick else 2000, "udp": 2000 if args.quick else 20000}
+             "connect": 200 if args.quick else 2000, "udp": 2000 if args.quick else 20000,
+             "concurrent": 200 if args.quick else 1000, "iperf_s": 3 if args.quick else 8,
+             "idle": 200 if args.quick else 1000}
     procs = Procs()
     results: dict = {"sizes": sizes, "runs": {}}
     try:
         echo, sink, source, udp_port = free_port(), free_port(), free_port(), free_port()
+        iperf = free_port()
         procs.start(str(HERE / "backends.py"), str(echo), str(sink), str(source))
         procs.start("-c", UdpEcho.SCRIPT, str(udp_port))
+        if shutil.which("iperf3"):
+            procs.procs.append(subprocess.Popen(
+                ["iperf3", "-s", "-p", str(iperf), "-B", "127.0.0.1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(echo)
-        targets = {"direct": {"echo": echo, "sink": sink, "source": source, "udp": udp_port}}
+        targets = {"direct": {"echo": echo, "sink": sink, "source": source, "udp": udp_port,
+                              "iperf": iperf}}
         servers = {}
         for tls in args.tls:
             ports = {}
             for name, backend in (("echo", echo), ("sink", sink), ("source", source),
-                                  ("udp", udp_port)):
+                                  ("udp", udp_port), ("iperf", iperf)):
                 tunnel, exposed = free_port(), free_port()
                 env = {"MIN_POOL_CAPACITY": "64"}
                 server = procs.start("-m", "nodepass",
@@ -217,8 +319,17 @@ def run(args: argparse.Namespace) -> dict:
                 wait_port(exposed)
             time.sleep(1.5)  # let the pools fill
             targets[f"tls={tls}"] = ports
+        idle_rss = {label: {n: rss_kib(p.pid) for n, p in zip(("server", "client"), pair,
+                                                                 strict=True)}
+                    for label, pair in servers.items()}
+        cpu_before = {key: [cpu_seconds(p.pid) for p in pair] for key, pair in servers.items()}
         for label, ports in targets.items():
             row = {}
+            echo_pair = [p.pid for (tls, name), pair in servers.items()
+                         if label == f"tls={tls}" and name == "echo" for p in pair]
+            for direction, reverse in (("up", False), ("down", True)):
+                row[f"iperf3_{direction}_Gbps"] = iperf3(ports["iperf"], sizes["iperf_s"],
+                                                        reverse)
             row["bulk_up_MBps"] = median([bulk_up(ports["sink"], sizes["bulk_mib"])
                                           for _ in range(args.repeat)])
             row["bulk_down_MBps"] = median([bulk_down(ports["source"], sizes["bulk_mib"])
@@ -231,11 +342,24 @@ def run(args: argparse.Namespace) -> dict:
             udps = [udp(ports["udp"], sizes["udp"]) for _ in range(args.repeat)]
             row["udp_rt_per_s"] = median([r for r, _ in udps])
             row["udp_lost"] = max(lost for _, lost in udps)
+            rate, failed = connect_concurrent(ports["echo"], sizes["connect"])
+            row["connect50_per_s"], row["connect50_failures"] = rate, failed
+            seconds, failed = concurrent(ports["echo"], sizes["concurrent"])
+            row["concurrent_s"], row["concurrent_failures"] = seconds, failed
+            if echo_pair:
+                row["peak_rss_mib"] = sum(peak_rss_kib(p) for p in echo_pair) / 1024
+                row["rss_per_idle_conn_kib"] = idle_connections_rss(
+                    ports["echo"], sizes["idle"], echo_pair)
             results["runs"][label] = row
             print(f"measured {label}", file=sys.stderr, flush=True)
-        rss = {f"tls={tls} {name}": {"server_kib": rss_kib(s.pid), "client_kib": rss_kib(c.pid)}
-               for (tls, name), (s, c) in servers.items()}
-        results["rss_after"] = rss
+        results["processes"] = {
+            f"tls={tls} {name}": {
+                "idle_rss_kib": idle_rss[(tls, name)],
+                "rss_after_kib": {"server": rss_kib(s.pid), "client": rss_kib(c.pid)},
+                "cpu_seconds": [round(cpu_seconds(p.pid) - b, 2)
+                                for p, b in zip((s, c), cpu_before[(tls, name)], strict=True)],
+            }
+            for (tls, name), (s, c) in servers.items()}
     finally:
         procs.stop()
     return results
@@ -244,20 +368,32 @@ def run(args: argparse.Namespace) -> dict:
 def table(results: dict) -> str:
     runs = results["runs"]
     direct = runs["direct"]
-    metrics = [("bulk_up_MBps", "bulk upload MB/s", True),
+    metrics = [("iperf3_up_Gbps", "iperf3 upload Gbit/s", True),
+               ("iperf3_down_Gbps", "iperf3 download Gbit/s", True),
+               ("bulk_up_MBps", "bulk upload MB/s", True),
                ("bulk_down_MBps", "bulk download MB/s", True),
                ("rr_p50_us", "rr 64 B p50 µs", False), ("rr_p99_us", "rr 64 B p99 µs", False),
                ("connect_per_s", "sequential connects/s", True),
-               ("udp_rt_per_s", "udp 512 B round trips/s", True), ("udp_lost", "udp lost", False)]
+               ("udp_rt_per_s", "udp 512 B round trips/s", True), ("udp_lost", "udp lost", False),
+               ("connect50_per_s", "connects/s, 50 at a time", True),
+               ("connect50_failures", "  failures", False),
+               ("concurrent_s", "concurrent conns x 100 x 1 KiB, s", False),
+               ("concurrent_failures", "  failures", False),
+               ("peak_rss_mib", "server+client peak RSS, MiB", False),
+               ("rss_per_idle_conn_kib", "RSS per idle relayed conn, KiB", False)]
     labels = list(runs)
     lines = ["| workload | " + " | ".join(labels) + " |",
              "|---|" + "---|" * len(labels)]
     for key, name, higher in metrics:
         cells = []
         for label in labels:
-            value = runs[label][key]
+            value = runs[label].get(key)
+            if value is None:
+                cells.append("-")
+                continue
             cell = f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
-            if label != "direct" and direct[key] and key != "udp_lost":
+            if (label != "direct" and direct.get(key) and "fail" not in key
+                    and key != "udp_lost"):
                 ratio = value / direct[key]
                 cell += f" ({ratio:.2f}x)" if higher else f" (+{value - direct[key]:,.0f})"
             cells.append(cell)
@@ -273,6 +409,10 @@ def main() -> None:
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
     args.tls = [int(t) for t in args.tls.split(",")]
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # thousands of sockets
     results = run(args)
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

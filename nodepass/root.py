@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
 
 from nodepass import __version__, logs
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Two sockets per relayed connection (and more at the server): lift the soft limit on
+    open files to the hard one, as daemons do.  Returns (soft, hard) now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft, hard
 
 
 class RootService(MultiService):

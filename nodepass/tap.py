@@ -16,7 +16,7 @@ from twisted.python import usage
 from nodepass import logs
 from nodepass.helptext import USAGE
 from nodepass.report import reporter
-from nodepass.root import RootService
+from nodepass.root import RootService, raise_open_file_limit
 from nodepass.stats import Report
 from nodepass.statuschannel import ENV, StatusChannel
 from nodepass.tls import Credentials, ServerCredentials, TLSConfigError
@@ -104,6 +104,7 @@ def makeService(options: Options) -> RootService:
 
     config = options["config"]
     logs.gate.set_level(config.log)
+    raise_open_file_limit()
     root = RootService(reactor)
     if isinstance(config, MasterConfig):
         _master(root, config, options["tunables"], options.get("credentials"), options.environ)
