@@ -28,9 +28,10 @@ def peer_of(transport: Any) -> str:
     return str(Address(host, peer.port)) if host is not None else str(peer)
 
 
-def tune(transport: Any) -> None:
-    """Low latency, and keepalive so a vanished peer is noticed on idle connections."""
-    for setter in ("setTcpNoDelay", "setTcpKeepAlive"):
+def tune(transport: Any, keepalive: bool = True) -> None:
+    """Low latency, and (for tunnel connections, which may sit idle in a pool) keepalive
+    so a vanished peer is noticed."""
+    for setter in ("setTcpNoDelay", "setTcpKeepAlive") if keepalive else ("setTcpNoDelay",):
         method = getattr(transport, setter, None)
         if method is not None:
             try:

@@ -26,7 +26,7 @@ from nodepass.tls import (
     verifying_options,
 )
 from nodepass.tunables import Tunables
-from nodepass.tunnel import wire
+from nodepass.tunnel import splice, wire
 from nodepass.tunnel.channel import HANDSHAKE_TIMEOUT, FramedConnection, QuietFactory, tune
 from nodepass.tunnel.control import ControlSession
 from nodepass.tunnel.handshake import AuthenticationError, ClientHandshake
@@ -228,7 +228,7 @@ class LocalConnection(RelayProtocol):
     """The connection to the local target for one launched data connection."""
 
     def connectionMade(self) -> None:
-        tune(self.transport)
+        tune(self.transport, keepalive=False)
 
 
 @implementer(IStreamClientEndpoint)
@@ -416,11 +416,23 @@ class ClientTunnel(MultiService):
     def _join(self, conn: DataConnection, local: LocalConnection) -> None:
         self.connecting -= 1
         conn.attempt = None
+        pending, conn.pending = conn.pending, b""
+        if conn.stream is None and splice.plain_tcp(conn.transport) and splice.plain_tcp(
+                local.transport):
+            sent = splice.send_now(local.transport, pending) if pending else 0
+            if sent == len(pending):
+                self.traffic.add_tcp_out(sent)
+                fast = splice.SpliceRelay(self.clock, local, conn, self.traffic.add_tcp_in,
+                                          self.traffic.add_tcp_out, self.relays.discard)
+                self.relays.add(fast)
+                fast.start(b_eof=conn.eof_pending)
+                return
+            self.traffic.add_tcp_out(sent)
+            pending = pending[sent:]
         relay = Relay(local, conn, self.traffic.add_tcp_in, self.traffic.add_tcp_out,
                       self.relays.discard)
         self.relays.add(relay)
-        relay.start(b_pending=conn.pending, b_eof=conn.eof_pending)
-        conn.pending = b""
+        relay.start(b_pending=pending, b_eof=conn.eof_pending)
 
     def _target_failed(self, conn: DataConnection, reason: Failure) -> None:
         self.connecting -= 1

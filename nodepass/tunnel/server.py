@@ -19,7 +19,7 @@ from nodepass import __version__, logs
 from nodepass.stats import Report, Traffic, snapshot
 from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
-from nodepass.tunnel import wire
+from nodepass.tunnel import splice, wire
 from nodepass.tunnel.channel import (
     HANDSHAKE_TIMEOUT,
     FramedConnection,
@@ -50,6 +50,7 @@ class TunnelConnection(FramedConnection):
         self.handshake = ServerHandshake(tunnel.key, tunnel.tls_mode, os.urandom(wire.NONCE_SIZE))
         self.control: ControlSession | None = None
         self.udp: UdpSession | None = None
+        self.unflushed = False  # bytes sit in Twisted's buffer: no splicing for this one
         self._timeout: Any = None
 
     def connectionMade(self) -> None:
@@ -120,7 +121,7 @@ class UserConnection(RelayProtocol):
         self.gone = False
 
     def connectionMade(self) -> None:
-        tune(self.transport)
+        tune(self.transport, keepalive=False)
         self.tunnel.user_arrived(self)
 
     def before_relay_lost(self, reason: Failure) -> None:
@@ -204,7 +205,14 @@ class ServerTunnel(Service):
             self.log.debug("data connection from {peer} names no live session", peer=conn.peer)
             conn.close()
             return
-        conn.send(conn.handshake.welcome())
+        welcome = conn.handshake.welcome()
+        # Written straight to the socket when it is plain TCP: a waiting user may launch
+        # this connection at once, and the spliced LAUNCH must not overtake the WELCOME.
+        sent = splice.send_now(conn.transport, welcome) if splice.plain_tcp(
+            conn.transport) else 0
+        if sent < len(welcome):
+            conn.send(welcome[sent:])
+            conn.unflushed = True
         conn.state = "idle"
         if not self.pool.add(conn):
             conn.close()
@@ -273,7 +281,18 @@ class ServerTunnel(Service):
             return
         conn.state = "relay"
         conn.framing = False
-        conn.send(wire.launch(Proto.TCP, peer_of(user.transport)))
+        launch = wire.launch(Proto.TCP, peer_of(user.transport))
+        if (splice.plain_tcp(conn.transport) and splice.plain_tcp(user.transport)
+                and not conn.unflushed):
+            sent = splice.send_now(conn.transport, launch)
+            if sent == len(launch):
+                fast = splice.SpliceRelay(self.clock, user, conn, self.traffic.add_tcp_in,
+                                          self.traffic.add_tcp_out, self.relays.discard)
+                self.relays.add(fast)
+                fast.start()
+                return
+            launch = launch[sent:]
+        conn.send(launch)
         if self.credentials is not None:
             conn.frame_stream()
         relay = Relay(user, conn, self.traffic.add_tcp_in, self.traffic.add_tcp_out,
