@@ -90,8 +90,10 @@ class MasterAPI:
         route(f"{base}/instances/<string:instance_id>/traffic", methods=["GET"],
               strict_slashes=False)(self._guard(self.instance_traffic))
         route(f"{base}/info", methods=["GET"], strict_slashes=False)(self._guard(self.info))
-        route(f"{base}/metrics", methods=["GET"], strict_slashes=False)(self.metrics)
-        route(f"{base}/events", methods=["GET"], strict_slashes=False)(self.events)
+        route(f"{base}/metrics", methods=["GET"], strict_slashes=False)(
+            self._raw_guard(self.metrics))
+        route(f"{base}/events", methods=["GET"], strict_slashes=False)(
+            self._raw_guard(self.events))
         route(f"{base}/openapi.json", methods=["GET"])(self.openapi_json)
         route(f"{base}/docs", methods=["GET"])(self.docs_page)
         route(f"{base}/docs/", methods=["GET"], branch=True)(self.docs_assets)
@@ -111,8 +113,7 @@ class MasterAPI:
                 self._authenticate(request)
                 status, data = await handler(request, **kwargs)
             except (ApiError, InstanceError) as e:
-                return self._reply(request, e.status, None, {"code": e.code,
-                                                              "message": e.message})
+                return self._error(request, e)
             except Exception:
                 self.log.failure("internal error serving {path}", Failure(),
                                  path=request.path.decode("utf-8", "replace"))
@@ -295,20 +296,28 @@ class MasterAPI:
             "instances": registry.count_by_status(),
         }
 
+    def _raw_guard(self, handler: Callable[[IRequest], Any]) -> Callable[[IRequest], Any]:
+        """Authenticate a route that answers in its own format (not the envelope)."""
+
+        def guarded(request: IRequest) -> Any:
+            try:
+                self._authenticate(request)
+            except ApiError as e:
+                return self._error(request, e)
+            return handler(request)
+
+        guarded.__name__ = handler.__name__
+        return guarded
+
+    def _error(self, request: IRequest, e: ApiError | InstanceError) -> bytes:
+        return self._reply(request, e.status, None, {"code": e.code, "message": e.message})
+
     def metrics(self, request: IRequest) -> bytes:
-        try:
-            self._authenticate(request)
-        except ApiError as e:
-            return self._reply(request, e.status, None, {"code": e.code, "message": e.message})
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
         request.setHeader(b"Access-Control-Allow-Origin", b"*")
         return exposition(self.registry)
 
     def events(self, request: IRequest) -> Any:
-        try:
-            self._authenticate(request)
-        except ApiError as e:
-            return self._reply(request, e.status, None, {"code": e.code, "message": e.message})
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")
