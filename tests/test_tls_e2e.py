@@ -27,6 +27,7 @@ from tests.integration import (
     listen,
     pattern_bytes,
     recording_proxy,
+    sleep,
     spawn,
     tunnel_pair,
 )
@@ -53,6 +54,22 @@ class SelfSigned(TestCase):
         line = await client.wait_for("tunnel session open")
         fingerprint = (await server.wait_for("tls=1: certificate fingerprint")).rsplit(" ", 1)[1]
         self.assertIn(f"tls=1, certificate {fingerprint}", line)
+
+    async def test_finished_connections_are_released_on_both_ends(self):
+        # Regression: an EOF frame that arrived with LAUNCH left the client's TLS connection
+        # unread, so it never saw the server's close and the relay was never released.
+        backend = await echo_backend(self)
+        server, client, exposed = await tunnel_pair(
+            self, backend, server_query="?tls=1&log=debug", client_query="?log=debug",
+            REPORT_INTERVAL="200ms")
+        for n in range(40):
+            result = await exchange(exposed, iter([b"%d" % n]))
+            self.assertEqual(bytes(result.received), b"%d" % n)
+        await sleep(0.6)
+        for end in (server, client):
+            seen = len(end.lines)
+            line = await end.wait_for("report: connected", nth=end.count("report: connected") + 1)
+            self.assertIn(" connections=0 ", line, end.lines[seen:])
 
     async def tunnel_bytes_seen(self, query):
         backend = await echo_backend(self)

@@ -82,6 +82,15 @@ class FramedConnection(RelayProtocol):
         because Twisted's TLS transport cannot half-close."""
         self.stream = FrameDecoder(allowed=STREAM_TYPES)
 
+    def readConnectionLost(self) -> None:
+        if self.stream is not None:
+            # Under TLS the stream's end is an EOF frame; a TCP-level end means the peer
+            # is gone (its TLS layer closed).  Close ours too, or the socket lingers in
+            # CLOSE-WAIT and the relay never ends.
+            self.abort()
+            return
+        super().readConnectionLost()
+
     def relay_received(self, data: bytes) -> None:
         if self.stream is None:
             super().relay_received(data)

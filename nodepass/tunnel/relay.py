@@ -102,12 +102,16 @@ class Relay:
         self.a.transport.registerProducer(self.b.transport, True)
         self.b.transport.registerProducer(self.a.transport, True)
         self._producing_for = {id(self.a), id(self.b)}
+        # Resume every side whose connection can still be read: even after an EOF *frame*
+        # (TLS) the connection must be read to see the peer's close; only a TCP-level EOF
+        # (b_eof) means there is nothing left to read.
+        readable = [self.a] if b_eof else [self.a, self.b]
         if b_pending:
             self.b.relay_received(b_pending)
         if b_eof:
             self.read_closed(self.b)
-        for side in (self.a, self.b):
-            if self._on_end is not None and id(side) not in self._eof:
+        for side in readable:
+            if self._on_end is not None and not self._lost:
                 side.transport.resumeProducing()
 
     def carry(self, side: RelayProtocol, data: bytes) -> None:
