@@ -28,9 +28,16 @@ def peer_of(transport: Any) -> str:
     return str(Address(host, peer.port)) if host is not None else str(peer)
 
 
+READ_SIZE = 256 * 1024
+
+
 def tune(transport: Any, keepalive: bool = True) -> None:
-    """Low latency, and (for tunnel connections, which may sit idle in a pool) keepalive
-    so a vanished peer is noticed."""
+    """Low latency, large reads, and (for tunnel connections, which may sit idle in a
+    pool) keepalive so a vanished peer is noticed."""
+    # Twisted reads (and pauses producers) by bufferSize, 64 KiB by default: larger
+    # reads mean fewer trips through the reactor per megabyte.
+    if hasattr(transport, "bufferSize"):
+        transport.bufferSize = READ_SIZE
     for setter in ("setTcpNoDelay", "setTcpKeepAlive") if keepalive else ("setTcpNoDelay",):
         method = getattr(transport, setter, None)
         if method is not None:
