@@ -8,6 +8,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
 from nodepass import logs
@@ -55,8 +56,55 @@ class RegistryService(Service):
         self.registry.store.close()
 
 
-class _QuietSite(Site):
+class DeadlineChannel(HTTPChannel):
+    """HTTP/1.1 with a deadline for each request to arrive whole.
+
+    Twisted's idle timeout restarts with every byte, so a client trickling a byte a
+    second would hold a connection forever; here a request (headers and body) must
+    arrive within REQUEST_DEADLINE seconds of the connection or of the previous
+    response, or the connection is closed.  Long responses (the event stream) are
+    not limited: the deadline only covers receiving the request.
+    """
+
+    request_deadline = 15.0
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.callLater(self.request_deadline, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        log.info("closing an API connection that did not send a whole request in {t:g}s",
+                 t=self.request_deadline)
+        self.transport.abortConnection()
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if self.transport is not None and not self.transport.disconnecting:
+            self._arm()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+
+class ApiSite(Site):
     noisy = False
+    protocol = DeadlineChannel
 
     def log(self, request: Any) -> None:
         log.debug("{method} {path} {code}", method=request.method.decode(),
@@ -94,7 +142,7 @@ def build_master(root: RootService, config: MasterConfig, tunables: Tunables,
     registry = Registry(root.reactor, config, tunables, environ, store, hub)
     RegistryService(registry).setServiceParent(root)
     api = MasterAPI(registry, config.prefix, key, str(folder))
-    site = _QuietSite(api.resource())
+    site = ApiSite(api.resource(), timeout=60, reactor=root.reactor)
     scheme = "https" if credentials is not None else "http"
     if credentials is not None:
         log.info("tls={mode}: API certificate fingerprint {fp}", mode=config.tls,
