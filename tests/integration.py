@@ -178,7 +178,8 @@ class DigestAfterEOF(Protocol):
 
 
 async def listen(case: TestCase, factory: Factory) -> int:
-    port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+    port = await TCP4ServerEndpoint(reactor, 0, backlog=4096, interface="127.0.0.1").listen(
+        factory)
     case.addCleanup(port.stopListening)
     return port.getHost().port
 

@@ -22,9 +22,11 @@ from typing import Any
 from twisted.internet.interfaces import IReadWriteDescriptor
 from zope.interface import implementer
 
+from nodepass import logs
 from nodepass.tunnel.relay import RelayProtocol
 
 PIPE_SIZE = 1 << 20
+_log = logs.logger("nodepass")
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -97,7 +99,7 @@ class _Socket:
         self.relay.drain(self)
 
     def connectionLost(self, reason: Any) -> None:
-        self.relay.fail()
+        self.relay.fail(reason.value if hasattr(reason, "value") else None)
 
 
 class SpliceRelay:
@@ -143,8 +145,8 @@ class SpliceRelay:
                 n = os.splice(src.fd, pipe.write_fd, PIPE_SIZE - pipe.buffered, flags=_FLAGS)
             except BlockingIOError:
                 break
-            except OSError:
-                self.fail()
+            except OSError as e:
+                self.fail(e)
                 return
             if n == 0:
                 pipe.eof = True
@@ -168,7 +170,7 @@ class SpliceRelay:
                 return
             except OSError as e:
                 if e.errno != errno.EAGAIN:
-                    self.fail()
+                    self.fail(e)
                     return
                 self._want_write(dst, True)
                 return
@@ -225,8 +227,9 @@ class SpliceRelay:
         self.a.transport.loseConnection()
         self.b.transport.loseConnection()
 
-    def fail(self) -> None:
+    def fail(self, error: BaseException | None = None) -> None:
         """A socket error (reset, broken pipe): end both connections now."""
+        _log.debug("spliced relay ended by {error}", error=error)
         self.abort()
 
     def abort(self) -> None:
