@@ -283,3 +283,36 @@ async def wrong_keys(port, count, batch):
             attempts.append(proto.done)
         refused += sum(await gatherResults(attempts))
     return refused
+
+
+class ClearErrors(TestCase):
+    timeout = 60
+
+    async def test_unusable_state_directory_stops_the_master_with_its_name(self):
+        blocker = os.path.abspath(self.mktemp())
+        with open(blocker, "w") as f:
+            f.write("a file where a directory should be")
+        master = spawn(self, f"master://127.0.0.1:{free_port()}?state={blocker}/state",
+                       name="master")
+        self.assertEqual(await master.ended.addTimeout(20, reactor), 1)
+        await master.wait_for(rf"FATAL  state directory '{blocker}/state' cannot be created")
+
+    async def test_unresolvable_target_is_reported_and_the_tunnel_keeps_working(self):
+        backend = await echo_backend(self)
+        tunnel, exposed = free_port(), free_port()
+        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}")
+        await server.wait_for("target listening")
+        lost = spawn(self, f"client://k@127.0.0.1:{tunnel}/no-such-host.invalid:80",
+                     name="client")
+        await lost.wait_for("tunnel session open")
+        result = await exchange(exposed, iter([b"anyone?"]), timeout=15)
+        self.assertEqual(bytes(result.received), b"")
+        await lost.wait_for(r"WARN   cannot reach target no-such-host\.invalid:80: ")
+        self.assertTrue(lost.running)
+        # the same server serves the next client, whose target resolves
+        await lost.stop()
+        good = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}",
+                     name="client-2")
+        await good.wait_for("tunnel session open")
+        result = await exchange(exposed, iter([b"here"]), timeout=10)
+        self.assertEqual(bytes(result.received), b"here")
