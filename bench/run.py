@@ -56,8 +56,11 @@ class Procs:
 
     def start(self, *args: str, env: dict | None = None) -> subprocess.Popen:
         environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        log = os.environ.get("BENCH_LOG_DIR")
+        out = (open(os.path.join(log, f"{len(self.procs)}.log"), "w")  # noqa: SIM115
+               if log else subprocess.DEVNULL)  # BENCH_LOG_DIR=DIR keeps each process's log
         proc = subprocess.Popen([sys.executable, *args], env=environment,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=out, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
