@@ -44,6 +44,7 @@ setup(
             "hypothesis>=6.100",
             "treq>=24.9.1",
             "openapi-spec-validator>=0.7",
+            "schemathesis>=4.0",
         ],
         "lint": ["ruff>=0.6"],
     },

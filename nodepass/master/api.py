@@ -178,6 +178,9 @@ class MasterAPI:
     def _metadata(body: dict[str, Any]) -> dict[str, Any]:
         """alias (string, up to 64), tags (object of strings), restart (boolean)."""
         alias, tags, restart = body.get("alias"), body.get("tags"), body.get("restart")
+        for name in ("action", "alias", "tags", "restart"):
+            if name in body and body[name] is None:
+                raise ApiError("INVALID_REQUEST", 400, f"{name!r} cannot be null")
         if alias is not None and (not isinstance(alias, str) or len(alias) > 64):
             raise ApiError("INVALID_REQUEST", 400, "'alias' must be a string of at most 64 "
                                                    "characters")

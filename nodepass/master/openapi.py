@@ -83,6 +83,7 @@ _INSTANCE = {
         "udp_out": {"type": "integer", "minimum": 0},
         "error": {"type": "string", "nullable": True, "description": "the last failure"},
         **_METADATA,
+        "alias": {"type": "string", "nullable": True, "description": "a name for panels"},
         "restarts": {"type": "integer", "minimum": 0, "description": "automatic restarts"},
     },
 }
@@ -112,7 +113,8 @@ def document(prefix: str) -> dict[str, Any]:
                     "summary": "List all instances",
                     "operationId": "listInstances",
                     "parameters": [{"name": "tag", "in": "query", "required": False,
-                                    "schema": {"type": "array", "items": {"type": "string"}},
+                                    "schema": {"type": "array", "items": {
+                                        "type": "string", "pattern": "^[^:]+:.*$"}},
                                     "style": "form", "explode": True,
                                     "description": "key:value; every one given must match"}],
                     "responses": {
@@ -120,7 +122,7 @@ def document(prefix: str) -> dict[str, Any]:
                             "type": "object", "required": ["instances"],
                             "properties": {"instances": {"type": "array", "items": _REF}},
                         }),
-                        **_errors(401),
+                        **_errors(400, 401),
                     },
                 },
                 "post": {
@@ -132,8 +134,9 @@ def document(prefix: str) -> dict[str, Any]:
                             "type": "object", "required": ["url"],
                             "additionalProperties": False,
                             "properties": {
-                                "url": {"type": "string",
-                                        "example": "server://0.0.0.0:10101/0.0.0.0:8080?tls=1"},
+                                "url": {"type": "string", "pattern": "^(server|client)://\\S+$",
+                                        "example":
+                                            "server://127.0.0.1:10101/127.0.0.1:8080?tls=1"},
                                 **_METADATA,
                             },
                         }}},
@@ -162,6 +165,7 @@ def document(prefix: str) -> dict[str, Any]:
                         "required": True,
                         "content": {"application/json": {"schema": {
                             "type": "object", "additionalProperties": False,
+                            "minProperties": 1,
                             "description": "an action, metadata, or both",
                             "properties": {"action": {"type": "string",
                                                       "enum": ["start", "stop", "restart"]},
