@@ -316,3 +316,22 @@ class ClearErrors(TestCase):
         await good.wait_for("tunnel session open")
         result = await exchange(exposed, iter([b"here"]), timeout=10)
         self.assertEqual(bytes(result.received), b"here")
+
+
+class ApiKeyFlood(TestCase):
+    timeout = 120
+
+    async def test_wrong_api_keys_in_bulk_are_refused_and_logged_sparingly(self):
+        from tests.test_master_api import Api, start_master
+
+        master = await start_master(self)
+        wrong = Api(master.base, key="not-the-key")
+        codes = []
+        for _ in range(30):
+            batch = await gatherResults([Deferred.fromCoroutine(wrong.call("GET", "/instances"))
+                                         for _ in range(100)])
+            codes.extend(code for code, _, _ in batch)
+        self.assertEqual(codes, [401] * 3000)
+        self.assertLessEqual(master.count("refused an API request without a valid key"), 3)
+        right = await Api(master.base).ok("GET", "/instances")
+        self.assertEqual(right["instances"], [])
