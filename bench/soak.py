@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from run import HERE as BENCH  # noqa: E402
-from run import Procs, UdpEcho, free_port, rss_kib, wait_port  # noqa: E402
+from run import Procs, UdpEcho, free_port, rss_kib, short_echo, wait_port  # noqa: E402
 
 
 def fd_count(pid: int) -> int:
@@ -52,13 +52,7 @@ def worker(port: int, udp_port: int, stop: float, counts: dict, lock: threading.
                 udp.send(b"d" * 512)
                 ok = len(udp.recv(2048)) == 512
             else:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                    s.sendall(b"c" * 1024)
-                    s.shutdown(socket.SHUT_WR)
-                    got = b""
-                    while chunk := s.recv(4096):
-                        got += chunk
-                ok = got == b"c" * 1024
+                ok = short_echo(port)
         except OSError:
             ok = False
         with lock:

@@ -330,6 +330,17 @@ class MasterSettings(TestCase):
         await eventually(gone, timeout=15)
 
 
+async def api_tunnel(api, backend, **server_fields):
+    """A server and a client instance made through the API, joined: (server, client, port)."""
+    tunnel, exposed = free_port(), free_port()
+    server = await api.ok("POST", "/instances", {
+        "url": f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **server_fields},
+        status=201)
+    client = await api.ok("POST", "/instances", {
+        "url": f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"}, status=201)
+    return server, client, exposed
+
+
 class EndToEnd(TestCase):
     timeout = 90
 
@@ -338,11 +349,7 @@ class EndToEnd(TestCase):
         backend = await http_backend(self, b"hello", b"x" * 100_000)
         master = await start_master(self)
         api = Api(master.base)
-        tunnel, exposed = free_port(), free_port()
-        server = await api.ok("POST", "/instances", {
-            "url": f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}"}, status=201)
-        client = await api.ok("POST", "/instances", {
-            "url": f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"}, status=201)
+        server, client, exposed = await api_tunnel(api, backend)
         await master.wait_for(rf"\[{server['id']}\] client .* connected: tunnel session open")
         out, _, code = await getProcessOutputAndValue(
             curl, ["-sS", "--max-time", "10", f"http://127.0.0.1:{exposed}/hello"])

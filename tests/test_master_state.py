@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from nodepass.master.store import MIGRATIONS
 from tests.integration import eventually, free_port, http_backend, need, sleep, spawn
-from tests.test_master_api import KEY, Api, start_master
+from tests.test_master_api import KEY, Api, api_tunnel, start_master
 
 
 def server_url():
@@ -80,11 +80,7 @@ class Durable(TestCase):
         backend = await http_backend(self, b"page", b"p" * 50_000)
         master = await start_master(self)
         api = Api(master.base)
-        tunnel, exposed = free_port(), free_port()
-        server = await api.ok("POST", "/instances", {
-            "url": f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}"}, status=201)
-        await api.ok("POST", "/instances", {
-            "url": f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"}, status=201)
+        server, _, exposed = await api_tunnel(api, backend)
         await master.wait_for(rf"\[{server['id']}\] client .* tunnel session open")
         await _fetch(curl, exposed)
         path = f"/instances/{server['id']}"
