@@ -31,6 +31,11 @@ Query parameters:
                2 the certificate in crt= and key= (the client adopts the server's mode)
   crt=PATH     PEM certificate (chain allowed), with tls=2
   key=PATH     PEM private key, with tls=2
+  sni=NAME     client: the name to verify a tls=2 certificate as (default: the server host)
+  ca=PATH      client: PEM file of CAs to trust for tls=2 (default: the system store)
+  auth=0|1     master: require the API key (default 1; NODEPASS_API_KEY or generated)
+  state=DIR    master: state directory (default NODEPASS_STATE_DIR, ~/.local/state/nodepass)
+  persist=0|1  master: keep instances in SQLite across restarts (default 1)
 
 Environment (also accepted with an NP_ prefix; durations like 500ms, 5s, 1h30m):
   SEMAPHORE_LIMIT    1024   concurrent relayed connections
