@@ -239,16 +239,13 @@ class SpliceRelay:
 
     # -- the protocols' calls (Twisted is not reading while we are) -----------
 
-    def carry(self, side: RelayProtocol, data: bytes) -> None:  # pragma: no cover
-        raise AssertionError("spliced connections are not read by Twisted")
-
-    def read_closed(self, side: RelayProtocol) -> None:  # pragma: no cover
-        raise AssertionError("spliced connections are not read by Twisted")
-
     def lost(self, side: RelayProtocol) -> None:
         self._lost.add(id(side))
         if len(self._lost) == 1:
-            self.abort() if self.active else self.other_protocol(side).transport.loseConnection()
+            if self.active:
+                self.abort()  # Twisted closed one of our sockets under us
+            else:
+                self.other_protocol(side).transport.loseConnection()
         if len(self._lost) == 2 and self._on_end is not None:
             on_end, self._on_end = self._on_end, None
             on_end(self)
