@@ -133,3 +133,10 @@ class Throttle:
         held, self._held = self._held, 0
         self._next = now + self._period
         return held
+
+    def warn(self, log: Logger, message: str, **fields: Any) -> None:
+        """Log ``message`` at warn level unless throttled; say how many were held back."""
+        held = self.allow()
+        if held is not None:
+            more = f" ({held} more since the last report)" if held else ""
+            log.warn(message + "{more}", more=more, **fields)

@@ -143,12 +143,8 @@ class MasterAPI:
             scheme, _, token = bearer.partition(b" ")
             offered = token.strip() if scheme.lower() == b"bearer" else None
         if offered is None or not hmac.compare_digest(offered, self.api_key.encode()):
-            held = self._refusals.allow()
-            if held is not None:
-                more = f" ({held} more since the last report)" if held else ""
-                self.log.warn("refused an API request without a valid key from {peer}{more}",
-                              peer=getattr(request.getClientAddress(), "host", "?"),
-                              more=more)
+            self._refusals.warn(self.log, "refused an API request without a valid key from "
+                                "{peer}", peer=getattr(request.getClientAddress(), "host", "?"))
             raise ApiError("UNAUTHORIZED", 401,
                            "missing or wrong API key (send it as X-API-Key or "
                            "Authorization: Bearer)")

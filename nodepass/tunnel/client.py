@@ -443,10 +443,7 @@ class ClientTunnel(MultiService):
         conn.abort()
 
     def _target_problem(self, message: str) -> None:
-        held = self._target_throttle.allow()
-        if held is not None:
-            more = f" ({held} more since the last report)" if held else ""
-            self.log.warn("{text}{more}", text=message, more=more)
+        self._target_throttle.warn(self.log, "{text}", text=message)
 
     # -- reporting and lifecycle -----------------------------------------
 

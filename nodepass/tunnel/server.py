@@ -164,10 +164,7 @@ class ServerTunnel(Service):
     # -- the client session ----------------------------------------------
 
     def auth_failed(self, peer: str) -> None:
-        held = self._auth_throttle.allow()
-        if held is not None:
-            more = f" ({held} more since the last report)" if held else ""
-            self.log.warn("authentication failed from {peer}{more}", peer=peer, more=more)
+        self._auth_throttle.warn(self.log, "authentication failed from {peer}", peer=peer)
 
     def open_session(self, conn: TunnelConnection) -> None:
         if self.stopping:
@@ -235,11 +232,8 @@ class ServerTunnel(Service):
     # -- users -----------------------------------------------------------
 
     def _refuse(self, user: UserConnection, why: str) -> None:
-        held = self._refuse_throttle.allow()
-        if held is not None:
-            more = f" ({held} more since the last report)" if held else ""
-            self.log.warn("closed connection from {peer}: {why}{more}",
-                          peer=peer_of(user.transport), why=why, more=more)
+        self._refuse_throttle.warn(self.log, "closed connection from {peer}: {why}",
+                                   peer=peer_of(user.transport), why=why)
         user.transport.loseConnection()
 
     def user_arrived(self, user: UserConnection) -> None:

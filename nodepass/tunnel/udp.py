@@ -219,10 +219,7 @@ class ServerUdp(DatagramProtocol):
             self.sessions.pop(key, None)
 
     def _warn(self, message: str) -> None:
-        held = self._throttle.allow()
-        if held is not None:
-            more = f" ({held} more since the last report)" if held else ""
-            self.log.warn("{text}{more}", text=message, more=more)
+        self._throttle.warn(self.log, "{text}", text=message)
 
 
 class LocalUdp(DatagramProtocol):
