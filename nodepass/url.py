@@ -21,8 +21,15 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote
 
+from nodepass.tunables import format_duration, parse_duration
+
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal", "none")
 TLS_MODES = (0, 1, 2)
+RUN_MODES = (0, 1, 2)
+PROXY_VERSIONS = (0, 1, 2)
+DEFAULT_SLOT = 65536
+MAX_RATE = 100_000  # Mbit/s
+MAX_TARGETS = 64
 SCHEMES = ("server", "client", "master")
 DEFAULT_PREFIX = "/api"
 
@@ -61,22 +68,40 @@ class _Config:
 
 
 @dataclass(frozen=True)
-class ServerConfig(_Config):
+class _TunnelConfig(_Config):
+    """The run mode and traffic controls shared by servers and clients (docs/usage.md)."""
+
+    tunnel: Address = Address("127.0.0.1", 10101)
+    target: Address = Address("127.0.0.1", 8080)
+    more_targets: tuple[Address, ...] = ()  # after the first, from a comma-separated list
+    tunnel_key: str | None = None
+    mode: int = 0
+    rate: int = 0  # Mbit/s in each direction; 0 = unlimited
+    slot: int = DEFAULT_SLOT  # concurrent connections + UDP sessions; 0 = unlimited
+    read: float = 0.0  # idle timeout in seconds; 0 = none
+    proxy: int = 0
+    dial: str = "auto"
+    notcp: int = 0
+    noudp: int = 0
+
+    @property
+    def targets(self) -> tuple[Address, ...]:
+        return (self.target, *self.more_targets)
+
+
+@dataclass(frozen=True)
+class ServerConfig(_TunnelConfig):
     scheme: ClassVar[str] = "server"
     tunnel: Address = Address("0.0.0.0", 10101)
     target: Address = Address("0.0.0.0", 8080)
-    tunnel_key: str | None = None
     tls: int = 0
     crt: str | None = None
     key: str | None = None
 
 
 @dataclass(frozen=True)
-class ClientConfig(_Config):
+class ClientConfig(_TunnelConfig):
     scheme: ClassVar[str] = "client"
-    tunnel: Address = Address("127.0.0.1", 10101)
-    target: Address = Address("127.0.0.1", 8080)
-    tunnel_key: str | None = None
     sni: str | None = None
     ca: str | None = None
 
@@ -108,12 +133,16 @@ def derived_key(config: ServerConfig | ClientConfig) -> str:
 # Query parameters: one table says which exist, for which mode, and how to read them.
 
 
+_ALWAYS = object()
+
+
 @dataclass(frozen=True)
 class _Param:
     name: str
     read: Callable[[str], Any]
     allowed: str
     write: Callable[[Any], str] = str
+    default: Any = _ALWAYS  # the canonical URL leaves out a parameter at this value
 
 
 def _choice(values: tuple[Any, ...]) -> Callable[[str], Any]:
@@ -131,6 +160,31 @@ def _path(text: str) -> str:
     if not text:
         raise ValueError
     return text
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    def read(text: str) -> int:
+        if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+            raise ValueError(text)
+        return int(text)
+
+    return read
+
+
+def _duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds > 365 * 86400:
+        raise ValueError(text)
+    return seconds
+
+
+def _source_ip(text: str) -> str:
+    if text == "auto":
+        return text
+    try:
+        return str(ipaddress.ip_address(text.strip("[]") if text.startswith("[") else text))
+    except ValueError:
+        raise ValueError(text) from None
 
 
 def _server_name(text: str) -> str:
@@ -156,12 +210,24 @@ _PARAMS = {
         _Param("sni", _server_name, "a DNS name or IP address to verify the server as"),
         _Param("ca", _path, "a path to a PEM file of trusted CA certificates",
                lambda v: quote(v, safe=_PATH_SAFE)),
+        _Param("mode", _choice(RUN_MODES), "0|1|2", default=0),
+        _Param("rate", _bounded(0, MAX_RATE), f"0-{MAX_RATE} Mbit/s (0 = unlimited)",
+               default=0),
+        _Param("slot", _bounded(0, 1_000_000), "0-1000000 connections (0 = unlimited)",
+               default=DEFAULT_SLOT),
+        _Param("read", _duration, "a duration like 30s, 5m or 1h30m (0 = none)",
+               format_duration, default=0.0),
+        _Param("proxy", _choice(PROXY_VERSIONS), "0|1|2", default=0),
+        _Param("dial", _source_ip, "auto or a local IP address", default="auto"),
+        _Param("notcp", _choice((0, 1)), "0|1", default=0),
+        _Param("noudp", _choice((0, 1)), "0|1", default=0),
     )
 }
 
+_CONTROLS = ("mode", "read", "rate", "slot", "proxy", "dial", "notcp", "noudp")
 _MODE_PARAMS: Mapping[str, tuple[str, ...]] = {
-    "server": ("log", "tls", "crt", "key"),
-    "client": ("log", "sni", "ca"),
+    "server": ("log", "tls", "crt", "key", *_CONTROLS),
+    "client": ("log", "sni", "ca", *_CONTROLS),
     "master": ("log", "tls", "crt", "key", "auth", "state", "persist"),
 }
 
@@ -207,7 +273,7 @@ def _format_query(config: Config) -> str:
     parts = []
     for name in _MODE_PARAMS[config.scheme]:
         value = getattr(config, name)
-        if value is None:
+        if value is None or value == _PARAMS[name].default:
             continue
         parts.append(f"{name}={_PARAMS[name].write(value)}")
     return "&".join(parts)
@@ -345,12 +411,34 @@ def parse(text: str) -> Config:
     tunnel = parse_address(hostport, part)
     if not path or path == "/":
         raise URLError("target address: missing (expected /target_host:port after the tunnel)")
-    target = parse_address(path[1:], "target address")
+    targets = _parse_targets(path[1:])
     key = unquote(userinfo) if userinfo else None
     if "ca" in values:
         _check_readable("ca", values["ca"])
+    if values.get("notcp") and values.get("noudp"):
+        raise URLError("query: notcp=1 and noudp=1 together leave nothing to carry")
+    if scheme == "server" and values.get("mode") == 1 and len(targets) > 1:
+        raise URLError("target address: a server in mode=1 listens on its target, so it takes "
+                       "one address (a list is for dialing: mode=2 or mode=0)")
     cls = ServerConfig if scheme == "server" else ClientConfig
-    return cls(tunnel=tunnel, target=target, tunnel_key=key, **values)
+    return cls(tunnel=tunnel, target=targets[0], more_targets=targets[1:], tunnel_key=key,
+               **values)
+
+
+def _parse_targets(text: str) -> tuple[Address, ...]:
+    """``host:port[,host:port...]``: one target, or several to rotate across."""
+    parts = text.split(",")
+    if len(parts) > MAX_TARGETS:
+        raise URLError(f"target address: {len(parts)} targets (allowed: at most {MAX_TARGETS})")
+    targets = []
+    for i, part in enumerate(parts):
+        if not part and len(parts) > 1:
+            raise URLError("target address: empty entry in the list (stray ',')")
+        what = "target address" if len(parts) == 1 else f"target address #{i + 1}"
+        targets.append(parse_address(part, what))
+    if len(set(targets)) < len(targets):
+        raise URLError("target address: the same target is listed twice")
+    return tuple(targets)
 
 
 def _parse_prefix(path: str) -> str:
@@ -372,6 +460,7 @@ def format_url(config: Config) -> str:
     else:
         key = config.tunnel_key
         userinfo = "" if key is None else quote(key, safe=_KEY_SAFE) + "@"
-        head = f"{config.scheme}://{userinfo}{config.tunnel}/{config.target}"
+        targets = ",".join(str(t) for t in config.targets)
+        head = f"{config.scheme}://{userinfo}{config.tunnel}/{targets}"
     query = _format_query(config)
     return f"{head}?{query}" if query else head

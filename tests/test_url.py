@@ -76,6 +76,22 @@ class AcceptedForms(SynchronousTestCase):
         self.assertEqual(format_url(parse("master://127.0.0.1:9090")),
                          "master://127.0.0.1:9090/api?log=info&tls=0&auth=1&persist=1")
 
+    def test_controls(self):
+        config = parse("client://k@h:1/127.0.0.1:2,[::1]:3?mode=1&rate=100&slot=0&read=1m30s"
+                       "&proxy=2&dial=127.0.0.2&noudp=1")
+        self.assertEqual(config.targets, (Address("127.0.0.1", 2), Address("::1", 3)))
+        self.assertEqual((config.mode, config.rate, config.slot, config.read, config.proxy,
+                          config.dial, config.notcp, config.noudp),
+                         (1, 100, 0, 90.0, 2, "127.0.0.2", 0, 1))
+        self.assertEqual(parse("server://h:1/h:2?dial=[::1]").dial, "::1")
+
+    def test_canonical_form_shows_controls_only_when_not_default(self):
+        self.assertEqual(
+            format_url(parse("server://h:1/h:2,h:3?noudp=1&slot=65536&read=90s&mode=0&rate=8")),
+            "server://h:1/h:2,h:3?log=info&tls=0&read=90s&rate=8&noudp=1")
+        self.assertEqual(format_url(parse("client://h:1/h:2?read=500ms&dial=::1&proxy=1&mode=2")),
+                         "client://h:1/h:2?log=info&mode=2&read=500ms&proxy=1&dial=::1")
+
     def test_default_key_is_port_in_hex(self):
         self.assertEqual(derived_key(parse("server://h:10101/h:2")), "2775")
         self.assertEqual(derived_key(parse("server://abc@h:10101/h:2")), "abc")
@@ -133,7 +149,25 @@ class Refusals(SynchronousTestCase):
         ("client://-h:1/h:2", "is not a valid host"),
         ("server://@h:1/h:2", "key: empty key before '@'"),
         ("server://h:1/h:2?tsl=1",
-         "query: unknown parameter 'tsl' for server:// (allowed: log, tls, crt, key)"),
+         "query: unknown parameter 'tsl' for server:// (allowed: log, tls, crt, key, mode, "
+         "read, rate, slot, proxy, dial, notcp, noudp)"),
+        ("server://h:1/h:2?mode=3", "bad value '3' for 'mode' (allowed: 0|1|2)"),
+        ("client://h:1/h:2?mode=single", "bad value 'single' for 'mode' (allowed: 0|1|2)"),
+        ("server://h:1/h:2?rate=-1", "bad value '-1' for 'rate' (allowed: 0-100000 Mbit/s"),
+        ("server://h:1/h:2?rate=1.5", "bad value '1.5' for 'rate'"),
+        ("server://h:1/h:2?rate=100001", "bad value '100001' for 'rate'"),
+        ("client://h:1/h:2?slot=x", "bad value 'x' for 'slot' (allowed: 0-1000000 connections"),
+        ("client://h:1/h:2?read=10", "bad value '10' for 'read' (allowed: a duration like 30s"),
+        ("client://h:1/h:2?read=9999h", "bad value '9999h' for 'read'"),
+        ("server://h:1/h:2?proxy=3", "bad value '3' for 'proxy' (allowed: 0|1|2)"),
+        ("server://h:1/h:2?dial=eth0", "bad value 'eth0' for 'dial' (allowed: auto or a local IP"),
+        ("client://h:1/h:2?notcp=yes", "bad value 'yes' for 'notcp' (allowed: 0|1)"),
+        ("client://h:1/h:2?notcp=1&noudp=1", "notcp=1 and noudp=1 together leave nothing"),
+        ("client://h:1/h:2,", "target address: empty entry in the list"),
+        ("client://h:1/h:2,h", "target address #2: missing port in 'h'"),
+        ("client://h:1/h:2,h:2", "the same target is listed twice"),
+        ("server://h:1/h:2,h:3?mode=1", "a server in mode=1 listens on its target"),
+        ("master://h:1/api?rate=1", "unknown parameter 'rate' for master://"),
         ("server://h:1/h:2?tls=3", "query: bad value '3' for 'tls' (allowed: 0|1|2)"),
         ("server://h:1/h:2?tls=", "query: bad value '' for 'tls'"),
         ("server://h:1/h:2?tls", "query: parameter 'tls' needs a value (allowed: 0|1|2)"),
@@ -196,10 +230,23 @@ _hosts = st.one_of(
 _addresses = st.builds(Address, _hosts, st.integers(1, 65535))
 _keys = st.none() | st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=20)
 _levels = st.sampled_from(["debug", "info", "warn", "error", "fatal", "none"])
+_controls = {
+    "rate": st.integers(0, 100_000),
+    "slot": st.integers(0, 1_000_000),
+    "read": st.sampled_from([0.0, 0.5, 30.0, 5400.0]),
+    "proxy": st.sampled_from([0, 1, 2]),
+    "dial": st.sampled_from(["auto", "127.0.0.2", "::1"]),
+    "notcp": st.sampled_from([0, 1]),
+}
+_targets = st.lists(_addresses, min_size=1, max_size=4, unique=True)
 _configs = st.one_of(
     st.builds(ServerConfig, tunnel=_addresses, target=_addresses, tunnel_key=_keys,
-              log=_levels, tls=st.sampled_from([0, 1])),
-    st.builds(ClientConfig, tunnel=_addresses, target=_addresses, tunnel_key=_keys, log=_levels),
+              log=_levels, tls=st.sampled_from([0, 1]), mode=st.sampled_from([0, 2]),
+              **_controls),
+    st.builds(lambda targets, **kw: ClientConfig(target=targets[0], more_targets=tuple(targets[1:]),
+                                                 **kw),
+              tunnel=_addresses, targets=_targets, tunnel_key=_keys, log=_levels,
+              mode=st.sampled_from([0, 1, 2]), **_controls),
     st.builds(MasterConfig, api=_addresses, log=_levels, tls=st.sampled_from([0, 1]),
               prefix=st.from_regex(r"(/[A-Za-z0-9_~-][A-Za-z0-9._~-]{0,7}){1,3}", fullmatch=True)),
 )
