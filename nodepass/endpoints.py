@@ -47,14 +47,16 @@ def listen_endpoint(reactor: Any, address: Address, tls: Any = None) -> Any:
     return TCP4ServerEndpoint(reactor, address.port, BACKLOG, address.host)
 
 
-def dial_endpoint(reactor: Any, address: Address,
-                  timeout: float = DIAL_TIMEOUT) -> IStreamClientEndpoint:
-    """IP literals are dialed directly; names go through the resolver."""
+def dial_endpoint(reactor: Any, address: Address, timeout: float = DIAL_TIMEOUT,
+                  bind_address: tuple[str, int] | None = None) -> IStreamClientEndpoint:
+    """IP literals are dialed directly; names go through the resolver.  With
+    ``bind_address`` the socket is bound to that source address first."""
     if address.is_ipv6:
-        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout)
+        return TCP6ClientEndpoint(reactor, address.host, address.port, timeout, bind_address)
     if _is_ip(address.host):
-        return TCP4ClientEndpoint(reactor, address.host, address.port, timeout)
-    return HostnameEndpoint(reactor, address.host.encode("idna"), address.port, timeout)
+        return TCP4ClientEndpoint(reactor, address.host, address.port, timeout, bind_address)
+    return HostnameEndpoint(reactor, address.host.encode("idna"), address.port, timeout,
+                            bind_address)
 
 
 def describe_failure(reason: Failure) -> str:
@@ -124,7 +126,9 @@ class UdpListenerService(Service):
     log = logs.logger("nodepass")
 
     def __init__(self, reactor: Any, address: Address, protocol: Any, role: str,
-                 on_failure: Callable[[str], None]) -> None:
+                 on_failure: Callable[[str], None],
+                 only_if: Callable[[], bool] = lambda: True) -> None:
+        self.only_if = only_if  # checked at start: listen only if it says so
         self.reactor = reactor
         self.address = address
         self.protocol = protocol
@@ -134,6 +138,8 @@ class UdpListenerService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if not self.only_if():
+            return
         try:
             self.port = self.reactor.listenUDP(self.address.port, self.protocol,
                                                interface=self.address.host)

@@ -43,12 +43,16 @@ class Report:
     udp_out: int
     udp_sessions: int = 0
     udp_dropped: int = 0
+    refused: int = 0  # connections and UDP sessions refused by the slot limit (or notcp/noudp)
+    mode: str = ""  # reverse, forward or single-end
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def snapshot(state: str, pool: int, connections: int, ping_ms: float | None,
-             traffic: Traffic, udp_sessions: int = 0, udp_dropped: int = 0) -> Report:
-    return Report(state, pool, connections, ping_ms, traffic.tcp_in, traffic.tcp_out,
-                  traffic.udp_in, traffic.udp_out, udp_sessions, udp_dropped)
+def snapshot(state: str, pool: int, ping_ms: float | None, flows: Any, mode: str) -> Report:
+    """A report from an instance's :class:`~nodepass.tunnel.flows.Flows`."""
+    traffic = flows.traffic
+    return Report(state, pool, len(flows.relays), ping_ms, traffic.tcp_in, traffic.tcp_out,
+                  traffic.udp_in, traffic.udp_out, len(flows.udp_sessions), flows.udp_dropped(),
+                  flows.refused, mode)

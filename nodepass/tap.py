@@ -140,30 +140,46 @@ Built = tuple[Callable[[], Report], Deferred[Any]]
 def _server(root: RootService, config: ServerConfig, tunables: Tunables,
             loaded: Credentials | None) -> Built:
     from nodepass.endpoints import ListenerService, UdpListenerService
-    from nodepass.tunnel.server import ServerTunnel
+    from nodepass.tunnel.server import REVERSE, ServerTunnel
 
     credentials = server_credentials(root, config, loaded, tunables)
     tunnel = ServerTunnel(root.reactor, config, tunables, credentials)
     tunnel.setServiceParent(root)
-    listeners = []
-    for address, factory, role in ((config.tunnel, tunnel.tunnel_factory(), "tunnel"),
-                                   (config.target, tunnel.target_factory(), "target")):
-        listener = ListenerService(root.reactor, address, factory, role, root.fail)
-        listener.setServiceParent(root)
-        listeners.append(listener.listening)
-    UdpListenerService(root.reactor, config.target, tunnel.udp, "target",
-                       root.fail).setServiceParent(root)
+    ready = []
+    if config.mode != 2 and not config.more_targets:
+        # The target listeners start first, and listening on TCP (or UDP) answers at
+        # once, so with mode=0 the mode is settled before the tunnel takes a client.
+        settle = root.fail if config.mode == 1 else tunnel.cannot_bind_target
+        reverse = lambda: tunnel.mode == REVERSE  # noqa: E731
+        if not config.notcp:
+            target = ListenerService(root.reactor, config.target, tunnel.target_factory(),
+                                     "target", settle)
+            target.setServiceParent(root)
+            if config.mode == 1:
+                ready.append(target.listening)
+            settle = root.fail
+        if not config.noudp:
+            UdpListenerService(root.reactor, config.target, tunnel.udp, "target", settle,
+                               only_if=reverse).setServiceParent(root)
+    listener = ListenerService(root.reactor, config.tunnel, tunnel.tunnel_factory(), "tunnel",
+                               root.fail)
+    listener.setServiceParent(root)
+    ready.append(listener.listening)
+    listener.listening.addCallback(lambda port: tunnel.announce_mode())
     reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
     # True once every listener listens; False when one failed (root.fail reported it).
-    listening = gatherResults(listeners, consumeErrors=True)
+    listening = gatherResults(ready, consumeErrors=True)
     return tunnel.report, listening.addCallbacks(lambda _: True, lambda _: False)
 
 
 def _client(root: RootService, config: ClientConfig, tunables: Tunables,
             loaded: Credentials | None) -> Built:
     from nodepass.tunnel.client import ClientTunnel
+    from nodepass.tunnel.direct import bindable, single_end
 
-    tunnel = ClientTunnel(root.reactor, config, tunables)
+    if config.mode == 1 or (config.mode == 0 and bindable(config.tunnel)):
+        return single_end(root, config, tunables)
+    tunnel = ClientTunnel(root.reactor, config, tunables, on_fatal=root.fail)
     tunnel.setServiceParent(root)
     reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
     started: Deferred[Any] = Deferred()

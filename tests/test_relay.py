@@ -5,18 +5,20 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from nodepass.tunnel.limits import MIN_BURST, TokenBucket
 from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
 from tests.memory import transport_for
 
 
-def pair():
+def pair(rate_a=None, clock=None):
     a, b = RelayProtocol(), RelayProtocol()
     a.makeConnection(transport_for(1))
     b.makeConnection(transport_for(2))
     counts = {"a": 0, "b": 0}
     ended = []
     relay = Relay(a, b, lambda n: counts.__setitem__("a", counts["a"] + n),
-                  lambda n: counts.__setitem__("b", counts["b"] + n), ended.append)
+                  lambda n: counts.__setitem__("b", counts["b"] + n), ended.append,
+                  rate_a=rate_a, clock=clock)
     return relay, a, b, counts, ended
 
 
@@ -25,10 +27,50 @@ class RelayTests(SynchronousTestCase):
         relay, a, b, _, _ = pair()
         a.transport.pauseProducing()
         relay.start()
-        self.assertIs(a.transport.producer, b.transport)
-        self.assertIs(b.transport.producer, a.transport)
-        self.assertTrue(a.transport.streaming and b.transport.streaming)
         self.assertEqual(a.transport.producerState, "producing")
+        self.assertTrue(a.transport.streaming and b.transport.streaming)
+        # b's full buffer pauses reading a, and only a; room again resumes it.
+        b.transport.producer.pauseProducing()
+        self.assertEqual((a.transport.producerState, b.transport.producerState),
+                         ("paused", "producing"))
+        a.transport.producer.pauseProducing()
+        self.assertEqual(b.transport.producerState, "paused")
+        b.transport.producer.resumeProducing()
+        self.assertEqual(a.transport.producerState, "producing")
+
+    def test_rate_holds_the_reading_side_until_the_bucket_refills(self):
+        clock = Clock()
+        a, b = RelayProtocol(), RelayProtocol()
+        a.makeConnection(transport_for(1))
+        b.makeConnection(transport_for(2))
+        bucket = TokenBucket(clock, 100_000.0)  # bytes/s; burst 64 KiB
+        relay = Relay(a, b, lambda n: None, lambda n: None, lambda r: None, rate_a=bucket,
+                      clock=clock)
+        relay.start()
+        a.dataReceived(b"x" * (MIN_BURST + 50_000))  # 50,000 bytes of debt = 0.5 s
+        self.assertEqual(a.transport.producerState, "paused")
+        self.assertEqual(b.transport.producerState, "producing")  # the other way is free
+        # The consumer's room does not release a rate hold.
+        a.transport.producer.pauseProducing()
+        b.transport.producer.pauseProducing()
+        b.transport.producer.resumeProducing()
+        self.assertEqual(a.transport.producerState, "paused")
+        clock.advance(0.49)
+        self.assertEqual(a.transport.producerState, "paused")
+        clock.advance(0.02)
+        self.assertEqual(a.transport.producerState, "producing")
+        self.assertEqual(len(b.transport.value()), MIN_BURST + 50_000)
+
+    def test_rate_hold_ends_with_the_relay(self):
+        clock = Clock()
+        relay, a, b, _, ended = pair(TokenBucket(clock, 1000.0), clock)
+        relay.start()
+        a.dataReceived(b"x" * (MIN_BURST + 1000))
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        a.connectionLost(Failure(ConnectionDone()))
+        b.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(ended, [relay])
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_bytes_cross_and_are_counted(self):
         relay, a, b, counts, _ = pair()

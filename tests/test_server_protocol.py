@@ -169,16 +169,23 @@ class DataAndUsers(SynchronousTestCase):
         data = add_data(tunnel, control, 46001)
         user, user_transport = connect_user(tunnel)
         (launch,) = data.frames()
-        self.assertEqual(wire.parse_launch(launch.payload), (Proto.TCP, "127.0.0.1:50000"))
-        # backpressure both ways, asserted by identity
-        self.assertIs(user_transport.producer, data.transport)
-        self.assertIs(data.transport.producer, user_transport)
+        self.assertEqual(wire.parse_launch(launch.payload),
+                         wire.Launch(Proto.TCP, "127.0.0.1:50000", "10.0.0.1:12345", 0))
+        # backpressure both ways: each full buffer pauses the other side, and only it
         self.assertEqual(user_transport.producerState, "producing")
+        data.transport.producer.pauseProducing()
+        self.assertEqual((user_transport.producerState, data.transport.producerState),
+                         ("paused", "producing"))
+        data.transport.producer.resumeProducing()
+        user_transport.producer.pauseProducing()
+        self.assertEqual((user_transport.producerState, data.transport.producerState),
+                         ("producing", "paused"))
+        user_transport.producer.resumeProducing()
         user.dataReceived(b"request")
         self.assertEqual(data.transport.value(), b"request")
         data.send(b"reply")
         self.assertEqual(user_transport.value(), b"reply")
-        self.assertEqual((tunnel.traffic.tcp_in, tunnel.traffic.tcp_out), (7, 5))
+        self.assertEqual((tunnel.flows.traffic.tcp_in, tunnel.flows.traffic.tcp_out), (7, 5))
         self.assertEqual(tunnel.report().connections, 1)
         self.assertEqual(len(tunnel.pool.idle), 0)
 
@@ -193,7 +200,9 @@ class DataAndUsers(SynchronousTestCase):
         clock.advance(POOL_WAIT_TIMEOUT / 2)
         data = add_data(tunnel, control, 46001)
         self.assertEqual([f.type for f in data.early], [Type.LAUNCH])
-        self.assertIs(user_transport.producer, data.transport)
+        self.assertEqual(user_transport.producerState, "producing")
+        data.transport.producer.pauseProducing()
+        self.assertEqual(user_transport.producerState, "paused")
 
     def test_wait_for_the_pool_is_bounded(self):
         tunnel, clock = server_tunnel()
@@ -221,4 +230,4 @@ class DataAndUsers(SynchronousTestCase):
         control.lose()
         self.assertTrue(idle.closed)
         self.assertFalse(busy.closed)
-        self.assertEqual(len(tunnel.relays), 1)
+        self.assertEqual(len(tunnel.flows.relays), 1)

@@ -66,11 +66,13 @@ class Framing(SynchronousTestCase):
             wire.frame(Type.BUSY, b"x")
 
     def test_rest_after_launch_is_raw(self):
-        data = wire.launch(Proto.TCP, "127.0.0.1:1") + b"\x01\x02raw bytes, not frames"
+        data = (wire.launch(Proto.TCP, "127.0.0.1:1", "[::1]:2", 2)
+                + b"\x01\x02raw bytes, not frames")
         decoder = FrameDecoder()
         decoder.feed(data)
         frame = decoder.next_frame()
-        self.assertEqual(wire.parse_launch(frame.payload), (Proto.TCP, "127.0.0.1:1"))
+        self.assertEqual(wire.parse_launch(frame.payload),
+                         wire.Launch(Proto.TCP, "127.0.0.1:1", "[::1]:2", 2))
         self.assertEqual(decoder.rest(), b"\x01\x02raw bytes, not frames")
 
     def test_message_size_checks(self):
@@ -84,7 +86,13 @@ class Framing(SynchronousTestCase):
         with self.assertRaisesRegex(ProtocolError, "unknown TLS mode 7"):
             wire.parse_challenge(b"\x07" + b"n" * 32)
         with self.assertRaisesRegex(ProtocolError, "unknown launch protocol 5"):
-            wire.parse_launch(b"\x05")
+            wire.parse_launch(b"\x05\x00")
+        with self.assertRaisesRegex(ProtocolError, "unknown PROXY protocol version 3"):
+            wire.parse_launch(b"\x01\x03")
+        longest = wire.launch(Proto.UDP, "a" * 100, "b" * 100, 1)
+        decoder = FrameDecoder()
+        decoder.feed(longest)
+        self.assertEqual(decoder.next_frame().payload, longest[3:])
 
     @settings(max_examples=200, deadline=None)
     @given(st.lists(st.integers(0, 200), max_size=20), st.data())

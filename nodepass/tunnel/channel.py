@@ -55,10 +55,16 @@ class FramedConnection(RelayProtocol):
 
     def __init__(self) -> None:
         self.decoder = FrameDecoder(self.expect_preamble)
+        self.state = "new"
         self.stream: FrameDecoder | None = None  # set when a TLS stream is framed
         self.framing = True
         self.closed = False
         self.peer = "?"
+        # Set when this connection was launched by the other end (see accept_launch).
+        self.pending = b""
+        self.eof_pending = False
+        self.attempt: Any = None  # dialing the target for it
+        self.udp: Any = None  # its UDP session, once it carries one
 
     def connectionMade(self) -> None:
         self.peer = peer_of(self.transport)
@@ -125,9 +131,29 @@ class FramedConnection(RelayProtocol):
         else:
             self.transport.write(wire.frame(Type.EOF))
 
+    def tunnel_tls(self) -> bool:
+        """Whether this connection runs under TLS (its stream is then framed)."""
+        return False
+
+    def accept_launch(self, payload: bytes) -> wire.Launch:
+        """The other end launched this connection.  For TCP its bytes from here on are
+        the user's stream: keep what arrives until the target is connected."""
+        launch = wire.parse_launch(payload)
+        if launch.proto is wire.Proto.TCP:
+            self.state = "launched"
+            self.framing = False
+            if self.tunnel_tls():
+                self.frame_stream()
+            self.pending = self.decoder.rest()
+            self.transport.pauseProducing()
+        return launch
+
     def raw_before_relay(self, data: bytes) -> None:
         """Bytes after LAUNCH that arrive before the relay is joined."""
-        self.protocol_error("unexpected data")
+        if self.state == "launched":
+            self.pending += data
+        else:
+            self.protocol_error("unexpected data")
 
     def protocol_error(self, message: str) -> None:
         self.log.warn("tunnel connection from {peer} closed: {why}", peer=self.peer,
@@ -143,14 +169,21 @@ class FramedConnection(RelayProtocol):
         self.transport.abortConnection()
 
     def before_relay_eof(self) -> None:
-        self.close()
+        if self.state == "launched":
+            self.eof_pending = True
+        else:
+            self.close()
 
     def before_relay_lost(self, reason: Failure) -> None:
         self.closed = True
         self.ended(reason)
 
     def ended(self, reason: Failure) -> None:
-        """The connection is gone before (or without) being launched."""
+        """The connection is gone before (or without) being joined to a relay."""
+        if self.attempt is not None:
+            self.attempt.cancel()
+        if self.udp is not None:
+            self.udp.close()
 
 
 class QuietFactory(Factory):

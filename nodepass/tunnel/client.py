@@ -1,5 +1,8 @@
 """Client mode: a reconnecting control channel, a pool of data connections, and
-for each launch a connection to the local target relayed through the tunnel."""
+for each launch a connection to the local target relayed through the tunnel
+(reverse mode, egress.py) — or, when the server is in forward mode, a listener on
+the local target address whose users launch the pooled connections (ingress.py).
+"""
 
 from __future__ import annotations
 
@@ -9,15 +12,20 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import ClientService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass import logs
-from nodepass.endpoints import describe_failure, dial_endpoint
-from nodepass.stats import Report, Traffic, snapshot
+from nodepass.endpoints import (
+    ListenerService,
+    UdpListenerService,
+    describe_failure,
+    dial_endpoint,
+)
+from nodepass.stats import Report, snapshot
 from nodepass.tls import (
     VerifyingCreator,
     fingerprint_text,
@@ -26,14 +34,16 @@ from nodepass.tls import (
     verifying_options,
 )
 from nodepass.tunables import Tunables
-from nodepass.tunnel import splice, wire
-from nodepass.tunnel.channel import HANDSHAKE_TIMEOUT, FramedConnection, QuietFactory, tune
+from nodepass.tunnel import wire
+from nodepass.tunnel.channel import HANDSHAKE_TIMEOUT, FramedConnection, QuietFactory
 from nodepass.tunnel.control import ControlSession
+from nodepass.tunnel.egress import Egress
+from nodepass.tunnel.flows import Flows
 from nodepass.tunnel.handshake import AuthenticationError, ClientHandshake
+from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.pool import ClientPool
-from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
-from nodepass.tunnel.udp import LocalUdp, UdpCounters, UdpSession, carry_datagrams
-from nodepass.tunnel.wire import Frame, Goodbye, Kind, Proto, ProtocolError, Type
+from nodepass.tunnel.targets import TargetDialer
+from nodepass.tunnel.wire import Frame, Goodbye, Kind, ProtocolError, Type
 from nodepass.url import ClientConfig, derived_key
 
 RECONNECT_CAP_FACTOR = 12
@@ -139,7 +149,11 @@ class _Handshaking(FramedConnection):
     def frame_after_handshake(self, frame: Frame) -> None:
         raise ProtocolError(f"unexpected {frame.type.name} frame while {self.state}")
 
+    def tunnel_tls(self) -> bool:
+        return bool(self.handshake.tls_mode)
+
     def ended(self, reason: Failure) -> None:
+        super().ended(reason)
         self._stop_timeout()
 
 
@@ -173,10 +187,6 @@ class DataConnection(_Handshaking):
     def __init__(self, tunnel: ClientTunnel, session_id: bytes) -> None:
         super().__init__(tunnel, session_id)
         self.ready: Deferred[DataConnection] = Deferred()
-        self.udp: UdpSession | None = None
-        self.pending = b""
-        self.eof_pending = False
-        self.attempt: Deferred[Any] | None = None
 
     def welcomed(self, settings: dict[str, Any]) -> None:
         self.state = "idle"
@@ -185,29 +195,11 @@ class DataConnection(_Handshaking):
     def frame_after_handshake(self, frame: Frame) -> None:
         if self.state == "udp" and self.udp is not None:
             self.udp.from_tunnel(frame.payload)
-        elif self.state == "idle" and frame.type is Type.LAUNCH:
-            proto, source = wire.parse_launch(frame.payload)
-            if proto is Proto.UDP:
-                self.tunnel.launched_udp(self, source)
-                return
-            self.state = "launched"
-            self.framing = False
-            if self.handshake.tls_mode:
-                self.frame_stream()
-            self.pending = self.decoder.rest()
-            self.transport.pauseProducing()
-            self.tunnel.launched(self, proto, source)
+        elif self.state == "idle" and frame.type is Type.LAUNCH and not self.tunnel.forward:
+            self.tunnel.pool.taken(self)
+            self.tunnel.egress.launched(self, self.accept_launch(frame.payload))
         else:
             super().frame_after_handshake(frame)
-
-    def raw_before_relay(self, data: bytes) -> None:
-        self.pending += data
-
-    def before_relay_eof(self) -> None:
-        if self.state == "launched":
-            self.eof_pending = True
-        else:
-            self.close()
 
     def ended(self, reason: Failure) -> None:
         super().ended(reason)
@@ -218,17 +210,6 @@ class DataConnection(_Handshaking):
                 f"data connection closed during the handshake ({reason.getErrorMessage()})")))
         elif self.state == "idle":
             self.tunnel.pool.discard(self)
-        elif self.state == "launched" and self.attempt is not None:
-            self.attempt.cancel()
-        elif self.udp is not None:
-            self.udp.close()
-
-
-class LocalConnection(RelayProtocol):
-    """The connection to the local target for one launched data connection."""
-
-    def connectionMade(self) -> None:
-        tune(self.transport, keepalive=False)
 
 
 @implementer(IStreamClientEndpoint)
@@ -254,14 +235,15 @@ class ClientTunnel(MultiService):
     log = logs.logger("nodepass")
 
     def __init__(self, reactor: Any, config: ClientConfig, tunables: Tunables,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
         super().__init__()
         self.clock = reactor
         self.config = config
         self.tunables = tunables
+        self.on_fatal = on_fatal
         self.key = derived_key(config).encode()
         self.endpoint = dial_endpoint(reactor, config.tunnel)
-        self.target = dial_endpoint(reactor, config.target)
         control_factory = QuietFactory(ControlConnection, self)
         self.control_service = ClientService(
             _ReportingEndpoint(self.endpoint, self._dial_failed), control_factory, clock=reactor,
@@ -274,13 +256,13 @@ class ClientTunnel(MultiService):
         self.pool = ClientPool(reactor, self._dial_data, tunables.min_pool_capacity,
                                tunables.max_pool_capacity, tunables.min_pool_interval,
                                tunables.max_pool_interval)
-        self.relays = RelaySet()
-        self.connecting = 0
-        self.udp_sessions: set[UdpSession] = set()
-        self.udp_drops = UdpCounters()
-        self.traffic = Traffic()
+        self.flows = Flows(reactor, tunables, config.slot, config.rate, config.read)
+        dialer = TargetDialer(reactor, config.targets, config.dial, tunables.service_cooldown)
+        self.egress = Egress(self.flows, dialer, config.proxy, config.notcp, config.noudp)
+        self.ingress = Ingress(self.flows, self.pool, self._unavailable, config.proxy)
+        self.forward = False  # the server's mode, learnt in each session's WELCOME
+        self.listeners: list[Service] = []
         self.stopping = False
-        self._target_throttle = logs.Throttle(reactor)
         self._auth_throttle = logs.Throttle(reactor, 60.0)
 
     # -- the control session ---------------------------------------------
@@ -300,6 +282,7 @@ class ClientTunnel(MultiService):
         )
         conn.control.start()
         self.pool.start(max_pool if isinstance(max_pool, int) and max_pool > 0 else None)
+        self._set_forward(settings.get("mode") == "forward")
         tls = conn.handshake.tls_mode
         self.log.info("connected to server {peer}: tunnel session open ({how})", peer=conn.peer,
                       how=f"tls={tls}, certificate {fingerprint_text(conn.handshake.binding)}"
@@ -366,100 +349,61 @@ class ClientTunnel(MultiService):
         factory = QuietFactory(DataConnection, self, session_id)
         return self.endpoint.connect(factory).addCallback(lambda conn: conn.ready)
 
-    def connections_in_use(self) -> int:
-        return len(self.relays) + self.connecting + len(self.udp_sessions)
+    # -- forward mode: users arrive here --------------------------------
 
-    def launched_udp(self, conn: DataConnection, source: str) -> None:
-        """A UDP session: a connected UDP socket to the target carries its datagrams."""
-        self.pool.taken(conn)
-        if self.connections_in_use() >= self.tunables.semaphore_limit:
-            self._target_problem(f"SEMAPHORE_LIMIT ({self.tunables.semaphore_limit}) reached")
-            conn.abort()
+    def _unavailable(self) -> str | None:
+        if self.session is None:
+            return f"no tunnel session (connecting to server {self.config.tunnel})"
+        return None
+
+    def _set_forward(self, forward: bool) -> None:
+        if forward == self.forward:
             return
-        target = self.config.target
-        local = LocalUdp()
-        try:
-            port = self.clock.listenUDP(0, local, interface="::" if target.is_ipv6 else "")
-            local.transport.connect(target.host, target.port)
-        except (OSError, ValueError) as e:
-            self._target_problem(f"cannot reach UDP target {target}: {e}")
-            conn.abort()
+        self.forward = forward
+        if not forward:
+            self.log.info("server is in reverse mode: no longer listening on {target}",
+                          target=self.config.target)
+            for listener in self.listeners:
+                listener.disownServiceParent()
+            self.listeners = []
             return
-        tunables = self.tunables
-
-        def ended(session: UdpSession) -> None:
-            self.udp_sessions.discard(session)
-            port.stopListening()
-
-        session = UdpSession(self.clock, conn, local.transport.write,
-                             tunables.udp_read_timeout, tunables.udp_data_buf_size,
-                             self.traffic.add_udp_in, self.traffic.add_udp_out,
-                             self.udp_drops, ended)
-        local.session = session
-        self.udp_sessions.add(session)
-        carry_datagrams(conn, session)
-        self.log.debug("UDP session for {source}", source=source)
-
-    def launched(self, conn: DataConnection, proto: Proto, source: str) -> None:
-        self.pool.taken(conn)
-        if self.connections_in_use() >= self.tunables.semaphore_limit:
-            self._target_problem(f"SEMAPHORE_LIMIT ({self.tunables.semaphore_limit}) reached")
-            conn.abort()
+        if self.config.more_targets:
+            self._fatal("the server is in forward mode, where the client listens on its "
+                        "target address: give one address, not a list")
             return
-        self.log.debug("launch from {source}", source=source)
-        self.connecting += 1
-        factory = QuietFactory(LocalConnection)
-        conn.attempt = self.target.connect(factory)
-        conn.attempt.addCallbacks(lambda local: self._join(conn, local),
-                                  lambda reason: self._target_failed(conn, reason))
+        self.log.info("server is in forward mode: users connect to {target} here",
+                      target=self.config.target)
+        if not self.config.notcp:
+            self.listeners.append(ListenerService(self.clock, self.config.target,
+                                                  self.ingress.user_factory(), "target",
+                                                  self._fatal))
+        if not self.config.noudp:
+            self.listeners.append(UdpListenerService(self.clock, self.config.target,
+                                                     self.ingress.udp, "target", self._fatal))
+        for listener in self.listeners:
+            listener.setServiceParent(self)
 
-    def _join(self, conn: DataConnection, local: LocalConnection) -> None:
-        self.connecting -= 1
-        conn.attempt = None
-        pending, conn.pending = conn.pending, b""
-        if conn.stream is None and splice.plain_tcp(conn.transport) and splice.plain_tcp(
-                local.transport):
-            sent = splice.send_now(local.transport, pending) if pending else 0
-            if sent == len(pending):
-                self.traffic.add_tcp_out(sent)
-                fast = splice.SpliceRelay(self.clock, local, conn, self.traffic.add_tcp_in,
-                                          self.traffic.add_tcp_out, self.relays.discard)
-                self.relays.add(fast)
-                fast.start(b_eof=conn.eof_pending)
-                return
-            self.traffic.add_tcp_out(sent)
-            pending = pending[sent:]
-        relay = Relay(local, conn, self.traffic.add_tcp_in, self.traffic.add_tcp_out,
-                      self.relays.discard)
-        self.relays.add(relay)
-        relay.start(b_pending=pending, b_eof=conn.eof_pending)
-
-    def _target_failed(self, conn: DataConnection, reason: Failure) -> None:
-        self.connecting -= 1
-        conn.attempt = None
-        if not reason.check(CancelledError):
-            self._target_problem(f"cannot reach target {self.config.target}: "
-                                 f"{describe_failure(reason)}")
-        conn.abort()
-
-    def _target_problem(self, message: str) -> None:
-        self._target_throttle.warn(self.log, "{text}", text=message)
+    def _fatal(self, message: str) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal(message)
+        else:
+            self.log.error("{text}", text=message)
 
     # -- reporting and lifecycle -----------------------------------------
 
     def report(self) -> Report:
         control = self.session.control if self.session is not None else None
         return snapshot("connected" if control is not None else "connecting", len(self.pool.idle),
-                        len(self.relays), control.rtt_ms if control is not None else None,
-                        self.traffic, len(self.udp_sessions),
-                        self.udp_drops.oversize + self.udp_drops.overload)
+                        control.rtt_ms if control is not None else None, self.flows,
+                        "forward" if self.forward else "reverse")
 
     def startService(self) -> None:
         if self.config.tunnel_key is None:
             self.log.warn("no key in the URL: the tunnel key is the port in hex, which anyone "
                           "can guess; set one as client://KEY@host:port/...")
         self.log.info("client for server {server}, target {target}",
-                      server=self.config.tunnel, target=self.config.target)
+                      server=self.config.tunnel,
+                      target=",".join(str(t) for t in self.config.targets))
         super().startService()
 
     def stopService(self) -> Deferred[Any]:
@@ -468,7 +412,5 @@ class ClientTunnel(MultiService):
             self.session.send(wire.goodbye(Goodbye.SHUTDOWN))
         stopped = super().stopService()
         self.pool.stop()
-        for session in list(self.udp_sessions):
-            session.close()
-        drained = self.relays.drain(self.clock, self.tunables.shutdown_timeout)
-        return gatherResults([stopped, drained])
+        self.ingress.close_all()
+        return gatherResults([stopped, self.flows.close_all()])

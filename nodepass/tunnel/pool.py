@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from nodepass import logs
 
 INTERVAL_STEP = 0.1
+POOL_WAIT_TIMEOUT = 5.0  # how long a user waits for a pooled connection
 
 
 class Closable(Protocol):
@@ -51,7 +52,9 @@ class ClientPool:
         self.min_interval, self.max_interval = min_interval, max_interval
         self.capacity = min_capacity
         self.interval = min_interval
-        self.idle: deque[Closable] = deque()
+        # Idle connections, and (in forward mode, where this end launches them) the
+        # users waiting for one.
+        self.ready = IdlePool(clock, max_capacity, POOL_WAIT_TIMEOUT, self.demand)
         self.opening = 0
         self.taken_in_round = 0
         self.failed_in_round = 0
@@ -60,11 +63,20 @@ class ClientPool:
         self._round_call: Any = None
         self._throttle = logs.Throttle(clock, 30.0)
 
+    @property
+    def idle(self) -> deque[Closable]:
+        return self.ready.idle
+
+    @property
+    def wait_timeout(self) -> float:
+        return self.ready.wait_timeout
+
     def start(self, max_capacity: int | None = None) -> None:
         """Begin filling; ``max_capacity`` is the server's bound when it is lower."""
         if max_capacity is not None:
             self.max_capacity = max(1, min(self.max_capacity, max_capacity))
             self.capacity = min(self.capacity, self.max_capacity)
+            self.ready.limit = self.max_capacity
         self.running = True
         self.refill()
         self._schedule()
@@ -74,8 +86,7 @@ class ClientPool:
         if self._round_call is not None and self._round_call.active():
             self._round_call.cancel()
         self._round_call = None
-        while self.idle:
-            self.idle.popleft().close()
+        self.ready.flush()
 
     def refill(self) -> None:
         for _ in range(self.capacity - len(self.idle) - self.opening):
@@ -96,10 +107,23 @@ class ClientPool:
 
     def discard(self, conn: Closable) -> None:
         """``conn`` closed or went stale."""
-        try:
-            self.idle.remove(conn)
-        except ValueError:
-            pass
+        self.ready.discard(conn)
+
+    # In forward mode this end launches its own connections, as the server does in
+    # reverse mode: the same take/cancel/give_back, and taking counts as ``taken``.
+
+    def take(self, on_ready: Callable[[Any], None], on_timeout: Callable[[], None]) -> Any:
+        def hand_out(conn: Closable) -> None:
+            self.taken(conn)
+            on_ready(conn)
+
+        return self.ready.take(hand_out, on_timeout)
+
+    def cancel(self, waiter: Any) -> None:
+        self.ready.cancel(waiter)
+
+    def give_back(self, conn: Closable) -> None:
+        self.ready.give_back(conn)
 
     def _open(self) -> None:
         self.opening += 1
@@ -107,10 +131,8 @@ class ClientPool:
 
     def _opened(self, conn: Closable) -> None:
         self.opening -= 1
-        if not self.running or len(self.idle) >= self.max_capacity:
+        if not self.running or not self.ready.add(conn):
             conn.close()
-            return
-        self.idle.append(conn)
 
     def _failed(self, reason: Failure) -> None:
         self.opening -= 1
@@ -198,6 +220,11 @@ class IdlePool:
         self.waiters.append(waiter)
         self._request_more(len(self.waiters))
         return waiter
+
+    def give_back(self, conn: Closable) -> None:
+        """A connection taken but never launched (its user left first)."""
+        if not self.add(conn):
+            conn.close()
 
     def cancel(self, waiter: _Waiter) -> None:
         if waiter in self.waiters:

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass import logs
+from nodepass.tunnel.limits import Throttle, TokenBucket, Valve
 
 
 @implementer(IHalfCloseableProtocol)
@@ -76,7 +77,12 @@ class RelayProtocol(Protocol):
 
 
 class Relay:
-    """Joins ``a`` and ``b``; counts bytes read from each; calls ``on_end`` once."""
+    """Joins ``a`` and ``b``; counts bytes read from each; calls ``on_end`` once.
+
+    Each side is read through a :class:`Valve`, registered as the producer of the
+    other side's transport; with ``rate_a``/``rate_b`` (token buckets) the valve is
+    also held while the bucket is in debt, which is how ``rate=`` paces a relay.
+    """
 
     def __init__(
         self,
@@ -85,9 +91,15 @@ class Relay:
         count_a: Callable[[int], None],
         count_b: Callable[[int], None],
         on_end: Callable[[Relay], None],
+        rate_a: TokenBucket | None = None,
+        rate_b: TokenBucket | None = None,
+        clock: Any = None,
     ) -> None:
         self.a, self.b = a, b
         self._count = {id(a): count_a, id(b): count_b}
+        self._valves = {id(a): Valve(a.transport), id(b): Valve(b.transport)}
+        self._throttles = {id(side): Throttle(clock, bucket, self._valves[id(side)])
+                           for side, bucket in ((a, rate_a), (b, rate_b)) if bucket is not None}
         self._eof: set[int] = set()
         self._producing_for: set[int] = set()  # sides whose transport has a producer
         self._lost: set[int] = set()
@@ -99,8 +111,8 @@ class Relay:
     def start(self, b_pending: bytes = b"", b_eof: bool = False) -> None:
         """Join the two sides; what ``b`` read before (bytes, EOF) is delivered first."""
         self.a.relay = self.b.relay = self
-        self.a.transport.registerProducer(self.b.transport, True)
-        self.b.transport.registerProducer(self.a.transport, True)
+        self.a.transport.registerProducer(self._valves[id(self.b)], True)
+        self.b.transport.registerProducer(self._valves[id(self.a)], True)
         self._producing_for = {id(self.a), id(self.b)}
         # Resume every side whose connection can still be read: even after an EOF *frame*
         # (TLS) the connection must be read to see the peer's close; only a TCP-level EOF
@@ -112,11 +124,13 @@ class Relay:
             self.read_closed(self.b)
         for side in readable:
             if self._on_end is not None and not self._lost:
-                side.transport.resumeProducing()
+                self._valves[id(side)].release("start")
 
     def carry(self, side: RelayProtocol, data: bytes) -> None:
         self._count[id(side)](len(data))
         self.other(side).send_stream(data)
+        if self._throttles and (throttle := self._throttles.get(id(side))) is not None:
+            throttle.paid(len(data))
 
     def read_closed(self, side: RelayProtocol) -> None:
         self._eof.add(id(side))
@@ -154,6 +168,8 @@ class Relay:
         if self._on_end is None:
             return
         on_end, self._on_end = self._on_end, None
+        for throttle in self._throttles.values():
+            throttle.cancel()
         on_end(self)
 
     def _unregister(self, *sides: RelayProtocol) -> None:

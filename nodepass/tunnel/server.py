@@ -1,9 +1,12 @@
-"""Server mode: the tunnel listener, the target listener, and what joins them.
+"""Server mode: the tunnel listener, and either the target listener (reverse) or
+the target dialer (forward).
 
 The client's control connection and its pooled data connections all arrive on
-the tunnel port.  Users arrive on the target port; each takes one idle data
-connection, which is launched (LAUNCH frame) and relayed until either side
-closes.  Without a client session, users are turned away at once.
+the tunnel port.  In reverse mode users arrive on the target port; each takes
+one idle data connection, which is launched (LAUNCH frame) and relayed until
+either side closes (ingress.py).  In forward mode the client launches them and
+the server dials its target (egress.py).  Without a client session, users are
+turned away at once.
 """
 
 from __future__ import annotations
@@ -16,26 +19,22 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from nodepass import __version__, logs
-from nodepass.stats import Report, Traffic, snapshot
+from nodepass.stats import Report, snapshot
 from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
 from nodepass.tunnel import splice, wire
-from nodepass.tunnel.channel import (
-    HANDSHAKE_TIMEOUT,
-    FramedConnection,
-    QuietFactory,
-    peer_of,
-    tune,
-)
+from nodepass.tunnel.channel import HANDSHAKE_TIMEOUT, FramedConnection, QuietFactory
 from nodepass.tunnel.control import ControlSession
+from nodepass.tunnel.egress import Egress
+from nodepass.tunnel.flows import Flows
 from nodepass.tunnel.handshake import AuthenticationError, ServerHandshake
-from nodepass.tunnel.pool import IdlePool
-from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
-from nodepass.tunnel.udp import ServerUdp, UdpSession
-from nodepass.tunnel.wire import Frame, Goodbye, Kind, Proto, ProtocolError, Type
+from nodepass.tunnel.ingress import Ingress
+from nodepass.tunnel.pool import POOL_WAIT_TIMEOUT, IdlePool
+from nodepass.tunnel.targets import TargetDialer
+from nodepass.tunnel.wire import Frame, Goodbye, Kind, ProtocolError, Type
 from nodepass.url import ServerConfig, derived_key
 
-POOL_WAIT_TIMEOUT = 5.0
+REVERSE, FORWARD = "reverse", "forward"
 
 
 class TunnelConnection(FramedConnection):
@@ -49,7 +48,6 @@ class TunnelConnection(FramedConnection):
         self.state = "hello"
         self.handshake = ServerHandshake(tunnel.key, tunnel.tls_mode, os.urandom(wire.NONCE_SIZE))
         self.control: ControlSession | None = None
-        self.udp: UdpSession | None = None
         self.unflushed = False  # bytes sit in Twisted's buffer: no splicing for this one
         self._timeout: Any = None
 
@@ -69,6 +67,9 @@ class TunnelConnection(FramedConnection):
             self.control.frame_received(frame)
         elif self.state == "udp":
             self.udp.from_tunnel(frame.payload)
+        elif self.state == "idle" and frame.type is Type.LAUNCH and self.tunnel.mode == FORWARD:
+            self.tunnel.pool.discard(self)
+            self.tunnel.egress.launched(self, self.accept_launch(frame.payload))
         elif self.state == "hello" and frame.type is Type.HELLO:
             credentials = self.tunnel.credentials
             if credentials is None:
@@ -101,32 +102,17 @@ class TunnelConnection(FramedConnection):
         else:
             self.tunnel.add_data(self)
 
+    def tunnel_tls(self) -> bool:
+        return self.tunnel.credentials is not None
+
     def ended(self, reason: Failure) -> None:
+        super().ended(reason)
         if self._timeout is not None:
             self._timeout.cancel()
             self._timeout = None
         if self.control is not None:
             self.control.stop()
-        if self.udp is not None:
-            self.udp.close()
         self.tunnel.connection_ended(self)
-
-
-class UserConnection(RelayProtocol):
-    """A connection accepted on the target port, waiting for then using a data connection."""
-
-    def __init__(self, tunnel: ServerTunnel) -> None:
-        self.tunnel = tunnel
-        self.waiter: Any = None
-        self.gone = False
-
-    def connectionMade(self) -> None:
-        tune(self.transport, keepalive=False)
-        self.tunnel.user_arrived(self)
-
-    def before_relay_lost(self, reason: Failure) -> None:
-        self.gone = True
-        self.tunnel.user_left(self)
 
 
 class ServerTunnel(Service):
@@ -146,12 +132,15 @@ class ServerTunnel(Service):
         self.session_id = b""
         self.pool = IdlePool(reactor, tunables.max_pool_capacity, POOL_WAIT_TIMEOUT,
                              self._request_more)
-        self.relays = RelaySet()
-        self.traffic = Traffic()
-        self.udp = ServerUdp(self)
+        self.flows = Flows(reactor, tunables, config.slot, config.rate, config.read)
+        self.ingress = Ingress(self.flows, self.pool, self._unavailable, config.proxy)
+        dialer = TargetDialer(reactor, config.targets, config.dial, tunables.service_cooldown)
+        self.egress = Egress(self.flows, dialer, config.proxy, config.notcp, config.noudp)
+        # mode=0 starts as reverse and turns forward if the target cannot be bound (a
+        # list of targets is only ever dialed).
+        self.mode = FORWARD if config.mode == 2 or config.more_targets else REVERSE
         self.stopping = False
         self._auth_throttle = logs.Throttle(reactor)
-        self._refuse_throttle = logs.Throttle(reactor)
 
     # -- factories -------------------------------------------------------
 
@@ -159,7 +148,29 @@ class ServerTunnel(Service):
         return QuietFactory(TunnelConnection, self)
 
     def target_factory(self) -> QuietFactory:
-        return QuietFactory(UserConnection, self)
+        return self.ingress.user_factory()
+
+    @property
+    def udp(self) -> Any:
+        return self.ingress.udp
+
+    def cannot_bind_target(self, why: str) -> None:
+        """mode=0 and the target address is not ours to listen on: forward mode."""
+        self.mode = FORWARD
+        self.log.info("mode=0: {why}: so forward mode", why=why)
+
+    def announce_mode(self) -> None:
+        """Log the mode in force once the listeners are up (the mode=0 choice included)."""
+        targets = ",".join(str(t) for t in self.config.targets)
+        if self.mode == FORWARD:
+            self.log.info("forward mode: users connect to the client's target address; this "
+                          "server dials {targets}", targets=targets)
+        else:
+            self.log.info("reverse mode: users connect to {target} here; the client dials its "
+                          "target", target=self.config.target)
+
+    def _unavailable(self) -> str | None:
+        return "no client is connected to the tunnel" if self.session is None else None
 
     # -- the client session ----------------------------------------------
 
@@ -181,6 +192,7 @@ class ServerTunnel(Service):
             "version": __version__,
             "heartbeat_ms": int(self.tunables.report_interval * 1000),
             "max_pool": self.tunables.max_pool_capacity,
+            "mode": self.mode,
         }
         conn.send(conn.handshake.welcome(self.session_id, settings))
         conn.state = "control"
@@ -229,79 +241,13 @@ class ServerTunnel(Service):
         else:
             self.pool.discard(conn)
 
-    # -- users -----------------------------------------------------------
-
-    def _refuse(self, user: UserConnection, why: str) -> None:
-        self._refuse_throttle.warn(self.log, "closed connection from {peer}: {why}",
-                                   peer=peer_of(user.transport), why=why)
-        user.transport.loseConnection()
-
-    def user_arrived(self, user: UserConnection) -> None:
-        if self.stopping:
-            user.transport.abortConnection()
-        elif self.session is None:
-            self._refuse(user, "no client is connected to the tunnel")
-        elif self.connections_in_use() >= self.tunables.semaphore_limit:
-            self._refuse(user, f"SEMAPHORE_LIMIT ({self.tunables.semaphore_limit}) reached")
-        else:
-            user.transport.pauseProducing()
-            user.waiter = self.pool.take(lambda conn: self._launch(user, conn),
-                                         lambda: self._no_pool(user))
-
-    def connections_in_use(self) -> int:
-        """What SEMAPHORE_LIMIT counts: relays, users waiting, UDP sessions."""
-        return len(self.relays) + len(self.pool.waiters) + len(self.udp.sessions)
-
-    def user_left(self, user: UserConnection) -> None:
-        if user.waiter is not None:
-            self.pool.cancel(user.waiter)
-            user.waiter = None
-
-    def _no_pool(self, user: UserConnection) -> None:
-        user.waiter = None
-        if self.stopping:
-            why = "the server is shutting down"
-        elif self.session is None:
-            why = "the tunnel session closed"
-        else:
-            why = f"no pooled connection within {POOL_WAIT_TIMEOUT:g}s"
-        self._refuse(user, why)
-
-    def _launch(self, user: UserConnection, conn: TunnelConnection) -> None:
-        user.waiter = None
-        if user.gone:
-            if not self.pool.add(conn):  # never launched, so still fresh
-                conn.close()
-            return
-        conn.state = "relay"
-        conn.framing = False
-        launch = wire.launch(Proto.TCP, peer_of(user.transport))
-        if (splice.plain_tcp(conn.transport) and splice.plain_tcp(user.transport)
-                and not conn.unflushed):
-            sent = splice.send_now(conn.transport, launch)
-            if sent == len(launch):
-                fast = splice.SpliceRelay(self.clock, user, conn, self.traffic.add_tcp_in,
-                                          self.traffic.add_tcp_out, self.relays.discard)
-                self.relays.add(fast)
-                fast.start()
-                return
-            launch = launch[sent:]
-        conn.send(launch)
-        if self.credentials is not None:
-            conn.frame_stream()
-        relay = Relay(user, conn, self.traffic.add_tcp_in, self.traffic.add_tcp_out,
-                      self.relays.discard)
-        self.relays.add(relay)
-        relay.start()
-
     # -- reporting and lifecycle -----------------------------------------
 
     def report(self) -> Report:
         control = self.session.control if self.session is not None else None
         return snapshot("connected" if control is not None else "waiting", len(self.pool.idle),
-                        len(self.relays), control.rtt_ms if control is not None else None,
-                        self.traffic, self.udp.active,
-                        self.udp.drops.oversize + self.udp.drops.overload)
+                        control.rtt_ms if control is not None else None, self.flows,
+                        self.mode)
 
     def startService(self) -> None:
         super().startService()
@@ -321,6 +267,6 @@ class ServerTunnel(Service):
             self.session.send(wire.goodbye(Goodbye.SHUTDOWN))
             self.session.close()
         self.pool.flush()
-        self.udp.close_all()
-        return self.relays.drain(self.clock, self.tunables.shutdown_timeout)
+        self.ingress.close_all()
+        return self.flows.close_all()
 

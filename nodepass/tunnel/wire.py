@@ -78,7 +78,7 @@ MAX_PAYLOAD: dict[Type, int] = {
     Type.PONG: _PING.size,
     Type.DEMAND: _DEMAND.size,
     Type.GOODBYE: 1,
-    Type.LAUNCH: 1 + MAX_ADDRESS,
+    Type.LAUNCH: 2 + 2 * MAX_ADDRESS + 1,
     Type.DATA: 0xFFFF,
     Type.EOF: 0,
     Type.DATAGRAM: 0xFFFF,
@@ -264,15 +264,29 @@ def datagram(payload: bytes) -> bytes:
     return _DATAGRAM_HEADER + len(payload).to_bytes(2, "big") + payload
 
 
-def launch(proto: Proto, source: str) -> bytes:
-    return frame(Type.LAUNCH, bytes([proto]) + source.encode()[:MAX_ADDRESS])
+class Launch(NamedTuple):
+    """What a LAUNCH frame says: the protocol, the user's address, the address the
+    user reached, and the PROXY protocol version the launching end asks for (0: none)."""
+
+    proto: Proto
+    source: str
+    dest: str = ""
+    proxy: int = 0
 
 
-def parse_launch(payload: bytes) -> tuple[Proto, str]:
-    if not payload:
-        raise ProtocolError("LAUNCH payload is empty")
+def launch(proto: Proto, source: str, dest: str = "", proxy: int = 0) -> bytes:
+    addresses = source.encode()[:MAX_ADDRESS] + b" " + dest.encode()[:MAX_ADDRESS]
+    return frame(Type.LAUNCH, bytes([proto, proxy]) + addresses)
+
+
+def parse_launch(payload: bytes) -> Launch:
+    if len(payload) < 2:
+        raise ProtocolError("LAUNCH payload is shorter than 2 bytes")
     try:
         proto = Proto(payload[0])
     except ValueError:
         raise ProtocolError(f"unknown launch protocol {payload[0]}") from None
-    return proto, payload[1:].decode("utf-8", "replace")
+    if payload[1] > 2:
+        raise ProtocolError(f"unknown PROXY protocol version {payload[1]} in LAUNCH")
+    source, _, dest = payload[2:].decode("utf-8", "replace").partition(" ")
+    return Launch(proto, source, dest, payload[1])

@@ -1,0 +1,338 @@
+"""Single-end forwarding (client ``mode=1``): no server, no tunnel.
+
+The client listens on its tunnel address, TCP and UDP, and forwards straight to
+its target.  TCP users take a connection to the target opened ahead of time (a
+small pool, each used once) so they do not wait for a connect; UDP sources get a
+session each, a connected UDP socket to the target, until ``read=`` (or
+UDP_READ_TIMEOUT) of silence.  With ``proxy=`` the target is dialed per user,
+because the PROXY header names the user and must come first.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.protocol import DatagramProtocol
+from twisted.python.failure import Failure
+
+from nodepass import logs
+from nodepass.endpoints import ListenerService, UdpListenerService, describe_failure
+from nodepass.stats import Report, snapshot
+from nodepass.tunables import Tunables
+from nodepass.tunnel.channel import QuietFactory, peer_of, tune
+from nodepass.tunnel.egress import LocalConnection, proxy_header
+from nodepass.tunnel.flows import Flows
+from nodepass.tunnel.ingress import host_of
+from nodepass.tunnel.limits import IdleWatch
+from nodepass.tunnel.relay import RelayProtocol
+from nodepass.tunnel.targets import TargetDialer
+from nodepass.tunnel.udp import MAX_DATAGRAM, LocalUdp
+from nodepass.url import Address, ClientConfig
+
+EARLY_LIMIT = 64 * 1024  # bytes a pre-opened target connection may send before its user
+
+
+def bindable(address: Address) -> bool:
+    """Can this machine listen on ``address`` (an IP literal) now?  (client mode=0)"""
+    try:
+        ip = ipaddress.ip_address(address.host)
+    except ValueError:
+        return False  # a name: a remote server
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted listens
+        try:
+            probe.bind((address.host, address.port))
+        except OSError:
+            return False
+    return True
+
+
+class PreOpened(LocalConnection):
+    """A target connection waiting in the pool; keeps what the target says first."""
+
+    def __init__(self, pool: TargetPool) -> None:
+        self.pool = pool
+        self.early = b""
+        self.eof = False
+
+    def before_relay_data(self, data: bytes) -> None:
+        self.early += data
+        if len(self.early) >= EARLY_LIMIT:
+            self.transport.pauseProducing()
+
+    def before_relay_eof(self) -> None:
+        self.eof = True
+        self.pool.discard(self)
+
+    def before_relay_lost(self, reason: Failure) -> None:
+        self.pool.discard(self)
+
+
+class TargetPool:
+    """Connections to the target opened ahead of users, each used once."""
+
+    log = logs.logger("nodepass")
+
+    def __init__(self, clock: Any, dialer: TargetDialer, capacity: int,
+                 retry_interval: float) -> None:
+        self.clock = clock
+        self.dialer = dialer
+        self.capacity = capacity
+        self.retry_interval = retry_interval
+        self.idle: deque[PreOpened] = deque()
+        self.opening = 0
+        self.running = False
+        self._retry: Any = None
+
+    def start(self) -> None:
+        self.running = True
+        self.refill()
+
+    def stop(self) -> None:
+        self.running = False
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        while self.idle:
+            self.idle.popleft().transport.loseConnection()
+
+    def take(self) -> Deferred[Any]:
+        """A connected target connection: a pre-opened one, or a new one."""
+        conn = self.idle.popleft() if self.idle else None
+        self.refill()
+        if conn is not None:
+            return succeed(conn)
+        return self.dialer.connect(QuietFactory(PreOpened, self))
+
+    def discard(self, conn: PreOpened) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            return
+        self._refill_later()  # the target closed it: do not redial in a tight loop
+
+    def refill(self) -> None:
+        if not self.running or (self._retry is not None and self._retry.active()):
+            return
+        for _ in range(self.capacity - len(self.idle) - self.opening):
+            self.opening += 1
+            self.dialer.connect(QuietFactory(PreOpened, self)).addCallbacks(
+                self._opened, self._failed)
+
+    def _opened(self, conn: PreOpened) -> None:
+        self.opening -= 1
+        if self.running and len(self.idle) < self.capacity:
+            self.idle.append(conn)
+        else:
+            conn.transport.loseConnection()
+
+    def _failed(self, reason: Failure) -> None:
+        self.opening -= 1
+        self._refill_later()
+
+    def _refill_later(self) -> None:
+        if self.running and (self._retry is None or not self._retry.active()):
+            self._retry = self.clock.callLater(self.retry_interval, self.refill)
+
+
+class DirectUser(RelayProtocol):
+    def __init__(self, forwarder: DirectForwarder) -> None:
+        self.forwarder = forwarder
+        self.attempt: Deferred[Any] | None = None
+
+    def connectionMade(self) -> None:
+        tune(self.transport, keepalive=False)
+        self.forwarder.user_arrived(self)
+
+    def before_relay_lost(self, reason: Failure) -> None:
+        if self.attempt is not None:
+            self.attempt.cancel()
+
+
+class DirectUdpSession:
+    """One UDP source's session: a connected socket to the target."""
+
+    def __init__(self, forwarder: DirectForwarder, reply: Callable[[bytes], None],
+                 on_end: Callable[[DirectUdpSession], None]) -> None:
+        flows = forwarder.flows
+        self.flows = flows
+        self.local = LocalUdp()
+        self.local.session = self
+        self.reply = reply
+        self.on_end = on_end
+        self.ended = False
+        target = forwarder.dialer.udp_target()
+        interface = forwarder.dialer.source or ("::" if target.is_ipv6 else "")
+        self.port = flows.clock.listenUDP(0, self.local, interface=interface)
+        self.local.transport.connect(target.host, target.port)
+        self.watch = IdleWatch(flows.clock, flows.udp_timeout, self.close)
+        self.max_size = flows.tunables.udp_data_buf_size
+
+    def forward(self, data: bytes) -> None:
+        """A datagram from the source, for the target."""
+        rate = self.flows.rate
+        if rate is not None and not rate.inbound.try_take(len(data)):
+            self.flows.udp_drops.overload += 1
+            return
+        self.flows.traffic.add_udp_in(len(data))
+        self.watch.touch()
+        try:
+            self.local.transport.write(data)
+        except OSError:
+            self.flows.udp_drops.overload += 1
+
+    def to_tunnel(self, data: bytes) -> None:
+        """A datagram from the target (LocalUdp's name for it), for the source."""
+        if len(data) > self.max_size:
+            self.flows.udp_drops.oversize += 1
+            return
+        rate = self.flows.rate
+        if rate is not None and not rate.outbound.try_take(len(data)):
+            self.flows.udp_drops.overload += 1
+            return
+        self.flows.traffic.add_udp_out(len(data))
+        self.watch.touch()
+        self.reply(data)
+
+    def close(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        self.watch.cancel()
+        self.port.stopListening()
+        self.on_end(self)
+
+
+class DirectUdp(DatagramProtocol):
+    """The UDP socket on the tunnel address: one session per source."""
+
+    def __init__(self, forwarder: DirectForwarder) -> None:
+        self.forwarder = forwarder
+        self.flows = forwarder.flows
+        self.sessions: dict[tuple[str, int], DirectUdpSession] = {}
+
+    def startProtocol(self) -> None:
+        self.transport.maxPacketSize = MAX_DATAGRAM + 1
+
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        session = self.sessions.get(addr)
+        limit = self.flows.tunables.udp_data_buf_size
+        if len(data) > limit:
+            self.flows.udp_drops.oversize += 1
+            self.flows.warn(f"dropped a {len(data)}-byte datagram from "
+                            f"{Address(addr[0], addr[1])}: over UDP_DATA_BUF_SIZE ({limit})")
+            return
+        if session is None:
+            if self.forwarder.stopping or not self.flows.admit(
+                    f"UDP from {Address(addr[0], addr[1])}"):
+                self.flows.udp_drops.overload += 1
+                return
+            try:
+                session = DirectUdpSession(self.forwarder,
+                                           lambda reply: self.transport.write(reply, addr),
+                                           lambda s: self._ended(addr, s))
+            except (OSError, ValueError) as e:
+                self.flows.warn(f"cannot reach UDP target: {e}")
+                return
+            self.sessions[addr] = session
+            self.flows.udp_sessions.add(session)
+        session.forward(data)
+
+    def _ended(self, addr: tuple[str, int], session: DirectUdpSession) -> None:
+        self.flows.udp_sessions.discard(session)
+        if self.sessions.get(addr) is session:
+            del self.sessions[addr]
+
+
+class DirectForwarder(Service):
+    """Single-end mode's state: the target pool and the live relays."""
+
+    log = logs.logger("nodepass")
+
+    def __init__(self, reactor: Any, config: ClientConfig, tunables: Tunables) -> None:
+        self.clock = reactor
+        self.config = config
+        self.flows = Flows(reactor, tunables, config.slot, config.rate, config.read)
+        self.dialer = TargetDialer(reactor, config.targets, config.dial,
+                                   tunables.service_cooldown)
+        capacity = 0 if config.proxy or config.notcp else tunables.min_pool_capacity
+        self.pool = TargetPool(reactor, self.dialer, capacity, tunables.min_pool_interval)
+        self.udp = DirectUdp(self)
+        self.stopping = False
+
+    def user_factory(self) -> QuietFactory:
+        return QuietFactory(DirectUser, self)
+
+    def user_arrived(self, user: DirectUser) -> None:
+        if self.stopping:
+            user.transport.abortConnection()
+            return
+        if not self.flows.admit(f"connection from {peer_of(user.transport)}"):
+            user.transport.loseConnection()
+            return
+        user.transport.pauseProducing()
+        self.flows.pending += 1
+        user.attempt = self.pool.take()
+        user.attempt.addCallbacks(lambda target: self._join(user, target),
+                                  lambda reason: self._failed(user, reason))
+
+    def _join(self, user: DirectUser, target: PreOpened) -> None:
+        self.flows.pending -= 1
+        user.attempt = None
+        header = proxy_header(self.config.proxy, peer_of(user.transport),
+                              host_of(user.transport), target.transport.getPeer())
+        self.flows.join(user, target, to_conn=header, conn_pending=target.early,
+                        conn_eof=target.eof)
+
+    def _failed(self, user: DirectUser, reason: Failure) -> None:
+        self.flows.pending -= 1
+        user.attempt = None
+        if not reason.check(CancelledError):
+            self.flows.warn(f"closed connection from {peer_of(user.transport)}: cannot reach "
+                            f"target: {describe_failure(reason)}")
+        user.transport.loseConnection()
+
+    def report(self) -> Report:
+        return snapshot("forwarding", len(self.pool.idle), None, self.flows, "single-end")
+
+    def startService(self) -> None:
+        super().startService()
+        targets = ",".join(str(t) for t in self.config.targets)
+        self.log.info("single-end mode: forwarding {listen} straight to {targets} (no tunnel "
+                      "server)", listen=self.config.tunnel, targets=targets)
+        self.pool.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self.stopping = True
+        self.pool.stop()
+        return self.flows.close_all()
+
+
+def single_end(root: Any, config: ClientConfig,
+               tunables: Tunables) -> tuple[Callable[[], Report], Deferred[Any]]:
+    """Assemble single-end mode under ``root``; (report, ready) as tap expects."""
+    from twisted.internet.defer import gatherResults
+
+    from nodepass.report import reporter
+
+    forwarder = DirectForwarder(root.reactor, config, tunables)
+    forwarder.setServiceParent(root)
+    ready = []
+    if not config.notcp:
+        listener = ListenerService(root.reactor, config.tunnel, forwarder.user_factory(),
+                                   "single-end", root.fail)
+        listener.setServiceParent(root)
+        ready.append(listener.listening)
+    if not config.noudp:
+        UdpListenerService(root.reactor, config.tunnel, forwarder.udp, "single-end",
+                           root.fail).setServiceParent(root)
+    reporter(root.reactor, forwarder.report, tunables.report_interval).setServiceParent(root)
+    listening = gatherResults(ready, consumeErrors=True) if ready else succeed([])
+    return forwarder.report, listening.addCallbacks(lambda _: True, lambda _: False)

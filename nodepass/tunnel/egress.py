@@ -1,0 +1,105 @@
+"""The end that dials the target.
+
+Each tunnel connection the other end launches gets, for TCP, a connection to a
+target (rotating across several, with failover: see targets.py) preceded by a
+PROXY protocol header when asked for; for UDP, a connected UDP socket to a
+target.  The server does this in forward mode, the client in reverse mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
+
+from nodepass import proxyproto
+from nodepass.endpoints import describe_failure
+from nodepass.tunnel.channel import QuietFactory, tune
+from nodepass.tunnel.flows import Flows
+from nodepass.tunnel.relay import RelayProtocol
+from nodepass.tunnel.targets import TargetDialer
+from nodepass.tunnel.udp import LocalUdp, carry_datagrams
+from nodepass.tunnel.wire import Launch, Proto
+
+
+class LocalConnection(RelayProtocol):
+    """A connection to the target, for one launched tunnel connection."""
+
+    def connectionMade(self) -> None:
+        tune(self.transport, keepalive=False)
+
+
+def proxy_header(version: int, source: str, dest: str, target: Any) -> bytes:
+    """The PROXY header for a user at ``source`` who reached ``dest`` (the target's
+    address stands in when ``dest`` is unknown)."""
+    if not version:
+        return b""
+    reached = proxyproto.split_address(dest) if dest else (target.host, target.port)
+    return proxyproto.header(version, proxyproto.split_address(source), reached)
+
+
+class Egress:
+    def __init__(self, flows: Flows, dialer: TargetDialer, proxy: int = 0, notcp: int = 0,
+                 noudp: int = 0) -> None:
+        self.flows = flows
+        self.dialer = dialer
+        self.proxy = proxy
+        self.notcp, self.noudp = notcp, noudp
+
+    def launched(self, conn: Any, launch: Launch) -> None:
+        """``conn`` was launched (see FramedConnection.accept_launch): serve it."""
+        what = f"{launch.proto.name} from {launch.source}"
+        if self.notcp if launch.proto is Proto.TCP else self.noudp:
+            self.flows.refuse(what, f"no{launch.proto.name.lower()}=1 on this end")
+            conn.abort()
+        elif not self.flows.admit(what):
+            conn.abort()
+        elif launch.proto is Proto.UDP:
+            self._udp(conn, launch)
+        else:
+            self.flows.log.debug("launch from {source}", source=launch.source)
+            self.flows.pending += 1
+            conn.attempt = self.dialer.connect(QuietFactory(LocalConnection))
+            conn.attempt.addCallbacks(lambda local: self._join(conn, local, launch),
+                                      lambda reason: self._failed(conn, reason))
+
+    def _join(self, conn: Any, local: LocalConnection, launch: Launch) -> None:
+        self.flows.pending -= 1
+        conn.attempt = None
+        header = proxy_header(self.proxy or launch.proxy, launch.source, launch.dest,
+                              local.transport.getPeer())
+        pending, conn.pending = conn.pending, b""
+        self.flows.join(local, conn, to_local=header, conn_pending=pending,
+                        conn_eof=conn.eof_pending)
+
+    def _failed(self, conn: Any, reason: Failure) -> None:
+        self.flows.pending -= 1
+        conn.attempt = None
+        if not reason.check(CancelledError):
+            self.flows.warn(f"cannot reach target {_targets(self.dialer)}: "
+                            f"{describe_failure(reason)}")
+        conn.abort()
+
+    def _udp(self, conn: Any, launch: Launch) -> None:
+        """A UDP session: a connected UDP socket to the target carries its datagrams."""
+        target = self.dialer.udp_target()
+        local = LocalUdp()
+        reactor = self.flows.clock
+        try:
+            interface = self.dialer.source or ("::" if target.is_ipv6 else "")
+            port = reactor.listenUDP(0, local, interface=interface)
+            local.transport.connect(target.host, target.port)
+        except (OSError, ValueError) as e:
+            self.flows.warn(f"cannot reach UDP target {target}: {e}")
+            conn.abort()
+            return
+        session = self.flows.udp_session(conn, local.transport.write,
+                                         lambda s: port.stopListening())
+        local.session = session
+        carry_datagrams(conn, session)
+        self.flows.log.debug("UDP session for {source}", source=launch.source)
+
+
+def _targets(dialer: TargetDialer) -> str:
+    return ",".join(str(t) for t in dialer.targets)
