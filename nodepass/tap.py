@@ -55,11 +55,22 @@ class Options(usage.Options):
             self["credentials"] = _tls_at_start(self["config"])
         except TLSConfigError as e:
             raise usage.UsageError(str(e)) from None
+        _check_dial(self["config"])
 
     def postOptions(self) -> None:
         scheme = self["config"].scheme
         if scheme not in BUILT_MODES:
             raise usage.UsageError(f"{scheme} mode is not built yet in this version")
+
+
+def _check_dial(config: Config) -> None:
+    """``dial=IP`` must be an address of this machine, or every connection would fail."""
+    from nodepass.tunnel.targets import check_source_address
+
+    dial = getattr(config, "dial", "auto")
+    if dial != "auto" and (why := check_source_address(dial)) is not None:
+        raise usage.UsageError(f"query: dial address {dial} cannot be used on this machine "
+                               f"({why}); use auto or one of its own addresses")
 
 
 def _tls_at_start(config: Config) -> Credentials | None:

@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPullProducer
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
+from twisted.internet.protocol import DatagramProtocol, Factory, ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -386,3 +386,72 @@ async def eventually(check, timeout: float = WAIT, step: float = 0.05) -> None:
             raise AssertionError(f"condition not met within {timeout}s")
         await sleep(step)
         waited += step
+
+
+# ---------------------------------------------------------------------------
+# Held connections and UDP
+
+
+class Held(Protocol):
+    """A connection kept open: what it got, and ``closed`` when it ends."""
+
+    def __init__(self):
+        self.closed = Deferred()
+        self.got = b""
+
+    def dataReceived(self, data):
+        self.got += data
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+async def hold(port: int) -> Held:
+    held = Held()
+    await TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5).connect(_OneShot(held))
+    return held
+
+
+class UdpEcho(DatagramProtocol):
+    def datagramReceived(self, data, addr):
+        self.transport.write(data, addr)
+
+
+
+class Peer(DatagramProtocol):
+    """A user's UDP socket: send, and wait for replies (bounded)."""
+
+    def __init__(self, port):
+        self.port = port
+        self.replies = []
+        self.waiter = None
+        self.expected = 0
+
+    def startProtocol(self):
+        self.transport.connect("127.0.0.1", self.port)
+
+    def datagramReceived(self, data, addr):
+        self.replies.append(data)
+        if self.waiter is not None and len(self.replies) >= self.expected:
+            waiter, self.waiter = self.waiter, None
+            waiter.callback(None)
+
+    async def ask(self, payload, answers=1, timeout=5.0):
+        self.expected = len(self.replies) + answers
+        self.waiter = Deferred()
+        self.transport.write(payload)
+        await self.waiter.addTimeout(timeout, reactor)
+        return self.replies[-answers:]
+
+
+async def udp_backend(case, protocol):
+    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+    case.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+async def peer(case, port):
+    p = Peer(port)
+    listening = reactor.listenUDP(0, p, interface="127.0.0.1")
+    case.addCleanup(listening.stopListening)
+    return p

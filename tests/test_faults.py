@@ -23,6 +23,7 @@ from tests.integration import (
     eventually,
     exchange,
     free_port,
+    hold,
     listen,
     rss_kib,
     sleep,
@@ -45,24 +46,6 @@ def tunnel_port_of(daemon):
 def raise_fd_limit():
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-class _Held(Protocol):
-    def __init__(self):
-        self.closed = Deferred()
-        self.got = b""
-
-    def dataReceived(self, data):
-        self.got += data
-
-    def connectionLost(self, reason):
-        self.closed.callback(None)
-
-
-async def hold(port):
-    held = _Held()
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(_OneShot(held))
-    return held
 
 
 class PeersKilled(TestCase):

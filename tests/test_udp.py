@@ -5,7 +5,6 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
@@ -17,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from nodepass.tunnel import wire
 from nodepass.tunnel.udp import UdpCounters, UdpSession
 from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder, Type
-from tests.integration import free_port, sleep, tunnel_pair
+from tests.integration import UdpEcho, free_port, peer, sleep, tunnel_pair, udp_backend
 from tests.memory import transport_for
 
 
@@ -112,11 +111,6 @@ class Sessions(SynchronousTestCase):
 # End to end
 
 
-class Echo(DatagramProtocol):
-    def datagramReceived(self, data, addr):
-        self.transport.write(data, addr)
-
-
 class Triple(DatagramProtocol):
     """Answers each request with three datagrams."""
 
@@ -125,30 +119,6 @@ class Triple(DatagramProtocol):
             self.transport.write(b"%d:" % i + data, addr)
 
 
-class Peer(DatagramProtocol):
-    """A user's UDP socket: send, and wait for replies (bounded)."""
-
-    def __init__(self, port):
-        self.port = port
-        self.replies = []
-        self.waiter = None
-        self.expected = 0
-
-    def startProtocol(self):
-        self.transport.connect("127.0.0.1", self.port)
-
-    def datagramReceived(self, data, addr):
-        self.replies.append(data)
-        if self.waiter is not None and len(self.replies) >= self.expected:
-            waiter, self.waiter = self.waiter, None
-            waiter.callback(None)
-
-    async def ask(self, payload, answers=1, timeout=5.0):
-        self.expected = len(self.replies) + answers
-        self.waiter = Deferred()
-        self.transport.write(payload)
-        await self.waiter.addTimeout(timeout, reactor)
-        return self.replies[-answers:]
 
 
 class _OneName(ResolverBase):
@@ -161,19 +131,6 @@ class _OneName(ResolverBase):
         return succeed(([answer], [], []))
 
 
-async def udp_backend(case, protocol):
-    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
-    case.addCleanup(port.stopListening)
-    return port.getHost().port
-
-
-async def peer(case, port):
-    p = Peer(port)
-    listening = reactor.listenUDP(0, p, interface="127.0.0.1")
-    case.addCleanup(listening.stopListening)
-    return p
-
-
 UDP_ENV = {"UDP_READ_TIMEOUT": "1s", "REPORT_INTERVAL": "200ms"}
 
 
@@ -181,7 +138,7 @@ class EndToEnd(TestCase):
     timeout = 120
 
     async def test_many_sources_many_datagrams_each_reply_home(self):
-        backend = await udp_backend(self, Echo())
+        backend = await udp_backend(self, UdpEcho())
         _, _, exposed = await tunnel_pair(self, backend, **{**UDP_ENV, "UDP_READ_TIMEOUT": "10s"})
         peers = [await peer(self, exposed) for _ in range(20)]
         rng = random.Random(7)
@@ -204,7 +161,7 @@ class EndToEnd(TestCase):
         self.assertEqual(answers, [b"0:hi", b"1:hi", b"2:hi"])
 
     async def test_idle_session_closes_on_both_sides_and_a_new_one_opens(self):
-        backend = await udp_backend(self, Echo())
+        backend = await udp_backend(self, UdpEcho())
         server, client, exposed = await tunnel_pair(self, backend, server_query="?log=debug",
                                                     client_query="?log=debug", **UDP_ENV)
         p = await peer(self, exposed)
@@ -222,7 +179,7 @@ class EndToEnd(TestCase):
         await client.wait_for("UDP session for", nth=2)
 
     async def test_oversize_datagram_is_counted_and_the_next_flows(self):
-        backend = await udp_backend(self, Echo())
+        backend = await udp_backend(self, UdpEcho())
         server, _, exposed = await tunnel_pair(self, backend, server_query="?log=debug",
                                                UDP_DATA_BUF_SIZE="1000", **UDP_ENV)
         p = await peer(self, exposed)

@@ -427,6 +427,8 @@ class Registry:
             "pool_size": int(instance.report.get("pool") or 0) if running else 0,
             "ping": instance.report.get("ping_ms") if running else None,
             "tunnel": instance.report.get("state") if running else None,
+            "mode": (instance.report.get("mode") or None) if running else None,
+            "refused": int(instance.report.get("refused") or 0) if running else 0,
             "pid": instance.child.pid if running and instance.child is not None else None,
             "error": instance.error,
             "alias": instance.alias,

@@ -74,8 +74,15 @@ _INSTANCE = {
         "ping": {"type": "number", "nullable": True,
                  "description": "last heartbeat round trip, ms"},
         "tunnel": {"type": "string", "nullable": True,
-                   "enum": ["connected", "connecting", "waiting", None],
-                   "description": "the tunnel session as the instance last reported it"},
+                   "enum": ["connected", "connecting", "waiting", "forwarding", None],
+                   "description": "the tunnel session as the instance last reported it "
+                                  "(forwarding: single-end mode, no tunnel)"},
+        "mode": {"type": "string", "nullable": True,
+                 "enum": ["reverse", "forward", "single-end", None],
+                 "description": "the run mode in force (mode=0 resolved), while running"},
+        "refused": {"type": "integer", "minimum": 0,
+                    "description": "connections and UDP sessions refused by the slot limit "
+                                   "(or notcp/noudp) since the instance started"},
         "pid": {"type": "integer", "nullable": True, "description": "the instance's process id"},
         "tcp_in": {"type": "integer", "minimum": 0},
         "tcp_out": {"type": "integer", "minimum": 0},

@@ -1,0 +1,148 @@
+"""Run modes end to end with real processes: server reverse/forward (and mode=0
+choosing), client single-end (and mode=0 choosing), TCP and UDP each."""
+
+from twisted.internet import reactor
+from twisted.internet.protocol import Factory
+from twisted.trial.unittest import TestCase
+
+from tests.integration import (
+    Echo,
+    UdpEcho,
+    echo_backend,
+    eventually,
+    exchange,
+    free_port,
+    listen,
+    peer,
+    spawn,
+)
+
+UDP_ENV = {"UDP_READ_TIMEOUT": "2s", "REPORT_INTERVAL": "200ms"}
+
+
+async def tcp_and_udp_backends(case):
+    """An echo service on one port number, TCP and UDP (as a DNS server would be)."""
+    for _ in range(20):
+        tcp = await echo_backend(case)
+        try:
+            port = reactor.listenUDP(tcp, UdpEcho(), interface="127.0.0.1")
+        except OSError:
+            continue
+        case.addCleanup(port.stopListening)
+        return tcp
+    raise AssertionError("no port free for both TCP and UDP")
+
+
+async def check_tcp_and_udp(case, port, size=256 * 1024):
+    payload = bytes(range(256)) * (size // 256)
+    result = await exchange(port, iter([payload]))
+    case.assertEqual(bytes(result.received), payload)
+    p = await peer(case, port)
+    for n in range(20):
+        (reply,) = await p.ask(b"datagram %d" % n)
+        case.assertEqual(reply, b"datagram %d" % n)
+
+
+class ServerModes(TestCase):
+    timeout = 60
+
+    async def test_forward_mode_client_listens_and_server_dials(self):
+        backend = await tcp_and_udp_backends(self)
+        tunnel, exposed = free_port(), free_port()
+        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"
+                             "?mode=2&log=debug", **UDP_ENV)
+        await server.wait_for("forward mode: users connect to the client's target address")
+        self.assertEqual(server.count("target listening"), 0)
+        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
+        await client.wait_for("server is in forward mode")
+        await client.wait_for(f"target receiving UDP on 127.0.0.1:{exposed}")
+        await check_tcp_and_udp(self, exposed)
+        await server.wait_for("mode=forward")  # its reports say so too
+
+    async def test_mode_0_is_forward_when_the_target_is_taken_here(self):
+        backend = await tcp_and_udp_backends(self)  # holds the target port
+        tunnel, exposed = free_port(), free_port()
+        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}", **UDP_ENV)
+        await server.wait_for(f"mode=0: cannot listen for target on 127.0.0.1:{backend}: "
+                              "Address already in use: so forward mode")
+        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
+        await client.wait_for("server is in forward mode")
+        await check_tcp_and_udp(self, exposed)
+
+    async def test_mode_0_is_reverse_when_the_target_is_free(self):
+        backend = await tcp_and_udp_backends(self)
+        tunnel, exposed = free_port(), free_port()
+        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
+        await server.wait_for(f"reverse mode: users connect to 127.0.0.1:{exposed} here")
+        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}", **UDP_ENV)
+        await client.wait_for("tunnel session open")
+        await check_tcp_and_udp(self, exposed)
+        self.assertEqual(client.count("forward mode"), 0)
+
+    async def test_mode_1_refuses_to_start_when_the_target_is_taken(self):
+        backend = await echo_backend(self)
+        server = spawn(self, f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{backend}?mode=1")
+        code = await server.ended
+        self.assertEqual(code, 1)
+        self.assertIn(f"cannot listen for target on 127.0.0.1:{backend}: Address already in use",
+                      "\n".join(server.lines))
+
+    async def test_forward_mode_with_tls(self):
+        backend = await tcp_and_udp_backends(self)
+        tunnel, exposed = free_port(), free_port()
+        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}?mode=2&tls=1",
+                       **UDP_ENV)
+        await server.wait_for("forward mode")  # before the client: else it may go single-end
+        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
+        await client.wait_for("server is in forward mode")
+        await check_tcp_and_udp(self, exposed, size=4 * 1024 * 1024)
+
+
+class _Counting(Echo):
+    """An echo backend that counts its connections and greets each one first."""
+
+    def connectionMade(self):
+        self.factory.accepted += 1
+        self.transport.write(b"hello\n")
+
+
+class ClientModes(TestCase):
+    timeout = 60
+
+    async def test_single_end_forwards_tcp_and_udp_without_a_server(self):
+        backend = await tcp_and_udp_backends(self)
+        listen_port = free_port()
+        client = spawn(self, f"client://127.0.0.1:{listen_port}/127.0.0.1:{backend}"
+                             "?mode=1&log=debug", **UDP_ENV)
+        await client.wait_for("single-end mode: forwarding")
+        await client.wait_for(f"single-end receiving UDP on 127.0.0.1:{listen_port}")
+        await check_tcp_and_udp(self, listen_port)
+        await client.wait_for("mode=single-end")
+
+    async def test_single_end_opens_target_connections_ahead_of_users(self):
+        factory = Factory.forProtocol(_Counting)
+        factory.accepted = 0
+        backend = await listen(self, factory)
+        listen_port = free_port()
+        spawn(self, f"client://127.0.0.1:{listen_port}/127.0.0.1:{backend}?mode=1&notcp=0",
+              MIN_POOL_CAPACITY="4")
+        await eventually(lambda: factory.accepted == 4)  # before any user arrived
+        # A user gets a pre-opened connection, greeting included, and it is replaced.
+        result = await exchange(listen_port, iter([b"ping"]))
+        self.assertEqual(bytes(result.received), b"hello\nping")
+        await eventually(lambda: factory.accepted == 5)
+
+    async def test_mode_0_is_single_end_when_the_tunnel_address_is_free(self):
+        backend = await echo_backend(self)
+        listen_port = free_port()
+        client = spawn(self, f"client://127.0.0.1:{listen_port}/127.0.0.1:{backend}")
+        await client.wait_for("single-end mode: forwarding")
+        result = await exchange(listen_port, iter([b"direct"]))
+        self.assertEqual(bytes(result.received), b"direct")
+
+    async def test_mode_2_always_dials_a_server(self):
+        backend = await echo_backend(self)
+        tunnel = free_port()
+        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}?mode=2")
+        await client.wait_for(f"cannot connect to server 127.0.0.1:{tunnel}")
+        self.assertEqual(client.count("single-end"), 0)
