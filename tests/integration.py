@@ -128,13 +128,16 @@ def spawn(case: TestCase, url: str, name: str | None = None, **env: str) -> Daem
 
 async def tunnel_pair(case: TestCase, target_port: int, key: str = "secret",
                       server_query: str = "", client_query: str = "",
+                      client_target: str | None = None,
                       **env: str) -> tuple[Daemon, Daemon, int]:
-    """A server and a client on fresh ports; returns them and the server's target port."""
+    """A server and a client on fresh ports; returns them and the server's target port.
+    ``client_target`` replaces 127.0.0.1:target_port (a list of targets, say)."""
     tunnel_port, exposed = free_port(), free_port()
+    client_target = client_target or f"127.0.0.1:{target_port}"
     server = spawn(case, f"server://{key}@127.0.0.1:{tunnel_port}/127.0.0.1:{exposed}"
                          f"{server_query}", **env)
     await server.wait_for("target listening")
-    client = spawn(case, f"client://{key}@127.0.0.1:{tunnel_port}/127.0.0.1:{target_port}"
+    client = spawn(case, f"client://{key}@127.0.0.1:{tunnel_port}/{client_target}"
                          f"{client_query}", **env)
     await client.wait_for("tunnel session open")
     await server.wait_for("tunnel session open")
@@ -455,3 +458,16 @@ async def peer(case, port):
     listening = reactor.listenUDP(0, p, interface="127.0.0.1")
     case.addCleanup(listening.stopListening)
     return p
+
+
+async def tcp_and_udp_echo(case: TestCase) -> int:
+    """An echo service on one port number, TCP and UDP (as a DNS server would be)."""
+    for _ in range(20):
+        tcp = await echo_backend(case)
+        try:
+            port = reactor.listenUDP(tcp, UdpEcho(), interface="127.0.0.1")
+        except OSError:
+            continue
+        case.addCleanup(port.stopListening)
+        return tcp
+    raise AssertionError("no port free for both TCP and UDP")

@@ -1,13 +1,11 @@
 """Run modes end to end with real processes: server reverse/forward (and mode=0
 choosing), client single-end (and mode=0 choosing), TCP and UDP each."""
 
-from twisted.internet import reactor
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
 from tests.integration import (
     Echo,
-    UdpEcho,
     echo_backend,
     eventually,
     exchange,
@@ -15,22 +13,10 @@ from tests.integration import (
     listen,
     peer,
     spawn,
+    tcp_and_udp_echo,
 )
 
 UDP_ENV = {"UDP_READ_TIMEOUT": "2s", "REPORT_INTERVAL": "200ms"}
-
-
-async def tcp_and_udp_backends(case):
-    """An echo service on one port number, TCP and UDP (as a DNS server would be)."""
-    for _ in range(20):
-        tcp = await echo_backend(case)
-        try:
-            port = reactor.listenUDP(tcp, UdpEcho(), interface="127.0.0.1")
-        except OSError:
-            continue
-        case.addCleanup(port.stopListening)
-        return tcp
-    raise AssertionError("no port free for both TCP and UDP")
 
 
 async def check_tcp_and_udp(case, port, size=256 * 1024):
@@ -47,7 +33,7 @@ class ServerModes(TestCase):
     timeout = 60
 
     async def test_forward_mode_client_listens_and_server_dials(self):
-        backend = await tcp_and_udp_backends(self)
+        backend = await tcp_and_udp_echo(self)
         tunnel, exposed = free_port(), free_port()
         server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"
                              "?mode=2&log=debug", **UDP_ENV)
@@ -60,7 +46,7 @@ class ServerModes(TestCase):
         await server.wait_for("mode=forward")  # its reports say so too
 
     async def test_mode_0_is_forward_when_the_target_is_taken_here(self):
-        backend = await tcp_and_udp_backends(self)  # holds the target port
+        backend = await tcp_and_udp_echo(self)  # holds the target port
         tunnel, exposed = free_port(), free_port()
         server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}", **UDP_ENV)
         await server.wait_for(f"mode=0: cannot listen for target on 127.0.0.1:{backend}: "
@@ -70,7 +56,7 @@ class ServerModes(TestCase):
         await check_tcp_and_udp(self, exposed)
 
     async def test_mode_0_is_reverse_when_the_target_is_free(self):
-        backend = await tcp_and_udp_backends(self)
+        backend = await tcp_and_udp_echo(self)
         tunnel, exposed = free_port(), free_port()
         server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
         await server.wait_for(f"reverse mode: users connect to 127.0.0.1:{exposed} here")
@@ -88,7 +74,7 @@ class ServerModes(TestCase):
                       "\n".join(server.lines))
 
     async def test_forward_mode_with_tls(self):
-        backend = await tcp_and_udp_backends(self)
+        backend = await tcp_and_udp_echo(self)
         tunnel, exposed = free_port(), free_port()
         server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}?mode=2&tls=1",
                        **UDP_ENV)
@@ -110,7 +96,7 @@ class ClientModes(TestCase):
     timeout = 60
 
     async def test_single_end_forwards_tcp_and_udp_without_a_server(self):
-        backend = await tcp_and_udp_backends(self)
+        backend = await tcp_and_udp_echo(self)
         listen_port = free_port()
         client = spawn(self, f"client://127.0.0.1:{listen_port}/127.0.0.1:{backend}"
                              "?mode=1&log=debug", **UDP_ENV)
