@@ -13,10 +13,13 @@ Usage:
 
 Modes (the URL's scheme):
   server://[key@]tunnel_host:port/target_host:port?log=info&tls=0
-      accept the client's tunnel on tunnel_host:port; carry every TCP connection and
-      UDP datagram that arrives at target_host:port through it to the client
+      accept the client's tunnel on tunnel_host:port; reverse mode: carry every TCP
+      connection and UDP datagram that arrives at target_host:port to the client;
+      forward mode: the client listens, this server dials target_host:port
   client://[key@]server_host:port/target_host:port?log=info
-      dial the server's tunnel; connect what it carries to target_host:port here
+      dial the server's tunnel; reverse: connect what it carries to target_host:port;
+      forward: listen on target_host:port.  Single-end (mode=1): no server, listen on
+      server_host:port and forward straight to target_host:port
   master://api_host:port[/prefix]?log=info&tls=0
       serve the REST API under prefix/v1 (prefix default /api)
 
@@ -24,6 +27,8 @@ URL parts:
   key          tunnel key (userinfo); default: the tunnel port in hex (guessable: set one)
   host         IPv4, [IPv6] or a DNS name; 0.0.0.0 or [::] listens on every interface
   port         1-65535
+  targets      host:port,host:port,...  several targets to dial: new connections rotate
+               across them and skip one that refuses (failover)
 
 Query parameters:
   log=debug|info|warn|error|fatal|none   log level (default info)
@@ -36,6 +41,18 @@ Query parameters:
   auth=0|1     master: require the API key (default 1; NODEPASS_API_KEY or generated)
   state=DIR    master: state directory (default NODEPASS_STATE_DIR, ~/.local/state/nodepass)
   persist=0|1  master: keep instances in SQLite across restarts (default 1)
+
+Run mode and traffic controls (server and client; defaults left out of the canonical URL):
+  mode=0|1|2   server: 1 reverse, 2 forward, 0 reverse if target_host:port can be bound
+               here, else forward.  client: 1 single-end, 2 tunnel, 0 single-end if
+               server_host:port can be bound here, else tunnel (default 0)
+  rate=MBIT    limit each direction to MBIT Mbit/s, TCP and UDP together (0: no limit)
+  slot=N       at most N connections + UDP sessions at once (default 65536, 0: no limit;
+               SEMAPHORE_LIMIT bounds them too)
+  read=DUR     close a connection idle for DUR (0: never); also the UDP session timeout
+  proxy=0|1|2  send a PROXY protocol v1/v2 header to the target before the data
+  dial=IP      source address for connections to the target (default auto)
+  notcp=0|1    carry no TCP on this end        noudp=0|1    carry no UDP on this end
 
 Environment (also accepted with an NP_ prefix; durations like 500ms, 5s, 1h30m):
   SEMAPHORE_LIMIT    1024   concurrent relayed connections

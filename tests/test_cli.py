@@ -17,7 +17,9 @@ class Usage(SynchronousTestCase):
             result = run_nodepass(flag)
             self.assertEqual(result.returncode, 0)
             for needle in ("server://", "client://", "master://", "log=debug|info|warn",
-                           "tls=0|1|2", "SEMAPHORE_LIMIT", "SHUTDOWN_TIMEOUT", "NP_ prefix"):
+                           "tls=0|1|2", "mode=0|1|2", "rate=MBIT", "slot=N",
+                           "read=DUR", "proxy=0|1|2", "dial=IP", "notcp=0|1",
+                           "SEMAPHORE_LIMIT", "SHUTDOWN_TIMEOUT", "NP_ prefix"):
                 self.assertIn(needle, result.stdout)
             self.assertEqual(result.stderr, "")
 

@@ -388,6 +388,37 @@ class EndToEnd(TestCase):
         await connections(0)  # ... and it goes when the connection does
 
 
+    async def test_forward_mode_and_controls_through_the_api(self):
+        curl = need("curl", "curl")
+        backend = await http_backend(self, b"hello", b"x" * 1000)
+        master = await start_master(self)
+        api = Api(master.base)
+        code, envelope, _ = await api.call("POST", "/instances", {
+            "url": "server://k@127.0.0.1:1/127.0.0.1:2?rate=fast"})
+        self.assertEqual((code, envelope["error"]["code"]), (400, "INVALID_URL"))
+        self.assertIn("bad value 'fast' for 'rate'", envelope["error"]["message"])
+        tunnel, exposed = free_port(), free_port()
+        server = await api.ok("POST", "/instances", {
+            "url": f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"
+                   "?slot=3&read=1m&mode=2&rate=100"}, status=201)
+        self.assertEqual(server["url"], f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"
+                                        "?log=info&tls=0&mode=2&read=60s&rate=100&slot=3")
+        client = await api.ok("POST", "/instances", {
+            "url": f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}"}, status=201)
+        await master.wait_for(rf"\[{client['id']}\] target listening on 127.0.0.1:{exposed}")
+        out, _, code = await getProcessOutputAndValue(
+            curl, ["-sS", "--max-time", "10", f"http://127.0.0.1:{exposed}/hello"])
+        self.assertEqual((code, len(out)), (0, 1000))
+        for instance in (server, client):
+            for _ in range(50):  # the mode shows from the first report on
+                data = await api.ok("GET", f"/instances/{instance['id']}")
+                if data["mode"] is not None:
+                    break
+                await sleep(0.1)
+            self.assertEqual((data["mode"], data["refused"], data["tunnel"]),
+                             ("forward", 0, "connected"))
+
+
 class Https(TestCase):
     timeout = 60
 

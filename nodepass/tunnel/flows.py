@@ -38,6 +38,10 @@ class Flows:
         self.pending = 0  # users waiting for a tunnel connection, targets being dialed
         self.refused = 0
         self.limit, self.limit_name = slot_limit(slot, tunables.semaphore_limit)
+        if slot != DEFAULT_SLOT and (slot == 0 or slot > tunables.semaphore_limit):
+            self.log.warn("slot={slot} is above SEMAPHORE_LIMIT ({limit}): at most {limit} "
+                          "at once (raise SEMAPHORE_LIMIT to allow more)", slot=slot,
+                          limit=tunables.semaphore_limit)
         self.rate = RateLimit(clock, rate) if rate else None
         self.read_timeout = read
         self.udp_timeout = read or tunables.udp_read_timeout
