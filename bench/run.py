@@ -279,6 +279,17 @@ def median(values: list) -> float:
     return statistics.median(values)
 
 
+def setups(args: argparse.Namespace) -> list[tuple[str, str | None, str]]:
+    """(label, server query or None for no server, client query) for each column."""
+    columns: list[tuple[str, str | None, str]] = [
+        (f"tls={tls}", f"?tls={tls}&log=warn", "?log=warn&mode=2") for tls in args.tls]
+    if "forward" in args.modes:
+        columns.append(("forward", "?tls=0&mode=2&log=warn", "?log=warn&mode=2"))
+    if "single-end" in args.modes:
+        columns.append(("single-end", None, "?mode=1&log=warn"))
+    return columns
+
+
 def run(args: argparse.Namespace) -> dict:
     sizes = {"bulk_mib": 64 if args.quick else 1024, "rr": 2000 if args.quick else 20000,
              "connect": 200 if args.quick else 2000, "udp": 2000 if args.quick else 20000,
@@ -299,32 +310,36 @@ def run(args: argparse.Namespace) -> dict:
         targets = {"direct": {"echo": echo, "sink": sink, "source": source, "udp": udp_port,
                               "iperf": iperf}}
         servers = {}
-        for tls in args.tls:
+        for label, server_query, client_query in setups(args):
             ports = {}
             for name, backend in (("echo", echo), ("sink", sink), ("source", source),
                                   ("udp", udp_port), ("iperf", iperf)):
                 tunnel, exposed = free_port(), free_port()
                 env = {"MIN_POOL_CAPACITY": "64"}
-                server = procs.start("-m", "nodepass",
-                                     f"server://bench@127.0.0.1:{tunnel}/127.0.0.1:{exposed}"
-                                     f"?tls={tls}&log=warn", env=env)
-                wait_port(tunnel)
-                client = procs.start("-m", "nodepass",
-                                     f"client://bench@127.0.0.1:{tunnel}/127.0.0.1:{backend}"
-                                     "?log=warn", env=env)
+                if server_query is None:  # single-end: the client alone forwards
+                    client = procs.start("-m", "nodepass",
+                                         f"client://127.0.0.1:{exposed}/127.0.0.1:{backend}"
+                                         f"{client_query}", env=env)
+                    servers[(label, name)] = (client,)
+                else:
+                    forward = "mode=2" in server_query
+                    server = procs.start(
+                        "-m", "nodepass", f"server://bench@127.0.0.1:{tunnel}/127.0.0.1:"
+                        f"{backend if forward else exposed}{server_query}", env=env)
+                    wait_port(tunnel)
+                    client = procs.start(
+                        "-m", "nodepass", f"client://bench@127.0.0.1:{tunnel}/127.0.0.1:"
+                        f"{exposed if forward else backend}{client_query}", env=env)
+                    servers[(label, name)] = (server, client)
                 ports[name] = exposed
-                servers[(tls, name)] = (server, client)
                 wait_port(exposed)
             time.sleep(1.5)  # let the pools fill
-            targets[f"tls={tls}"] = ports
-        idle_rss = {label: {n: rss_kib(p.pid) for n, p in zip(("server", "client"), pair,
-                                                                 strict=True)}
-                    for label, pair in servers.items()}
+            targets[label] = ports
+        idle_rss = {key: [rss_kib(p.pid) for p in pair] for key, pair in servers.items()}
         cpu_before = {key: [cpu_seconds(p.pid) for p in pair] for key, pair in servers.items()}
         for label, ports in targets.items():
             row = {}
-            echo_pair = [p.pid for (tls, name), pair in servers.items()
-                         if label == f"tls={tls}" and name == "echo" for p in pair]
+            echo_pair = [p.pid for p in servers.get((label, "echo"), ())]
             for direction, reverse in (("up", False), ("down", True)):
                 row[f"iperf3_{direction}_Gbps"] = iperf3(ports["iperf"], sizes["iperf_s"],
                                                         reverse)
@@ -351,13 +366,13 @@ def run(args: argparse.Namespace) -> dict:
             results["runs"][label] = row
             print(f"measured {label}", file=sys.stderr, flush=True)
         results["processes"] = {
-            f"tls={tls} {name}": {
-                "idle_rss_kib": idle_rss[(tls, name)],
-                "rss_after_kib": {"server": rss_kib(s.pid), "client": rss_kib(c.pid)},
+            f"{label} {name}": {
+                "idle_rss_kib": idle_rss[(label, name)],
+                "rss_after_kib": [rss_kib(p.pid) for p in pair],
                 "cpu_seconds": [round(cpu_seconds(p.pid) - b, 2)
-                                for p, b in zip((s, c), cpu_before[(tls, name)], strict=True)],
+                                for p, b in zip(pair, cpu_before[(label, name)], strict=True)],
             }
-            for (tls, name), (s, c) in servers.items()}
+            for (label, name), pair in servers.items()}
     finally:
         procs.stop()
     return results
@@ -404,9 +419,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (a minute or so)")
     parser.add_argument("--tls", default="0,1", help="TLS modes to measure, e.g. 0,1")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--modes", default="",
+                        help="extra columns: forward (server mode=2, tls=0) and/or single-end "
+                             "(client mode=1), e.g. forward,single-end")
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
-    args.tls = [int(t) for t in args.tls.split(",")]
+    args.tls = [int(t) for t in args.tls.split(",") if t]
+    args.modes = [m for m in args.modes.split(",") if m]
     import resource
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
