@@ -222,11 +222,12 @@ def concurrent(port: int, connections: int, rounds: int = 100) -> tuple[float, i
     return time.perf_counter() - start, results.count(False)
 
 
-def iperf3(port: int, seconds: int, reverse: bool) -> float | None:
-    """Gbit/s from the iperf3 C client, or None when iperf3 is not installed."""
+def iperf3(port: int | None, seconds: int, reverse: bool) -> float | None:
+    """Gbit/s from the iperf3 C client, or None when iperf3 is not installed (or the column
+    has no iperf3 port)."""
     import shutil
 
-    if shutil.which("iperf3") is None:
+    if shutil.which("iperf3") is None or port is None:
         return None
     args = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]
     if reverse:
@@ -316,6 +317,11 @@ def run(args: argparse.Namespace) -> dict:
                                   ("udp", udp_port), ("iperf", iperf)):
                 tunnel, exposed = free_port(), free_port()
                 env = {"MIN_POOL_CAPACITY": "64"}
+                if server_query is None and name == "iperf":
+                    # Single-end opens target connections ahead of users, and iperf3's
+                    # server takes a silent connection for a client that holds it busy.
+                    ports[name] = None
+                    continue
                 if server_query is None:  # single-end: the client alone forwards
                     client = procs.start("-m", "nodepass",
                                          f"client://127.0.0.1:{exposed}/127.0.0.1:{backend}"

@@ -19,6 +19,7 @@ from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
 from nodepass.tunnel import wire
+from nodepass.tunnel.limits import IdleWatch
 from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder
 
 MAX_DATAGRAM = 65535
@@ -57,8 +58,7 @@ class UdpSession:
         self.rate_in, self.rate_out = rate_in, rate_out  # token buckets for rate=
         self.paused = False
         self.ended = False
-        self.last = clock.seconds()
-        self.timer = clock.callLater(idle_timeout, self.expire)
+        self.watch = IdleWatch(clock, idle_timeout, self.close)
         conn.transport.registerProducer(self, True)
 
     # IPushProducer: the tunnel connection's write buffer is full / has room
@@ -100,23 +100,14 @@ class UdpSession:
         self.touch()
 
     def touch(self) -> None:
-        # Cheaper than resetting the timer on every datagram: the timer checks when it fires.
-        self.last = self.clock.seconds()
-
-    def expire(self) -> None:
-        idle = self.clock.seconds() - self.last
-        if idle < self.idle_timeout:
-            self.timer = self.clock.callLater(self.idle_timeout - idle, self.expire)
-            return
-        self.close()
+        self.watch.touch()
 
     def close(self) -> None:
         """End the session: its connection closes, its timer stops (idempotent)."""
         if self.ended:
             return
         self.ended = True
-        if self.timer.active():
-            self.timer.cancel()
+        self.watch.cancel()
         self.conn.close()
         self.on_end(self)
 
