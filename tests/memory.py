@@ -6,7 +6,7 @@ import os
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from nodepass.tunables import Tunables
 from nodepass.tunnel.handshake import ClientHandshake
@@ -24,10 +24,13 @@ class HalfCloseTransport(StringTransport):
         self.write_closed = True
 
 
-def server_tunnel(key: str = "k", **tunables) -> tuple[ServerTunnel, Clock]:
-    clock = Clock()
+def server_tunnel(key: str = "k", controls: dict | None = None,
+                  **tunables) -> tuple[ServerTunnel, Clock]:
+    """A ServerTunnel on a Clock (a MemoryReactorClock when it dials: forward mode)."""
+    controls = controls or {}
+    clock = MemoryReactorClock() if controls.get("mode") == 2 else Clock()
     config = ServerConfig(tunnel=Address("127.0.0.1", 1), target=Address("127.0.0.1", 2),
-                          tunnel_key=key)
+                          tunnel_key=key, **controls)
     tunables.setdefault("report_interval", 1.0)
     return ServerTunnel(clock, config, Tunables(**tunables)), clock
 
@@ -83,7 +86,7 @@ def open_session(tunnel: ServerTunnel, key: str = "k") -> FakeClient:
     control = FakeClient(tunnel, key)
     welcome, *pings = control.authenticate()
     assert welcome.type is Type.WELCOME and all(p.type is Type.PING for p in pings)
-    control.handshake.on_welcome(welcome.payload)
+    control.settings = control.handshake.on_welcome(welcome.payload)
     return control
 
 

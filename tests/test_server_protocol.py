@@ -8,7 +8,14 @@ from nodepass.tunnel.channel import HANDSHAKE_TIMEOUT
 from nodepass.tunnel.control import MISSED_BEATS
 from nodepass.tunnel.server import POOL_WAIT_TIMEOUT
 from nodepass.tunnel.wire import Kind, Proto, Type
-from tests.memory import FakeClient, add_data, connect_user, open_session, server_tunnel
+from tests.memory import (
+    FakeClient,
+    add_data,
+    connect_user,
+    open_session,
+    server_tunnel,
+    transport_for,
+)
 
 
 def messages(events):
@@ -231,3 +238,47 @@ class DataAndUsers(SynchronousTestCase):
         self.assertTrue(idle.closed)
         self.assertFalse(busy.closed)
         self.assertEqual(len(tunnel.flows.relays), 1)
+
+
+class ForwardMode(SynchronousTestCase):
+    """mode=2: the client launches the data connections; the server dials its target."""
+
+    def test_the_session_is_told_and_users_are_not_taken_here(self):
+        tunnel, _ = server_tunnel(controls={"mode": 2})
+        control = open_session(tunnel)
+        self.assertEqual(control.settings["mode"], "forward")
+
+    def test_a_launch_from_the_client_dials_the_target_and_relays(self):
+        tunnel, reactor = server_tunnel(controls={"mode": 2, "proxy": 1})
+        control = open_session(tunnel)
+        data = add_data(tunnel, control, 46001)
+        self.assertEqual(len(tunnel.pool.idle), 1)
+        data.send(wire.launch(Proto.TCP, "203.0.113.9:51000", "127.0.0.1:8080") + b"early")
+        self.assertEqual(len(tunnel.pool.idle), 0)  # launched: out of the pool for good
+        (host, port, factory, _, _), = reactor.tcpClients
+        self.assertEqual((host, port), ("127.0.0.1", 2))
+        target = factory.buildProtocol(None)
+        target_transport = transport_for(2)
+        target.makeConnection(target_transport)
+        # the server's own proxy=1 header, naming the user, then what came with LAUNCH
+        self.assertEqual(target_transport.value(),
+                         b"PROXY TCP4 203.0.113.9 127.0.0.1 51000 8080\r\nearly")
+        target.dataReceived(b"answer")
+        self.assertEqual(data.transport.value(), b"answer")
+        self.assertEqual(tunnel.report().mode, "forward")
+
+    def test_a_launch_in_reverse_mode_closes_the_connection(self):
+        tunnel, _ = server_tunnel()
+        control = open_session(tunnel)
+        data = add_data(tunnel, control, 46001)
+        data.send(wire.launch(Proto.TCP, "203.0.113.9:51000"))
+        self.assertTrue(data.closed)
+
+    def test_notcp_refuses_a_tcp_launch_and_counts_it(self):
+        tunnel, reactor = server_tunnel(controls={"mode": 2, "notcp": 1})
+        control = open_session(tunnel)
+        data = add_data(tunnel, control, 46001)
+        data.send(wire.launch(Proto.TCP, "203.0.113.9:51000"))
+        self.assertEqual(reactor.tcpClients, [])
+        self.assertTrue(data.transport.disconnecting)
+        self.assertEqual(tunnel.report().refused, 1)
