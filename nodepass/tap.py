@@ -161,7 +161,7 @@ def _server(root: RootService, config: ServerConfig, tunables: Tunables,
         # The target listeners start first, and listening on TCP (or UDP) answers at
         # once, so with mode=0 the mode is settled before the tunnel takes a client.
         settle = root.fail if config.mode == 1 else tunnel.cannot_bind_target
-        reverse = lambda: tunnel.mode == REVERSE  # noqa: E731
+        reverse = lambda: tunnel.mode == REVERSE and not root.exit_status  # noqa: E731
         if not config.notcp:
             target = ListenerService(root.reactor, config.target, tunnel.target_factory(),
                                      "target", settle)

@@ -332,7 +332,7 @@ def single_end(root: Any, config: ClientConfig,
         ready.append(listener.listening)
     if not config.noudp:
         UdpListenerService(root.reactor, config.tunnel, forwarder.udp, "single-end",
-                           root.fail).setServiceParent(root)
+                           root.fail, only_if=lambda: not root.exit_status).setServiceParent(root)
     reporter(root.reactor, forwarder.report, tunables.report_interval).setServiceParent(root)
     listening = gatherResults(ready, consumeErrors=True) if ready else succeed([])
     return forwarder.report, listening.addCallbacks(lambda _: True, lambda _: False)
