@@ -218,6 +218,12 @@ class SourceAddress(TestCase):
         seen, _ = await ask_who(exposed)
         self.assertEqual(seen.split(":")[0], "127.0.0.2")  # else 127.0.0.1
 
+    async def test_dial_binds_udp_sessions_too(self):
+        backend = await udp_backend(self, _TellSource())
+        _, _, exposed = await tunnel_pair(self, backend, client_query="?dial=127.0.0.3")
+        p = await peer(self, exposed)
+        self.assertEqual(await p.ask(b"who?"), [b"127.0.0.3"])
+
     def test_an_address_not_of_this_machine_is_refused_at_start(self):
         result = run_nodepass("client://k@127.0.0.1:1/127.0.0.1:2?mode=2&dial=192.0.2.1")
         self.assertEqual(result.returncode, 2)
@@ -227,6 +233,13 @@ class SourceAddress(TestCase):
 
 class _Bound(DatagramProtocol):
     pass
+
+
+class _TellSource(DatagramProtocol):
+    """Answers each datagram with the address it came from."""
+
+    def datagramReceived(self, data, addr):
+        self.transport.write(addr[0].encode(), addr)
 
 
 class Protocols(TestCase):

@@ -12,7 +12,7 @@ from twisted.web.static import Data
 from nodepass.master.service import ApiSite, DeadlineChannel
 from nodepass.tunnel import wire
 from nodepass.tunnel.wire import Type
-from tests.memory import FakeClient, open_session, server_tunnel
+from tests.memory import FakeClient, add_data, open_session, server_tunnel
 
 
 def api_connection():
@@ -80,6 +80,19 @@ class TunnelGarbage(SynchronousTestCase):
             control.send(wire.frame(kind, payload))  # must not raise
         if not control.transport.disconnected:
             self.assertIs(tunnel.session, control.protocol)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=wire.MAX_PAYLOAD[Type.LAUNCH]), st.binary(max_size=300),
+           st.sampled_from([0, 2]))
+    def test_any_launch_on_a_data_connection_in_either_mode(self, payload, after, mode):
+        tunnel, _ = server_tunnel(controls={"mode": mode, "proxy": 2})
+        control = open_session(tunnel)
+        data = add_data(tunnel, control, 46001)
+        data.send(wire.frame(Type.LAUNCH, payload) + after)  # must not raise
+        self.assertIs(tunnel.session, control.protocol)
+        self.assertFalse(control.closed)
+        if mode == 0:  # the server launches; a client's LAUNCH closes the connection
+            self.assertTrue(data.closed)
 
     def test_replayed_handshake_is_refused(self):
         tunnel, _ = server_tunnel()

@@ -84,6 +84,18 @@ class ServerModes(TestCase):
         await check_tcp_and_udp(self, exposed, size=4 * 1024 * 1024)
 
 
+    async def test_a_forward_client_that_cannot_listen_stops_with_the_reason(self):
+        backend = await echo_backend(self)
+        taken = await echo_backend(self)
+        tunnel = free_port()
+        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}?mode=2")
+        await server.wait_for("forward mode")
+        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{taken}")
+        self.assertEqual(await client.ended, 1)
+        self.assertIn(f"cannot listen for target on 127.0.0.1:{taken}: Address already in use",
+                      "\n".join(client.lines))
+
+
 class _Counting(Echo):
     """An echo backend that counts its connections and greets each one first."""
 
