@@ -390,6 +390,9 @@ class HistoryAndMetrics(TestCase):
               if s.labels["id"] == server["id"] and s.labels["status"] == "running"]
         self.assertEqual(up[0].value, 1)
         self.assertIn("nodepass_master_uptime_seconds", families)
+        refused = [s for s in families["nodepass_instance_refused"].samples
+                   if s.labels["id"] == server["id"] and s.name.endswith("_total")]
+        self.assertEqual(refused[0].value, (await api.ok("GET", path))["refused"])
 
         # tag filter and info
         tagged = await api.ok("GET", "/instances?tag=env:test")

@@ -37,6 +37,10 @@ class _Collector:
                                    labels=[*labels, "status"])
         restarts = CounterMetricFamily("nodepass_instance_restarts",
                                        "Automatic restarts", labels=labels)
+        refused = CounterMetricFamily("nodepass_instance_refused",
+                                      "Connections and UDP sessions refused by the slot limit "
+                                      "(or notcp/noudp) since the instance started",
+                                      labels=labels)
         for instance in registry.instances.values():
             data = registry.describe(instance)
             values = [instance.id, instance.type, instance.alias or ""]
@@ -51,7 +55,8 @@ class _Collector:
             for name in STATUSES:
                 status.add_metric([*values, name], 1 if data["status"] == name else 0)
             restarts.add_metric(values, data["restarts"])
-        yield from (traffic, connections, udp_sessions, pool, ping, status, restarts)
+            refused.add_metric(values, data["refused"])
+        yield from (traffic, connections, udp_sessions, pool, ping, status, restarts, refused)
 
         uptime = GaugeMetricFamily("nodepass_master_uptime_seconds", "Seconds since start")
         uptime.add_metric([], registry.reactor.seconds() - registry.started_at)
