@@ -55,6 +55,14 @@ class ServerModes(TestCase):
         await client.wait_for("server is in forward mode")
         await check_tcp_and_udp(self, exposed)
 
+    async def test_mode_0_is_forward_when_the_target_is_not_an_address_here(self):
+        # 192.0.2.1 (TEST-NET-1) is on no interface: nothing is ever sent to it here.
+        server = spawn(self, f"server://k@127.0.0.1:{free_port()}/192.0.2.1:5432")
+        await server.wait_for("mode=0: cannot listen for target on 192.0.2.1:5432: Cannot "
+                              "assign requested address: so forward mode")
+        await server.wait_for("forward mode: users connect to the client's target address; "
+                              "this server dials 192.0.2.1:5432")
+
     async def test_mode_0_is_reverse_when_the_target_is_free(self):
         backend = await tcp_and_udp_echo(self)
         tunnel, exposed = free_port(), free_port()

@@ -261,6 +261,7 @@ class ClientTunnel(MultiService):
         self.egress = Egress(self.flows, dialer, config.proxy, config.notcp, config.noudp)
         self.ingress = Ingress(self.flows, self.pool, self._unavailable, config.proxy)
         self.forward = False  # the server's mode, learnt in each session's WELCOME
+        self.mode = ""  # reverse or forward, once a session said which
         self.listeners: list[Service] = []
         self.stopping = False
         self._auth_throttle = logs.Throttle(reactor, 60.0)
@@ -283,6 +284,7 @@ class ClientTunnel(MultiService):
         conn.control.start()
         self.pool.start(max_pool if isinstance(max_pool, int) and max_pool > 0 else None)
         self._set_forward(settings.get("mode") == "forward")
+        self.mode = "forward" if self.forward else "reverse"
         tls = conn.handshake.tls_mode
         self.log.info("connected to server {peer}: tunnel session open ({how})", peer=conn.peer,
                       how=f"tls={tls}, certificate {fingerprint_text(conn.handshake.binding)}"
@@ -395,7 +397,7 @@ class ClientTunnel(MultiService):
         control = self.session.control if self.session is not None else None
         return snapshot("connected" if control is not None else "connecting", len(self.pool.idle),
                         control.rtt_ms if control is not None else None, self.flows,
-                        "forward" if self.forward else "reverse")
+                        self.mode)
 
     def startService(self) -> None:
         if self.config.tunnel_key is None:
