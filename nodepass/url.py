@@ -417,12 +417,28 @@ def parse(text: str) -> Config:
         _check_readable("ca", values["ca"])
     if values.get("notcp") and values.get("noudp"):
         raise URLError("query: notcp=1 and noudp=1 together leave nothing to carry")
+    _check_dial_family(values.get("dial", "auto"), targets)
     if scheme == "server" and values.get("mode") == 1 and len(targets) > 1:
         raise URLError("target address: a server in mode=1 listens on its target, so it takes "
                        "one address (a list is for dialing: mode=2 or mode=0)")
     cls = ServerConfig if scheme == "server" else ClientConfig
     return cls(tunnel=tunnel, target=targets[0], more_targets=targets[1:], tunnel_key=key,
                **values)
+
+
+def _check_dial_family(dial: str, targets: tuple[Address, ...]) -> None:
+    """A source address of one IP family cannot reach a target of the other."""
+    if dial == "auto":
+        return
+    version = ipaddress.ip_address(dial).version
+    for target in targets:
+        try:
+            other = ipaddress.ip_address(target.host).version
+        except ValueError:
+            continue  # a name: it may resolve to either family
+        if other != version:
+            raise URLError(f"query: dial={dial} is IPv{version} but target {target} is "
+                           f"IPv{other}; use auto or an IPv{other} address")
 
 
 def _parse_targets(text: str) -> tuple[Address, ...]:
