@@ -60,7 +60,6 @@ class PreOpened(LocalConnection):
     def __init__(self, pool: TargetPool) -> None:
         self.pool = pool
         self.early = b""
-        self.eof = False
 
     def before_relay_data(self, data: bytes) -> None:
         self.early += data
@@ -68,8 +67,9 @@ class PreOpened(LocalConnection):
             self.transport.pauseProducing()
 
     def before_relay_eof(self) -> None:
-        self.eof = True
+        # The target gave up on it while it waited (an idle timeout): no user may get it.
         self.pool.discard(self)
+        self.transport.loseConnection()
 
     def before_relay_lost(self, reason: Failure) -> None:
         self.pool.discard(self)
@@ -287,8 +287,7 @@ class DirectForwarder(Service):
         user.attempt = None
         header = proxy_header(self.config.proxy, peer_of(user.transport),
                               host_of(user.transport), target.transport.getPeer())
-        self.flows.join(user, target, to_conn=header, conn_pending=target.early,
-                        conn_eof=target.eof)
+        self.flows.join(user, target, to_conn=header, conn_pending=target.early)
 
     def _failed(self, user: DirectUser, reason: Failure) -> None:
         self.flows.pending -= 1
