@@ -5,6 +5,7 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
@@ -131,6 +132,19 @@ class _OneName(ResolverBase):
         return succeed(([answer], [], []))
 
 
+async def udp_echo_on_both_loopbacks(case):
+    """A UDP echo on 127.0.0.1 and ::1 with one port number: whichever "localhost" is."""
+    for _ in range(20):
+        port = await udp_backend(case, UdpEcho())
+        try:
+            listening = reactor.listenUDP(port, UdpEcho(), interface="::1")
+        except OSError:
+            continue
+        case.addCleanup(listening.stopListening)
+        return port
+    raise AssertionError("no UDP port free on both loopbacks")
+
+
 UDP_ENV = {"UDP_READ_TIMEOUT": "1s", "REPORT_INTERVAL": "200ms"}
 
 
@@ -196,6 +210,25 @@ class EndToEnd(TestCase):
         resolver = dns_client.Resolver(servers=[("127.0.0.1", exposed)])
         answers, _, _ = await resolver.lookupAddress("host.example.test", timeout=[3, 5])
         self.assertEqual([a.payload.dottedQuad() for a in answers], ["192.0.2.7"])
+
+    async def test_a_target_given_by_name(self):
+        backend = await udp_echo_on_both_loopbacks(self)
+        _, _, exposed = await tunnel_pair(self, 0, client_target=f"localhost:{backend}",
+                                          **UDP_ENV)
+        p = await peer(self, exposed)
+        for n in range(5):
+            self.assertEqual(await p.ask(b"by name %d" % n), [b"by name %d" % n])
+
+    async def test_a_name_that_does_not_resolve_ends_the_session_only(self):
+        backend = await udp_backend(self, UdpEcho())
+        _, client, exposed = await tunnel_pair(
+            self, 0, client_target=f"no-such-host.invalid:53,127.0.0.1:{backend}", **UDP_ENV)
+        first = await peer(self, exposed)
+        first.transport.write(b"to the name")  # the first session goes to the first target
+        await client.wait_for("cannot reach UDP target no-such-host.invalid:53")
+        other = await peer(self, exposed)  # a new source: a new session, the next target
+        self.assertEqual(await other.ask(b"next"), [b"next"])
+        self.assertTrue(client.running)
 
     async def test_icmp_unreachable_does_not_kill_the_client(self):
         nobody = free_port()

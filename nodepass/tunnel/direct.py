@@ -26,7 +26,7 @@ from nodepass.endpoints import ListenerService, UdpListenerService, describe_fai
 from nodepass.stats import Report, snapshot
 from nodepass.tunables import Tunables
 from nodepass.tunnel.channel import QuietFactory, peer_of, tune
-from nodepass.tunnel.egress import LocalConnection, proxy_header
+from nodepass.tunnel.egress import LocalConnection, open_udp_target, proxy_header
 from nodepass.tunnel.flows import Flows
 from nodepass.tunnel.ingress import host_of
 from nodepass.tunnel.limits import IdleWatch
@@ -167,12 +167,9 @@ class DirectUdpSession:
         self.reply = reply
         self.on_end = on_end
         self.ended = False
-        target = forwarder.dialer.udp_target()
-        interface = forwarder.dialer.source or ("::" if target.is_ipv6 else "")
-        self.port = flows.clock.listenUDP(0, self.local, interface=interface)
-        self.local.transport.connect(target.host, target.port)
         self.watch = IdleWatch(flows.clock, flows.udp_timeout, self.close)
         self.max_size = flows.tunables.udp_data_buf_size
+        open_udp_target(flows, forwarder.dialer, self.local, forwarder.dialer.udp_target())
 
     def forward(self, data: bytes) -> None:
         """A datagram from the source, for the target."""
@@ -182,10 +179,7 @@ class DirectUdpSession:
             return
         self.flows.traffic.add_udp_in(len(data))
         self.watch.touch()
-        try:
-            self.local.transport.write(data)
-        except OSError:
-            self.flows.udp_drops.overload += 1
+        self.local.send(data)
 
     def to_tunnel(self, data: bytes) -> None:
         """A datagram from the target (LocalUdp's name for it), for the source."""
@@ -205,7 +199,7 @@ class DirectUdpSession:
             return
         self.ended = True
         self.watch.cancel()
-        self.port.stopListening()
+        self.local.close()
         self.on_end(self)
 
 
@@ -233,12 +227,10 @@ class DirectUdp(DatagramProtocol):
                     f"UDP from {Address(addr[0], addr[1])}"):
                 self.flows.udp_drops.overload += 1
                 return
-            try:
-                session = DirectUdpSession(self.forwarder,
-                                           lambda reply: self.transport.write(reply, addr),
-                                           lambda s: self._ended(addr, s))
-            except (OSError, ValueError) as e:
-                self.flows.warn(f"cannot reach UDP target: {e}")
+            session = DirectUdpSession(self.forwarder,
+                                       lambda reply: self.transport.write(reply, addr),
+                                       lambda s: self._ended(addr, s))
+            if session.ended:  # its target could not be opened
                 return
             self.sessions[addr] = session
             self.flows.udp_sessions.add(session)

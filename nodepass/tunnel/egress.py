@@ -14,13 +14,14 @@ from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
 from nodepass import proxyproto
-from nodepass.endpoints import describe_failure
+from nodepass.endpoints import describe_failure, resolve_host
 from nodepass.tunnel.channel import QuietFactory, tune
 from nodepass.tunnel.flows import Flows
 from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.targets import TargetDialer
 from nodepass.tunnel.udp import LocalUdp, carry_datagrams
 from nodepass.tunnel.wire import Launch, Proto
+from nodepass.url import Address
 
 
 class LocalConnection(RelayProtocol):
@@ -82,23 +83,34 @@ class Egress:
         conn.abort()
 
     def _udp(self, conn: Any, launch: Launch) -> None:
-        """A UDP session: a connected UDP socket to the target carries its datagrams."""
+        """A UDP session: a UDP socket connected to the target carries its datagrams
+        (a target host name is resolved first; datagrams wait for it, bounded)."""
         target = self.dialer.udp_target()
         local = LocalUdp()
-        reactor = self.flows.clock
-        try:
-            interface = self.dialer.source or ("::" if target.is_ipv6 else "")
-            port = reactor.listenUDP(0, local, interface=interface)
-            local.transport.connect(target.host, target.port)
-        except (OSError, ValueError) as e:
-            self.flows.warn(f"cannot reach UDP target {target}: {e}")
-            conn.abort()
-            return
-        session = self.flows.udp_session(conn, local.transport.write,
-                                         lambda s: port.stopListening())
+        session = self.flows.udp_session(conn, local.send, lambda s: local.close())
         local.session = session
         carry_datagrams(conn, session)
         self.flows.log.debug("UDP session for {source}", source=launch.source)
+        open_udp_target(self.flows, self.dialer, local, target)
+
+
+def open_udp_target(flows: Flows, dialer: TargetDialer, local: LocalUdp,
+                    target: Address) -> None:
+    """Resolve ``target`` and open ``local`` to it; on failure end its session."""
+
+    def opened(ip: str) -> None:
+        if local.session.ended:
+            return
+        try:
+            local.open(flows.clock, ip, target.port, dialer.source)
+        except (OSError, ValueError) as e:
+            failed(Failure(e))
+
+    def failed(reason: Failure) -> None:
+        flows.warn(f"cannot reach UDP target {target}: {describe_failure(reason)}")
+        local.session.close()
+
+    resolve_host(flows.clock, target.host).addCallbacks(opened, failed)
 
 
 def _targets(dialer: TargetDialer) -> str:

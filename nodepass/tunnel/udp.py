@@ -23,6 +23,7 @@ from nodepass.tunnel.limits import IdleWatch
 from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder
 
 MAX_DATAGRAM = 65535
+PENDING_LIMIT = 64  # datagrams kept for a target whose socket is not open yet
 
 
 class UdpCounters:
@@ -122,10 +123,42 @@ def carry_datagrams(conn: Any, session: UdpSession) -> None:
 
 
 class LocalUdp(DatagramProtocol):
-    """The client's connected UDP socket to its local target, for one session."""
+    """The UDP socket one session sends to its target from, connected to the target.
+
+    The target may be a host name: datagrams for it wait (up to PENDING_LIMIT, then
+    dropped) while the name resolves and the socket opens.
+    """
 
     def __init__(self) -> None:
-        self.session: UdpSession | None = None
+        self.session: Any = None
+        self.pending: list[bytes] | None = []  # None once open
+        self.port: Any = None
+
+    def open(self, reactor: Any, ip: str, port: int, source: str | None) -> None:
+        """Bind (to ``source`` if given) and connect to ``ip``:``port``; may raise OSError."""
+        interface = source or ("::" if ":" in ip else "")
+        self.port = reactor.listenUDP(0, self, interface=interface)
+        self.transport.connect(ip, port)
+        pending, self.pending = self.pending or [], None
+        for payload in pending:
+            self.send(payload)
+
+    def send(self, payload: bytes) -> None:
+        """A datagram for the target."""
+        if self.pending is not None:
+            if len(self.pending) < PENDING_LIMIT:
+                self.pending.append(payload)
+            return
+        try:
+            self.transport.write(payload)
+        except OSError:
+            pass  # as a lost datagram: UDP goes on
+
+    def close(self) -> None:
+        self.pending = None
+        if self.port is not None:
+            port, self.port = self.port, None
+            port.stopListening()
 
     def startProtocol(self) -> None:
         self.transport.maxPacketSize = MAX_DATAGRAM + 1
