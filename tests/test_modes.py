@@ -44,8 +44,8 @@ class ServerModes(TestCase):
         await server.wait_for("forward mode: users connect to the client's target address")
         self.assertEqual(server.count("target listening"), 0)
         client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
-        await client.wait_for("server is in forward mode")
-        await client.wait_for(f"target receiving UDP on 127.0.0.1:{exposed}")
+        await client.wait_for(f"target receiving UDP on 127.0.0.1:{exposed}")  # last to start
+        self.assertEqual(client.count("server is in forward mode"), 1)
         await check_tcp_and_udp(self, exposed)
         await server.wait_for("mode=forward")  # its reports say so too
 
@@ -56,7 +56,8 @@ class ServerModes(TestCase):
         await server.wait_for(f"mode=0: cannot listen for target on 127.0.0.1:{backend}: "
                               "Address already in use: so forward mode")
         client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
-        await client.wait_for("server is in forward mode")
+        await client.wait_for(f"target receiving UDP on 127.0.0.1:{exposed}")  # last to start
+        self.assertEqual(client.count("server is in forward mode"), 1)
         await check_tcp_and_udp(self, exposed)
 
     async def test_mode_0_is_forward_when_the_target_is_not_an_address_here(self):
@@ -92,7 +93,8 @@ class ServerModes(TestCase):
                        **UDP_ENV)
         await server.wait_for("forward mode")  # before the client: else it may go single-end
         client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
-        await client.wait_for("server is in forward mode")
+        await client.wait_for(f"target receiving UDP on 127.0.0.1:{exposed}")  # last to start
+        self.assertEqual(client.count("server is in forward mode"), 1)
         await check_tcp_and_udp(self, exposed, size=4 * 1024 * 1024)
 
 
@@ -180,6 +182,7 @@ class ClientModes(TestCase):
         listen_port = free_port()
         client = spawn(self, f"client://127.0.0.1:{listen_port}/127.0.0.1:{backend}")
         await client.wait_for("single-end mode: forwarding")
+        await client.wait_for(f"single-end listening on 127.0.0.1:{listen_port}")
         result = await exchange(listen_port, iter([b"direct"]))
         self.assertEqual(bytes(result.received), b"direct")
 

@@ -86,21 +86,18 @@ class Flows:
             self.relays.discard(finished)
 
         relay: Any
-        if (self.rate is None and getattr(conn, "stream", None) is None
-                and not getattr(conn, "unflushed", False)
-                and splice.plain_tcp(conn.transport) and splice.plain_tcp(local.transport)):
+        if self._may_splice(local, conn):
             head = to_local + conn_pending
             sent_conn = splice.send_now(conn.transport, to_conn) if to_conn else 0
             sent_local = splice.send_now(local.transport, head) if head else 0
+            count_out(len(conn_pending))
             if sent_conn == len(to_conn) and sent_local == len(head):
-                count_out(len(conn_pending))
                 relay = splice.SpliceRelay(self.clock, local, conn, count_in, count_out, ended)
                 self.relays.add(relay)
                 relay.start(b_eof=conn_eof)
                 return
-            to_conn, to_local = to_conn[sent_conn:], head[sent_local:]
-            count_out(len(conn_pending))
-            conn_pending = b""
+            # What did not go at once goes through Twisted, and the ordinary relay follows.
+            to_conn, to_local, conn_pending = to_conn[sent_conn:], head[sent_local:], b""
         if to_conn:
             conn.transport.write(to_conn)
         if to_local:
@@ -111,6 +108,13 @@ class Flows:
                       self.clock)
         self.relays.add(relay)
         relay.start(b_pending=conn_pending, b_eof=conn_eof)
+
+    def _may_splice(self, local: RelayProtocol, conn: Any) -> bool:
+        """Both plain TCP with nothing in Twisted's buffers, and no rate to apply (splice
+        moves bytes without Python seeing them)."""
+        return (self.rate is None and getattr(conn, "stream", None) is None
+                and not getattr(conn, "unflushed", False)
+                and splice.plain_tcp(conn.transport) and splice.plain_tcp(local.transport))
 
     def _idle(self, relay: Any) -> None:
         self.log.debug("closing a connection idle for read={t:g}s", t=self.read_timeout)
@@ -148,7 +152,7 @@ class Flows:
 
 def _touching(count: Callable[[int], None], watch: IdleWatch) -> Callable[[int], None]:
     def counted(n: int) -> None:
-        watch.last = watch.clock.seconds()
+        watch.touch()
         count(n)
 
     return counted
