@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from nodepass import proxyproto
 from nodepass.tunnel.limits import MIN_BURST, IdleWatch, TokenBucket, Valve, slot_limit
 from nodepass.tunnel.targets import TargetDialer, TargetsUnreachableError
-from nodepass.tunnel.udp import UdpCounters, UdpSession
+from nodepass.tunnel.udp import UdpCounters, tunnel_session
 from nodepass.url import Address
 from tests.memory import transport_for
 
@@ -185,7 +185,7 @@ class UdpRate(SynchronousTestCase):
     def test_datagrams_over_the_rate_are_dropped_both_ways(self):
         clock, drops, delivered = Clock(), UdpCounters(), []
         rate_in, rate_out = TokenBucket(clock, 1000.0), TokenBucket(clock, 1000.0)
-        session = UdpSession(clock, _Conn(), delivered.append, 60.0, 65535, lambda n: None,
+        session = tunnel_session(clock, _Conn(), delivered.append, 60.0, 65535, lambda n: None,
                              lambda n: None, drops, lambda s: None, rate_in, rate_out)
         big = b"x" * 40_000
         self.assertTrue(session.to_tunnel(big))

@@ -15,7 +15,7 @@ from twisted.names.common import ResolverBase
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nodepass.tunnel import wire
-from nodepass.tunnel.udp import UdpCounters, UdpSession
+from nodepass.tunnel.udp import UdpCounters, tunnel_session
 from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder, Type
 from tests.integration import UdpEcho, free_port, peer, sleep, tunnel_pair, udp_backend
 from tests.memory import transport_for
@@ -59,7 +59,7 @@ class Sessions(SynchronousTestCase):
         self.ended = []
         self.drops = UdpCounters()
         self.counts = {"in": 0, "out": 0}
-        self.session = UdpSession(
+        self.session = tunnel_session(
             self.clock, self.conn, self.delivered.append, 5.0, 1000,
             lambda n: self.counts.__setitem__("in", self.counts["in"] + n),
             lambda n: self.counts.__setitem__("out", self.counts["out"] + n),

@@ -29,10 +29,9 @@ from nodepass.tunnel.channel import QuietFactory, peer_of, tune
 from nodepass.tunnel.egress import LocalConnection, open_udp_target, proxy_header
 from nodepass.tunnel.flows import Flows
 from nodepass.tunnel.ingress import host_of
-from nodepass.tunnel.limits import IdleWatch
 from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.targets import TargetDialer
-from nodepass.tunnel.udp import MAX_DATAGRAM, LocalUdp
+from nodepass.tunnel.udp import MAX_DATAGRAM, LocalUdp, UdpSession
 from nodepass.url import Address, ClientConfig
 
 EARLY_LIMIT = 64 * 1024  # bytes a pre-opened target connection may send before its user
@@ -155,61 +154,13 @@ class DirectUser(RelayProtocol):
             self.attempt.cancel()
 
 
-class DirectUdpSession:
-    """One UDP source's session: a connected socket to the target."""
-
-    def __init__(self, forwarder: DirectForwarder, reply: Callable[[bytes], None],
-                 on_end: Callable[[DirectUdpSession], None]) -> None:
-        flows = forwarder.flows
-        self.flows = flows
-        self.local = LocalUdp()
-        self.local.session = self
-        self.reply = reply
-        self.on_end = on_end
-        self.ended = False
-        self.watch = IdleWatch(flows.clock, flows.udp_timeout, self.close)
-        self.max_size = flows.tunables.udp_data_buf_size
-        open_udp_target(flows, forwarder.dialer, self.local, forwarder.dialer.udp_target())
-
-    def forward(self, data: bytes) -> None:
-        """A datagram from the source, for the target."""
-        rate = self.flows.rate
-        if rate is not None and not rate.inbound.try_take(len(data)):
-            self.flows.udp_drops.overload += 1
-            return
-        self.flows.traffic.add_udp_in(len(data))
-        self.watch.touch()
-        self.local.send(data)
-
-    def to_tunnel(self, data: bytes) -> None:
-        """A datagram from the target (LocalUdp's name for it), for the source."""
-        if len(data) > self.max_size:
-            self.flows.udp_drops.oversize += 1
-            return
-        rate = self.flows.rate
-        if rate is not None and not rate.outbound.try_take(len(data)):
-            self.flows.udp_drops.overload += 1
-            return
-        self.flows.traffic.add_udp_out(len(data))
-        self.watch.touch()
-        self.reply(data)
-
-    def close(self) -> None:
-        if self.ended:
-            return
-        self.ended = True
-        self.watch.cancel()
-        self.local.close()
-        self.on_end(self)
-
-
 class DirectUdp(DatagramProtocol):
     """The UDP socket on the tunnel address: one session per source."""
 
     def __init__(self, forwarder: DirectForwarder) -> None:
         self.forwarder = forwarder
         self.flows = forwarder.flows
-        self.sessions: dict[tuple[str, int], DirectUdpSession] = {}
+        self.sessions: dict[tuple[str, int], UdpSession] = {}
 
     def startProtocol(self) -> None:
         self.transport.maxPacketSize = MAX_DATAGRAM + 1
@@ -227,17 +178,28 @@ class DirectUdp(DatagramProtocol):
                     f"UDP from {Address(addr[0], addr[1])}"):
                 self.flows.udp_drops.overload += 1
                 return
-            session = DirectUdpSession(self.forwarder,
-                                       lambda reply: self.transport.write(reply, addr),
-                                       lambda s: self._ended(addr, s))
+            session = self._open(addr)
             if session.ended:  # its target could not be opened
                 return
             self.sessions[addr] = session
-            self.flows.udp_sessions.add(session)
-        session.forward(data)
+        session.to_tunnel(data)
 
-    def _ended(self, addr: tuple[str, int], session: DirectUdpSession) -> None:
-        self.flows.udp_sessions.discard(session)
+    def _open(self, addr: tuple[str, int]) -> UdpSession:
+        """A session for a new source: the far side is a socket connected to the target."""
+        local = LocalUdp()
+
+        def ended(session: UdpSession) -> None:
+            local.close()
+            self._ended(addr, session)
+
+        session = self.flows.direct_udp_session(
+            local.send, lambda reply: self.transport.write(reply, addr), ended)
+        local.received = session.from_tunnel
+        dialer = self.forwarder.dialer
+        open_udp_target(self.flows, dialer, local, dialer.udp_target(), session)
+        return session
+
+    def _ended(self, addr: tuple[str, int], session: UdpSession) -> None:
         if self.sessions.get(addr) is session:
             del self.sessions[addr]
 

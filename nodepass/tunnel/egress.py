@@ -19,7 +19,7 @@ from nodepass.tunnel.channel import QuietFactory, tune
 from nodepass.tunnel.flows import Flows
 from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.targets import TargetDialer
-from nodepass.tunnel.udp import LocalUdp, carry_datagrams
+from nodepass.tunnel.udp import LocalUdp, UdpSession, carry_datagrams
 from nodepass.tunnel.wire import Launch, Proto
 from nodepass.url import Address
 
@@ -88,18 +88,18 @@ class Egress:
         target = self.dialer.udp_target()
         local = LocalUdp()
         session = self.flows.udp_session(conn, local.send, lambda s: local.close())
-        local.session = session
+        local.received = session.to_tunnel
         carry_datagrams(conn, session)
         self.flows.log.debug("UDP session for {source}", source=launch.source)
-        open_udp_target(self.flows, self.dialer, local, target)
+        open_udp_target(self.flows, self.dialer, local, target, session)
 
 
-def open_udp_target(flows: Flows, dialer: TargetDialer, local: LocalUdp,
-                    target: Address) -> None:
-    """Resolve ``target`` and open ``local`` to it; on failure end its session."""
+def open_udp_target(flows: Flows, dialer: TargetDialer, local: LocalUdp, target: Address,
+                    session: UdpSession) -> None:
+    """Resolve ``target`` and open ``local`` to it; on failure end ``session``."""
 
     def opened(ip: str) -> None:
-        if local.session.ended:
+        if session.ended:
             return
         try:
             local.open(flows.clock, ip, target.port, dialer.source)
@@ -108,7 +108,7 @@ def open_udp_target(flows: Flows, dialer: TargetDialer, local: LocalUdp,
 
     def failed(reason: Failure) -> None:
         flows.warn(f"cannot reach UDP target {target}: {describe_failure(reason)}")
-        local.session.close()
+        session.close()
 
     resolve_host(flows.clock, target.host).addCallbacks(opened, failed)
 

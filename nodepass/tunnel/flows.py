@@ -10,6 +10,7 @@ splice(2) fast path when it can.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -20,7 +21,7 @@ from nodepass.tunables import Tunables
 from nodepass.tunnel import splice
 from nodepass.tunnel.limits import IdleWatch, RateLimit, slot_limit
 from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
-from nodepass.tunnel.udp import UdpCounters, UdpSession
+from nodepass.tunnel.udp import UdpCounters, UdpSession, tunnel_session
 from nodepass.url import DEFAULT_SLOT
 
 
@@ -126,17 +127,25 @@ class Flows:
                     on_end: Callable[[UdpSession], None]) -> UdpSession:
         """A UDP session over tunnel connection ``conn``; ``deliver`` sends a datagram
         to this end's UDP peer."""
-        tunables = self.tunables
+        return self._udp_session(partial(tunnel_session, self.clock, conn), deliver, on_end)
+
+    def direct_udp_session(self, send: Callable[[bytes], None],
+                           deliver: Callable[[bytes], None],
+                           on_end: Callable[[UdpSession], None]) -> UdpSession:
+        """A single-end UDP session: ``send`` reaches the target, ``deliver`` the user."""
+        return self._udp_session(partial(UdpSession, self.clock, send), deliver, on_end)
+
+    def _udp_session(self, make: Callable[..., UdpSession], deliver: Callable[[bytes], None],
+                     on_end: Callable[[UdpSession], None]) -> UdpSession:
         rate = self.rate
 
         def ended(session: UdpSession) -> None:
             self.udp_sessions.discard(session)
             on_end(session)
 
-        session = UdpSession(self.clock, conn, deliver, self.udp_timeout,
-                             tunables.udp_data_buf_size, self.traffic.add_udp_in,
-                             self.traffic.add_udp_out, self.udp_drops, ended,
-                             rate.inbound if rate else None, rate.outbound if rate else None)
+        session = make(deliver, self.udp_timeout, self.tunables.udp_data_buf_size,
+                       self.traffic.add_udp_in, self.traffic.add_udp_out, self.udp_drops, ended,
+                       rate.inbound if rate else None, rate.outbound if rate else None)
         self.udp_sessions.add(session)
         return session
 

@@ -36,20 +36,22 @@ class UdpCounters:
 
 @implementer(IPushProducer)
 class UdpSession:
-    """One UDP peer's session over one launched data connection.
+    """One UDP peer's session: its datagrams go to the far side through ``send``
+    (``to_tunnel``), the far side's come back through ``from_tunnel`` to ``deliver``.
 
-    It is registered as the producer of the data connection's transport: while
-    that transport's buffer is full, ``pauseProducing`` is called and datagrams
-    bound for the tunnel are dropped (counted) instead of queued.
+    The far side is a launched tunnel connection (see :func:`tunnel_session`), or
+    in single-end mode the target's socket.  As a push producer it hears when the
+    far side's buffer is full: datagrams for it are then dropped (counted), never
+    queued.
     """
 
-    def __init__(self, clock: Any, conn: Any, deliver: Callable[[bytes], None],
-                 idle_timeout: float, max_size: int, count_in: Callable[[int], None],
-                 count_out: Callable[[int], None], drops: UdpCounters,
-                 on_end: Callable[[UdpSession], None], rate_in: Any = None,
-                 rate_out: Any = None) -> None:
+    def __init__(self, clock: Any, send: Callable[[bytes], None],
+                 deliver: Callable[[bytes], None], idle_timeout: float, max_size: int,
+                 count_in: Callable[[int], None], count_out: Callable[[int], None],
+                 drops: UdpCounters, on_end: Callable[[UdpSession], None],
+                 rate_in: Any = None, rate_out: Any = None) -> None:
         self.clock = clock
-        self.conn = conn
+        self.send = send
         self.deliver = deliver
         self.idle_timeout = idle_timeout
         self.max_size = max_size
@@ -60,9 +62,8 @@ class UdpSession:
         self.paused = False
         self.ended = False
         self.watch = IdleWatch(clock, idle_timeout, self.close)
-        conn.transport.registerProducer(self, True)
 
-    # IPushProducer: the tunnel connection's write buffer is full / has room
+    # IPushProducer: the far side's write buffer is full / has room
     def pauseProducing(self) -> None:
         self.paused = True
 
@@ -73,7 +74,7 @@ class UdpSession:
         self.paused = True
 
     def to_tunnel(self, payload: bytes) -> bool:
-        """A datagram from this end's target side; False when it was dropped."""
+        """A datagram from this end's peer, for the far side; False when it was dropped."""
         if self.ended:
             return False
         if len(payload) > self.max_size:
@@ -84,12 +85,12 @@ class UdpSession:
             self.drops.overload += 1
             return False
         self.count_in(len(payload))
-        self.conn.transport.write(wire.datagram(payload))
+        self.send(payload)
         self.touch()
         return True
 
     def from_tunnel(self, payload: bytes) -> None:
-        """A datagram from the other end, for this end's target side."""
+        """A datagram from the far side, for this end's peer."""
         if len(payload) > self.max_size:
             self.drops.oversize += 1  # the other end's limit is larger than ours
             return
@@ -104,13 +105,31 @@ class UdpSession:
         self.watch.touch()
 
     def close(self) -> None:
-        """End the session: its connection closes, its timer stops (idempotent)."""
+        """End the session: its timer stops, ``on_end`` is called (idempotent)."""
         if self.ended:
             return
         self.ended = True
         self.watch.cancel()
-        self.conn.close()
         self.on_end(self)
+
+
+def tunnel_session(clock: Any, conn: Any, deliver: Callable[[bytes], None],
+                   idle_timeout: float, max_size: int, count_in: Callable[[int], None],
+                   count_out: Callable[[int], None], drops: UdpCounters,
+                   on_end: Callable[[UdpSession], None], rate_in: Any = None,
+                   rate_out: Any = None) -> UdpSession:
+    """A session over a launched tunnel connection: DATAGRAM frames to it, its
+    backpressure heard, and the connection closed when the session ends."""
+
+    def ended(session: UdpSession) -> None:
+        conn.close()
+        on_end(session)
+
+    session = UdpSession(clock, lambda payload: conn.transport.write(wire.datagram(payload)),
+                         deliver, idle_timeout, max_size, count_in, count_out, drops, ended,
+                         rate_in, rate_out)
+    conn.transport.registerProducer(session, True)
+    return session
 
 
 def carry_datagrams(conn: Any, session: UdpSession) -> None:
@@ -123,14 +142,15 @@ def carry_datagrams(conn: Any, session: UdpSession) -> None:
 
 
 class LocalUdp(DatagramProtocol):
-    """The UDP socket one session sends to its target from, connected to the target.
+    """The UDP socket one session sends to its target from, connected to the target;
+    what the target answers goes to ``received``.
 
     The target may be a host name: datagrams for it wait (up to PENDING_LIMIT, then
     dropped) while the name resolves and the socket opens.
     """
 
     def __init__(self) -> None:
-        self.session: Any = None
+        self.received: Callable[[bytes], Any] | None = None
         self.pending: list[bytes] | None = []  # None once open
         self.port: Any = None
 
@@ -164,8 +184,8 @@ class LocalUdp(DatagramProtocol):
         self.transport.maxPacketSize = MAX_DATAGRAM + 1
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        if self.session is not None:
-            self.session.to_tunnel(data)
+        if self.received is not None:
+            self.received(data)
 
     def connectionRefused(self) -> None:
         """ICMP port unreachable: the target is not there (yet); UDP goes on."""
