@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -35,12 +36,26 @@ BACKLOG = 4096
 DIAL_TIMEOUT = 10.0
 
 
-def _is_ip(host: str) -> bool:
+def is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
     except ValueError:
         return False
     return True
+
+
+def bind_problem(host: str, port: int = 0) -> str | None:
+    """Why this machine cannot bind a TCP socket to ``host`` (an IP) and ``port`` now,
+    or None when it can.  SO_REUSEADDR as Twisted's listeners set it, so only a live
+    listener or a foreign address is a problem."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
 
 
 def listen_endpoint(reactor: Any, address: Address, tls: Any = None) -> Any:
@@ -58,7 +73,7 @@ def dial_endpoint(reactor: Any, address: Address, timeout: float = DIAL_TIMEOUT,
     ``bind_address`` the socket is bound to that source address first."""
     if address.is_ipv6:
         return TCP6ClientEndpoint(reactor, address.host, address.port, timeout, bind_address)
-    if _is_ip(address.host):
+    if is_ip(address.host):
         return TCP4ClientEndpoint(reactor, address.host, address.port, timeout, bind_address)
     return HostnameEndpoint(reactor, address.host.encode("idna"), address.port, timeout,
                             bind_address)
@@ -87,7 +102,7 @@ class _Addresses:
 def resolve_host(reactor: Any, host: str) -> Deferred[str]:
     """The first IP address of ``host`` (an IP literal is its own), for UDP, which
     needs one to connect a socket."""
-    if _is_ip(host):
+    if is_ip(host):
         return succeed(host)
     receiver = _Addresses(host)
     reactor.nameResolver.resolveHostName(receiver, host.encode("idna").decode(),

@@ -11,6 +11,8 @@ import ipaddress
 import struct
 from typing import Any
 
+from nodepass.url import URLError, parse_address
+
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 _V2_PROXY_COMMAND = 0x21  # version 2, PROXY
 _TCP, _UDP = 0x1, 0x2
@@ -68,7 +70,8 @@ def header(version: int, source: Endpoint, dest: Endpoint) -> bytes:
 
 def split_address(text: str) -> Endpoint:
     """``host:port`` or ``[v6]:port`` (as LAUNCH carries them) -> (host, port); ("", 0) if bad."""
-    host, _, port = text.rpartition(":")
-    if not port.isdigit():
+    try:
+        address = parse_address(text, "address")
+    except URLError:
         return ("", 0)
-    return (host.strip("[]"), int(port))
+    return (address.host, address.port)

@@ -65,10 +65,10 @@ class Options(usage.Options):
 
 def _check_dial(config: Config) -> None:
     """``dial=IP`` must be an address of this machine, or every connection would fail."""
-    from nodepass.tunnel.targets import check_source_address
+    from nodepass.endpoints import bind_problem
 
     dial = getattr(config, "dial", "auto")
-    if dial != "auto" and (why := check_source_address(dial)) is not None:
+    if dial != "auto" and (why := bind_problem(dial)) is not None:
         raise usage.UsageError(f"query: dial address {dial} cannot be used on this machine "
                                f"({why}); use auto or one of its own addresses")
 

@@ -260,8 +260,7 @@ class ClientTunnel(MultiService):
         dialer = TargetDialer(reactor, config.targets, config.dial, tunables.service_cooldown)
         self.egress = Egress(self.flows, dialer, config.proxy, config.notcp, config.noudp)
         self.ingress = Ingress(self.flows, self.pool, self._unavailable, config.proxy)
-        self.forward = False  # the server's mode, learnt in each session's WELCOME
-        self.mode = ""  # reverse or forward, once a session said which
+        self.mode = ""  # the server's mode, reverse or forward, once a session said which
         self.listeners: list[Service] = []
         self.stopping = False
         self._auth_throttle = logs.Throttle(reactor, 60.0)
@@ -283,8 +282,7 @@ class ClientTunnel(MultiService):
         )
         conn.control.start()
         self.pool.start(max_pool if isinstance(max_pool, int) and max_pool > 0 else None)
-        self._set_forward(settings.get("mode") == "forward")
-        self.mode = "forward" if self.forward else "reverse"
+        self._set_mode("forward" if settings.get("mode") == "forward" else "reverse")
         tls = conn.handshake.tls_mode
         self.log.info("connected to server {peer}: tunnel session open ({how})", peer=conn.peer,
                       how=f"tls={tls}, certificate {fingerprint_text(conn.handshake.binding)}"
@@ -358,11 +356,15 @@ class ClientTunnel(MultiService):
             return f"no tunnel session (connecting to server {self.config.tunnel})"
         return None
 
-    def _set_forward(self, forward: bool) -> None:
-        if forward == self.forward:
+    @property
+    def forward(self) -> bool:
+        return self.mode == "forward"
+
+    def _set_mode(self, mode: str) -> None:
+        was_forward, self.mode = self.forward, mode
+        if self.forward == was_forward:
             return
-        self.forward = forward
-        if not forward:
+        if not self.forward:
             self.log.info("server is in reverse mode: no longer listening on {target}",
                           target=self.config.target)
             for listener in self.listeners:

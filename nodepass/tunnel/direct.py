@@ -10,8 +10,6 @@ because the PROXY header names the user and must come first.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +20,13 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
 from nodepass import logs
-from nodepass.endpoints import ListenerService, UdpListenerService, describe_failure
+from nodepass.endpoints import (
+    ListenerService,
+    UdpListenerService,
+    bind_problem,
+    describe_failure,
+    is_ip,
+)
 from nodepass.stats import Report, snapshot
 from nodepass.tunables import Tunables
 from nodepass.tunnel.channel import QuietFactory, peer_of, tune
@@ -38,19 +42,9 @@ EARLY_LIMIT = 64 * 1024  # bytes a pre-opened target connection may send before 
 
 
 def bindable(address: Address) -> bool:
-    """Can this machine listen on ``address`` (an IP literal) now?  (client mode=0)"""
-    try:
-        ip = ipaddress.ip_address(address.host)
-    except ValueError:
-        return False  # a name: a remote server
-    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted listens
-        try:
-            probe.bind((address.host, address.port))
-        except OSError:
-            return False
-    return True
+    """Can this machine listen on ``address`` now?  (client mode=0; a name is a remote
+    server)"""
+    return is_ip(address.host) and bind_problem(address.host, address.port) is None
 
 
 class PreOpened(LocalConnection):

@@ -9,7 +9,6 @@ anyway (the earliest to come back first), so a recovered target is found again.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,14 +84,3 @@ class TargetDialer:
     def udp_target(self) -> Address:
         """The target for a new UDP session: the next one in turn that is not down."""
         return self.order()[0]
-
-
-def check_source_address(ip: str) -> str | None:
-    """Why ``dial=ip`` cannot be used on this machine, or None when it can."""
-    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((ip, 0))
-        except OSError as e:
-            return e.strerror or str(e)
-    return None
