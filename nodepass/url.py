@@ -441,6 +441,11 @@ def _check_dial_family(dial: str, targets: tuple[Address, ...]) -> None:
                            f"IPv{other}; use auto or an IPv{other} address")
 
 
+def format_targets(targets: tuple[Address, ...]) -> str:
+    """A target list as the URL writes it: ``host:port[,host:port...]``."""
+    return ",".join(str(t) for t in targets)
+
+
 def _parse_targets(text: str) -> tuple[Address, ...]:
     """``host:port[,host:port...]``: one target, or several to rotate across."""
     parts = text.split(",")
@@ -476,7 +481,6 @@ def format_url(config: Config) -> str:
     else:
         key = config.tunnel_key
         userinfo = "" if key is None else quote(key, safe=_KEY_SAFE) + "@"
-        targets = ",".join(str(t) for t in config.targets)
-        head = f"{config.scheme}://{userinfo}{config.tunnel}/{targets}"
+        head = f"{config.scheme}://{userinfo}{config.tunnel}/{format_targets(config.targets)}"
     query = _format_query(config)
     return f"{head}?{query}" if query else head

@@ -22,10 +22,20 @@ from nodepass.url import Address
 HANDSHAKE_TIMEOUT = 10.0
 
 
+def _text(address: Any, otherwise: str) -> str:
+    host = getattr(address, "host", None)
+    return str(Address(host, address.port)) if host is not None else otherwise
+
+
 def peer_of(transport: Any) -> str:
+    """The address at the other end of a connection, as ``host:port``."""
     peer = transport.getPeer()
-    host = getattr(peer, "host", None)
-    return str(Address(host, peer.port)) if host is not None else str(peer)
+    return _text(peer, str(peer))
+
+
+def host_of(transport: Any) -> str:
+    """The local address a user reached (for LAUNCH and the PROXY header)."""
+    return _text(transport.getHost(), "")
 
 
 READ_SIZE = 256 * 1024

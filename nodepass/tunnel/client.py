@@ -44,7 +44,7 @@ from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.pool import ClientPool
 from nodepass.tunnel.targets import TargetDialer
 from nodepass.tunnel.wire import Frame, Goodbye, Kind, ProtocolError, Type
-from nodepass.url import ClientConfig, derived_key
+from nodepass.url import ClientConfig, derived_key, format_targets
 
 RECONNECT_CAP_FACTOR = 12
 
@@ -407,7 +407,7 @@ class ClientTunnel(MultiService):
                           "can guess; set one as client://KEY@host:port/...")
         self.log.info("client for server {server}, target {target}",
                       server=self.config.tunnel,
-                      target=",".join(str(t) for t in self.config.targets))
+                      target=format_targets(self.config.targets))
         super().startService()
 
     def stopService(self) -> Deferred[Any]:

@@ -29,14 +29,13 @@ from nodepass.endpoints import (
 )
 from nodepass.stats import Report, snapshot
 from nodepass.tunables import Tunables
-from nodepass.tunnel.channel import QuietFactory, peer_of, tune
+from nodepass.tunnel.channel import QuietFactory, host_of, peer_of, tune
 from nodepass.tunnel.egress import LocalConnection, open_udp_target, proxy_header
 from nodepass.tunnel.flows import Flows
-from nodepass.tunnel.ingress import host_of
 from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.targets import TargetDialer
 from nodepass.tunnel.udp import MAX_DATAGRAM, LocalUdp, UdpSession
-from nodepass.url import Address, ClientConfig
+from nodepass.url import Address, ClientConfig, format_targets
 
 EARLY_LIMIT = 64 * 1024  # bytes a pre-opened target connection may send before its user
 
@@ -250,7 +249,7 @@ class DirectForwarder(Service):
 
     def startService(self) -> None:
         super().startService()
-        targets = ",".join(str(t) for t in self.config.targets)
+        targets = format_targets(self.config.targets)
         self.log.info("single-end mode: forwarding {listen} straight to {targets} (no tunnel "
                       "server)", listen=self.config.tunnel, targets=targets)
         self.pool.start()

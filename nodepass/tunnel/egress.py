@@ -21,7 +21,7 @@ from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.targets import TargetDialer
 from nodepass.tunnel.udp import LocalUdp, UdpSession, carry_datagrams
 from nodepass.tunnel.wire import Launch, Proto
-from nodepass.url import Address
+from nodepass.url import Address, format_targets
 
 
 class LocalConnection(RelayProtocol):
@@ -78,7 +78,7 @@ class Egress:
         self.flows.pending -= 1
         conn.attempt = None
         if not reason.check(CancelledError):
-            self.flows.warn(f"cannot reach target {_targets(self.dialer)}: "
+            self.flows.warn(f"cannot reach target {format_targets(self.dialer.targets)}: "
                             f"{describe_failure(reason)}")
         conn.abort()
 
@@ -111,7 +111,3 @@ def open_udp_target(flows: Flows, dialer: TargetDialer, local: LocalUdp, target:
         session.close()
 
     resolve_host(flows.clock, target.host).addCallbacks(opened, failed)
-
-
-def _targets(dialer: TargetDialer) -> str:
-    return ",".join(str(t) for t in dialer.targets)

@@ -17,14 +17,12 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
 from nodepass.tunnel import wire
-from nodepass.tunnel.channel import QuietFactory, peer_of, tune
+from nodepass.tunnel.channel import QuietFactory, host_of, peer_of, tune
 from nodepass.tunnel.flows import Flows
 from nodepass.tunnel.relay import RelayProtocol
-from nodepass.tunnel.udp import MAX_DATAGRAM, UdpSession, carry_datagrams
+from nodepass.tunnel.udp import MAX_DATAGRAM, PENDING_LIMIT, UdpSession, carry_datagrams
 from nodepass.tunnel.wire import Proto
 from nodepass.url import Address
-
-PENDING_LIMIT = 64  # datagrams kept per source while it waits for a tunnel connection
 
 
 class ConnectionSource(Protocol):
@@ -38,12 +36,6 @@ class ConnectionSource(Protocol):
     def cancel(self, waiter: Any) -> None: ...
 
     def give_back(self, conn: Any) -> None: ...
-
-
-def host_of(transport: Any) -> str:
-    """The local address a user reached (for LAUNCH and the PROXY header)."""
-    host = transport.getHost()
-    return str(Address(host.host, host.port)) if hasattr(host, "host") else ""
 
 
 class UserConnection(RelayProtocol):

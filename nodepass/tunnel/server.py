@@ -32,7 +32,7 @@ from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.pool import POOL_WAIT_TIMEOUT, IdlePool
 from nodepass.tunnel.targets import TargetDialer
 from nodepass.tunnel.wire import Frame, Goodbye, Kind, ProtocolError, Type
-from nodepass.url import ServerConfig, derived_key
+from nodepass.url import ServerConfig, derived_key, format_targets
 
 REVERSE, FORWARD = "reverse", "forward"
 
@@ -161,7 +161,7 @@ class ServerTunnel(Service):
 
     def announce_mode(self) -> None:
         """Log the mode in force once the listeners are up (the mode=0 choice included)."""
-        targets = ",".join(str(t) for t in self.config.targets)
+        targets = format_targets(self.config.targets)
         if self.mode == FORWARD:
             self.log.info("forward mode: users connect to the client's target address; this "
                           "server dials {targets}", targets=targets)

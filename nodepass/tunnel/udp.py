@@ -23,7 +23,7 @@ from nodepass.tunnel.limits import IdleWatch
 from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder
 
 MAX_DATAGRAM = 65535
-PENDING_LIMIT = 64  # datagrams kept for a target whose socket is not open yet
+PENDING_LIMIT = 64  # datagrams kept while a session's far side is not there yet
 
 
 class UdpCounters:
