@@ -42,7 +42,7 @@ class TokenBucket:
         """Pay for ``n`` bytes already read; the seconds to wait before reading more."""
         self._refill()
         self.tokens -= n
-        return -self.tokens / self.rate if self.tokens < 0 else 0.0
+        return self.delay()
 
     def delay(self) -> float:
         """The seconds until the debt is paid (0 when there is none)."""
@@ -99,7 +99,7 @@ class Valve:
         self.transport.stopProducing()
 
 
-class Throttle:
+class Pacer:
     """Holds a valve while a bucket is in debt: the relay's side of ``rate=``."""
 
     def __init__(self, clock: Any, bucket: TokenBucket, valve: Valve) -> None:

@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass import logs
-from nodepass.tunnel.limits import Throttle, TokenBucket, Valve
+from nodepass.tunnel.limits import Pacer, TokenBucket, Valve
 
 
 @implementer(IHalfCloseableProtocol)
@@ -98,7 +98,7 @@ class Relay:
         self.a, self.b = a, b
         self._count = {id(a): count_a, id(b): count_b}
         self._valves = {id(a): Valve(a.transport), id(b): Valve(b.transport)}
-        self._throttles = {id(side): Throttle(clock, bucket, self._valves[id(side)])
+        self._pacers = {id(side): Pacer(clock, bucket, self._valves[id(side)])
                            for side, bucket in ((a, rate_a), (b, rate_b)) if bucket is not None}
         self._eof: set[int] = set()
         self._producing_for: set[int] = set()  # sides whose transport has a producer
@@ -129,8 +129,8 @@ class Relay:
     def carry(self, side: RelayProtocol, data: bytes) -> None:
         self._count[id(side)](len(data))
         self.other(side).send_stream(data)
-        if self._throttles and (throttle := self._throttles.get(id(side))) is not None:
-            throttle.paid(len(data))
+        if self._pacers and (pacer := self._pacers.get(id(side))) is not None:
+            pacer.paid(len(data))
 
     def read_closed(self, side: RelayProtocol) -> None:
         self._eof.add(id(side))
@@ -168,8 +168,8 @@ class Relay:
         if self._on_end is None:
             return
         on_end, self._on_end = self._on_end, None
-        for throttle in self._throttles.values():
-            throttle.cancel()
+        for pacer in self._pacers.values():
+            pacer.cancel()
         on_end(self)
 
     def _unregister(self, *sides: RelayProtocol) -> None:
