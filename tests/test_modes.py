@@ -2,6 +2,7 @@
 choosing), client single-end (and mode=0 choosing), TCP and UDP each."""
 
 import os
+import signal
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory
@@ -13,6 +14,7 @@ from tests.integration import (
     eventually,
     exchange,
     free_port,
+    hold,
     listen,
     peer,
     sleep,
@@ -48,6 +50,21 @@ class ServerModes(TestCase):
         self.assertEqual(client.count("server is in forward mode"), 1)
         await check_tcp_and_udp(self, exposed)
         await server.wait_for("mode=forward")  # its reports say so too
+
+    async def test_forward_mode_server_vanishing_mid_stream_closes_the_user(self):
+        backend = await echo_backend(self)
+        tunnel, exposed = free_port(), free_port()
+        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}?mode=2")
+        await server.wait_for("forward mode")
+        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}")
+        await client.wait_for(f"target receiving UDP on 127.0.0.1:{exposed}")
+        held = await hold(exposed)
+        held.transport.write(b"x" * 100_000)
+        await eventually(lambda: len(held.got) == 100_000)
+        await server.stop(signal.SIGKILL)
+        await held.closed.addTimeout(10, reactor)  # the user is told, promptly
+        await client.wait_for("closed; reconnecting")
+        self.assertTrue(client.running)
 
     async def test_mode_0_is_forward_when_the_target_is_taken_here(self):
         backend = await tcp_and_udp_echo(self)  # holds the target port
