@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     SSL4ServerEndpoint,
@@ -19,15 +19,13 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     TCP6ServerEndpoint,
 )
-from twisted.internet.error import CannotListenError, DNSLookupError
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
-    IResolutionReceiver,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from nodepass import logs
 from nodepass.url import Address
@@ -77,37 +75,6 @@ def dial_endpoint(reactor: Any, address: Address, timeout: float = DIAL_TIMEOUT,
         return TCP4ClientEndpoint(reactor, address.host, address.port, timeout, bind_address)
     return HostnameEndpoint(reactor, address.host.encode("idna"), address.port, timeout,
                             bind_address)
-
-
-@implementer(IResolutionReceiver)
-class _Addresses:
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.found: list[Any] = []
-        self.done: Deferred[str] = Deferred()
-
-    def resolutionBegan(self, resolution: Any) -> None:
-        pass
-
-    def addressResolved(self, address: Any) -> None:
-        self.found.append(address)
-
-    def resolutionComplete(self) -> None:
-        if self.found:
-            self.done.callback(self.found[0].host)
-        else:
-            self.done.errback(Failure(DNSLookupError(f"{self.host} has no address")))
-
-
-def resolve_host(reactor: Any, host: str) -> Deferred[str]:
-    """The first IP address of ``host`` (an IP literal is its own), for UDP, which
-    needs one to connect a socket."""
-    if is_ip(host):
-        return succeed(host)
-    receiver = _Addresses(host)
-    reactor.nameResolver.resolveHostName(receiver, host.encode("idna").decode(),
-                                         transportSemantics="UDP")
-    return receiver.done
 
 
 def describe_failure(reason: Failure) -> str:

@@ -41,6 +41,8 @@ Query parameters:
   auth=0|1     master: require the API key (default 1; NODEPASS_API_KEY or generated)
   state=DIR    master: state directory (default NODEPASS_STATE_DIR, ~/.local/state/nodepass)
   persist=0|1  master: keep instances in SQLite across restarts (default 1)
+  np=PATH      master: where the NodePass-dialect API lives, under PATH/v1
+               (default prefix/np, e.g. /api/np/v1)
 
 Run mode and traffic controls (server and client; defaults left out of the canonical URL):
   mode=0|1|2   server: 1 reverse, 2 forward, 0 reverse if target_host:port can be bound
@@ -53,6 +55,12 @@ Run mode and traffic controls (server and client; defaults left out of the canon
   proxy=0|1|2  send a PROXY protocol v1/v2 header to the target before the data
   dial=IP      source address for connections to the target (default auto)
   notcp=0|1    carry no TCP on this end        noudp=0|1    carry no UDP on this end
+  dns=DUR      keep resolved target names for DUR (default 5m; 0: resolve every time)
+  block=DIGITS refuse users whose first bytes are 1 SOCKS, 2 HTTP, 3 TLS (e.g. 13)
+  min=N        client: pooled connections kept at least (default MIN_POOL_CAPACITY)
+  max=N        server: pooled connections at most, sent to the client, whose own max it
+               replaces (default MAX_POOL_CAPACITY)
+  type=0       the pool transport: 0 TCP (the only one so far)
 
 Environment (also accepted with an NP_ prefix; durations like 500ms, 5s, 1h30m):
   SEMAPHORE_LIMIT    1024   concurrent relayed connections

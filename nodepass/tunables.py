@@ -39,7 +39,9 @@ def parse_duration(text: str) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    if seconds and seconds == int(seconds):
+    if not seconds:
+        return "0"
+    if seconds == int(seconds):
         return f"{int(seconds)}s"
     return f"{round(seconds * 1000, 3):g}ms"
 

@@ -30,6 +30,10 @@ PROXY_VERSIONS = (0, 1, 2)
 DEFAULT_SLOT = 65536
 MAX_RATE = 100_000  # Mbit/s
 MAX_TARGETS = 64
+MAX_POOL = 65536
+DEFAULT_DNS_TTL = 300.0  # NodePass's 5m
+BLOCKABLE = {"1": "SOCKS", "2": "HTTP", "3": "TLS"}
+POOL_TYPES = {0: "TCP", 1: "QUIC", 2: "WebSocket", 3: "HTTP/2"}
 SCHEMES = ("server", "client", "master")
 DEFAULT_PREFIX = "/api"
 
@@ -83,6 +87,10 @@ class _TunnelConfig(_Config):
     dial: str = "auto"
     notcp: int = 0
     noudp: int = 0
+    max: int | None = None  # pool capacity bound; None = MAX_POOL_CAPACITY (the server's wins)
+    dns: float = DEFAULT_DNS_TTL  # seconds a resolved target name is kept; 0 = every time
+    block: str = ""  # digits of BLOCKABLE: kinds of first bytes refused from users
+    type: int = 0  # the pool transport: 0 = TCP
 
     @property
     def targets(self) -> tuple[Address, ...]:
@@ -102,6 +110,7 @@ class ServerConfig(_TunnelConfig):
 @dataclass(frozen=True)
 class ClientConfig(_TunnelConfig):
     scheme: ClassVar[str] = "client"
+    min: int | None = None  # pool capacity floor; None = MIN_POOL_CAPACITY
     sni: str | None = None
     ca: str | None = None
 
@@ -117,6 +126,12 @@ class MasterConfig(_Config):
     auth: int = 1
     state: str | None = None
     persist: int = 1
+    np: str | None = None  # the NodePass dialect's prefix; None = {prefix}/np
+
+    @property
+    def np_prefix(self) -> str:
+        """Where the NodePass dialect of the API lives: ``{np_prefix}/v1``."""
+        return self.np if self.np is not None else f"{self.prefix}/np"
 
 
 Config = ServerConfig | ClientConfig | MasterConfig
@@ -187,6 +202,30 @@ def _source_ip(text: str) -> str:
         raise ValueError(text) from None
 
 
+def _block(text: str) -> str:
+    """``0`` (nothing) or distinct digits of BLOCKABLE, kept in order: ``13``."""
+    if text == "0":
+        return ""
+    if not text or len(set(text)) != len(text) or not set(text) <= set(BLOCKABLE):
+        raise ValueError(text)
+    return "".join(sorted(text))
+
+
+def _pool_type(text: str) -> int:
+    if text in ("1", "2", "3"):
+        raise URLError(f"query: type={text} ({POOL_TYPES[int(text)]}) is not available yet "
+                       "(allowed: 0, the TCP pool)")
+    if text != "0":
+        raise ValueError(text)
+    return 0
+
+
+def _prefix_param(text: str) -> str:
+    if not _PREFIX.match(text.rstrip("/")):
+        raise ValueError(text)
+    return text.rstrip("/")
+
+
 def _server_name(text: str) -> str:
     try:
         return parse_host(text, "sni")
@@ -221,20 +260,30 @@ _PARAMS = {
         _Param("dial", _source_ip, "auto or a local IP address", default="auto"),
         _Param("notcp", _choice((0, 1)), "0|1", default=0),
         _Param("noudp", _choice((0, 1)), "0|1", default=0),
+        _Param("min", _bounded(1, MAX_POOL), f"1-{MAX_POOL} pooled connections", default=None),
+        _Param("max", _bounded(1, MAX_POOL), f"1-{MAX_POOL} pooled connections", default=None),
+        _Param("dns", _duration, "a duration like 30s, 5m or 1h (0 = resolve every time)",
+               format_duration, default=DEFAULT_DNS_TTL),
+        _Param("block", _block, "0, or digits of 1 (SOCKS), 2 (HTTP), 3 (TLS), like 13",
+               default=""),
+        _Param("type", _pool_type, "0, the TCP pool", default=0),
+        _Param("np", _prefix_param, "a path like /api/np: the NodePass dialect's prefix",
+               lambda v: quote(v, safe=_PATH_SAFE), default=None),
     )
 }
 
-_CONTROLS = ("mode", "read", "rate", "slot", "proxy", "dial", "notcp", "noudp")
+_CONTROLS = ("mode", "read", "rate", "slot", "proxy", "dial", "notcp", "noudp", "dns", "block")
 _MODE_PARAMS: Mapping[str, tuple[str, ...]] = {
-    "server": ("log", "tls", "crt", "key", *_CONTROLS),
-    "client": ("log", "sni", "ca", *_CONTROLS),
-    "master": ("log", "tls", "crt", "key", "auth", "state", "persist"),
+    "server": ("log", "tls", "crt", "key", *_CONTROLS, "max", "type"),
+    "client": ("log", "sni", "ca", *_CONTROLS, "min", "max", "type"),
+    "master": ("log", "tls", "crt", "key", "auth", "state", "persist", "np"),
 }
 
 _HINTS = {
     ("client", "tls"): " (a client adopts the server's TLS mode; remove 'tls')",
     ("client", "crt"): " (certificates are set on the server)",
     ("client", "key"): " (certificates are set on the server; the tunnel key goes before '@')",
+    ("server", "min"): " (min is the client's pool floor; a server bounds the pool with max)",
 }
 
 
@@ -262,6 +311,8 @@ def _parse_query(scheme: str, query: str) -> dict[str, Any]:
         text = unquote(raw)
         try:
             values[name] = param.read(text)
+        except URLError:
+            raise
         except ValueError:
             raise URLError(
                 f"query: bad value {text!r} for {name!r} (allowed: {param.allowed})"
@@ -404,8 +455,13 @@ def parse(text: str) -> Config:
     if scheme == "master":
         if userinfo:
             raise URLError("master: a key before '@' is not allowed in a master URL")
-        return MasterConfig(api=parse_address(hostport, "API address"),
-                            prefix=_parse_prefix(path), **values)
+        prefix = _parse_prefix(path)
+        np = values.get("np")
+        if np is not None and (np == prefix or np.startswith(f"{prefix}/v1/")):
+            raise URLError(f"query: np={np} would overlap the API at {prefix}/v1; choose "
+                           f"another path (the default is {prefix}/np)")
+        return MasterConfig(api=parse_address(hostport, "API address"), prefix=prefix,
+                            **values)
 
     part = "tunnel address" if scheme == "server" else "server address"
     tunnel = parse_address(hostport, part)
@@ -415,6 +471,10 @@ def parse(text: str) -> Config:
     key = unquote(userinfo) if userinfo else None
     if "ca" in values:
         _check_readable("ca", values["ca"])
+    if values.get("min") is not None and values.get("max") is not None \
+            and values["min"] > values["max"]:
+        raise URLError(f"query: min={values['min']} is greater than max={values['max']} "
+                       "(allowed: min <= max)")
     if values.get("notcp") and values.get("noudp"):
         raise URLError("query: notcp=1 and noudp=1 together leave nothing to carry")
     _check_dial_family(values.get("dial", "auto"), targets)

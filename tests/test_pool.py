@@ -146,6 +146,18 @@ class ClientPoolTests(SynchronousTestCase):
         pool.start(max_capacity=5)
         self.assertEqual((pool.max_capacity, pool.capacity, len(dialer.pending)), (5, 5, 5))
 
+    def test_server_bound_replaces_the_clients_own(self):
+        """As NodePass does: a server's max=64 lifts a client's max=32; the client's min
+        comes back when a later session allows it."""
+        pool, _, dialer = client_pool(min_capacity=8, max_capacity=32)
+        pool.start(max_capacity=5)
+        self.assertEqual(pool.min_capacity, 5)
+        pool.stop()
+        dialer.complete_all()
+        pool.start(max_capacity=64)
+        self.assertEqual((pool.min_capacity, pool.max_capacity, pool.ready.limit), (8, 64, 64))
+        self.assertEqual(pool.capacity, 8)
+
     def test_stop_closes_idle_and_ignores_late_dials(self):
         pool, clock, dialer = client_pool()
         pool.start()
@@ -206,3 +218,30 @@ class IdlePoolTests(SynchronousTestCase):
         self.pool.flush()
         self.assertEqual(timeouts, [2])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class BoundsFromTheUrl(SynchronousTestCase):
+    """min= is the client's floor; max= on the server bounds the pool and reaches the client
+    in WELCOME (the environment tunables are the defaults of both)."""
+
+    def test_server_max_bounds_its_pool_and_is_sent_in_welcome(self):
+        from tests.memory import open_session, server_tunnel
+
+        tunnel, _ = server_tunnel(controls={"max": 7})
+        control = open_session(tunnel)
+        self.assertEqual((control.settings["max_pool"], tunnel.pool.limit), (7, 7))
+        default, _ = server_tunnel(max_pool_capacity=300)
+        self.assertEqual(open_session(default).settings["max_pool"], 300)
+
+    def test_client_min_and_max_set_its_pool(self):
+        from nodepass.tunables import Tunables
+        from nodepass.tunnel.client import ClientTunnel
+        from nodepass.url import parse
+
+        clock = Clock()
+        tunnel = ClientTunnel(clock, parse("client://k@127.0.0.1:1/127.0.0.1:2?min=3&max=9"),
+                              Tunables())
+        self.assertEqual((tunnel.pool.min_capacity, tunnel.pool.max_capacity), (3, 9))
+        default = ClientTunnel(clock, parse("client://k@127.0.0.1:1/127.0.0.1:2"),
+                               Tunables(min_pool_capacity=5))
+        self.assertEqual((default.pool.min_capacity, default.pool.max_capacity), (5, 1024))

@@ -94,6 +94,23 @@ class AcceptedForms(SynchronousTestCase):
         self.assertEqual(format_url(parse("client://h:1/h:2?read=500ms&dial=::1&proxy=1&mode=2")),
                          "client://h:1/h:2?log=info&mode=2&read=500ms&proxy=1&dial=::1")
 
+    def test_nodepass_1_parameters(self):
+        """min, max, dns, block and type, as NodePass 1.14 panels write them."""
+        server = parse("server://h:1/h:2?max=512&dns=5m0s&block=31&type=0&proxy=0")
+        self.assertEqual((server.max, server.dns, server.block, server.type), (512, 300.0, "13", 0))
+        client = parse("client://h:1/h:2?min=64&max=1024&dns=0&block=0")
+        self.assertEqual((client.min, client.max, client.dns, client.block), (64, 1024, 0.0, ""))
+        defaults = parse("client://h:1/h:2")
+        self.assertEqual((defaults.min, defaults.max, defaults.dns, defaults.block,
+                          defaults.type), (None, None, 300.0, "", 0))
+        self.assertEqual(format_url(server), "server://h:1/h:2?log=info&tls=0&block=13&max=512")
+        self.assertEqual(format_url(client), "client://h:1/h:2?log=info&dns=0&min=64&max=1024")
+        master = parse("master://127.0.0.1:9090/admin?np=/panel/")
+        self.assertEqual((master.np_prefix, parse("master://h:1/admin").np_prefix),
+                         ("/panel", "/admin/np"))
+        self.assertEqual(format_url(master), "master://127.0.0.1:9090/admin?log=info&tls=0"
+                                             "&auth=1&persist=1&np=/panel")
+
     def test_default_key_is_port_in_hex(self):
         self.assertEqual(derived_key(parse("server://h:10101/h:2")), "2775")
         self.assertEqual(derived_key(parse("server://abc@h:10101/h:2")), "abc")
@@ -152,7 +169,25 @@ class Refusals(SynchronousTestCase):
         ("server://@h:1/h:2", "key: empty key before '@'"),
         ("server://h:1/h:2?tsl=1",
          "query: unknown parameter 'tsl' for server:// (allowed: log, tls, crt, key, mode, "
-         "read, rate, slot, proxy, dial, notcp, noudp)"),
+         "read, rate, slot, proxy, dial, notcp, noudp, dns, block, max, type)"),
+        ("server://h:1/h:2?min=8", "unknown parameter 'min' for server:// (min is the client's "
+         "pool floor; a server bounds the pool with max)"),
+        ("client://h:1/h:2?min=0", "bad value '0' for 'min' (allowed: 1-65536 pooled"),
+        ("server://h:1/h:2?max=65537", "bad value '65537' for 'max' (allowed: 1-65536"),
+        ("client://h:1/h:2?min=9&max=8", "query: min=9 is greater than max=8 (allowed: "
+         "min <= max)"),
+        ("client://h:1/h:2?dns=5", "bad value '5' for 'dns' (allowed: a duration like 30s"),
+        ("server://h:1/h:2?block=4", "bad value '4' for 'block' (allowed: 0, or digits of 1 "
+         "(SOCKS), 2 (HTTP), 3 (TLS), like 13)"),
+        ("server://h:1/h:2?block=11", "bad value '11' for 'block'"),
+        ("server://h:1/h:2?block=10", "bad value '10' for 'block'"),
+        ("server://h:1/h:2?type=2", "query: type=2 (WebSocket) is not available yet (allowed: "
+         "0, the TCP pool)"),
+        ("client://h:1/h:2?type=1", "type=1 (QUIC) is not available yet"),
+        ("server://h:1/h:2?type=4", "bad value '4' for 'type' (allowed: 0, the TCP pool)"),
+        ("master://h:1/api?np=/api", "query: np=/api would overlap the API at /api/v1"),
+        ("master://h:1/api?np=/api/v1/x", "would overlap the API at /api/v1"),
+        ("master://h:1/api?np=np", "bad value 'np' for 'np' (allowed: a path like /api/np"),
         ("server://h:1/h:2?mode=3", "bad value '3' for 'mode' (allowed: 0|1|2)"),
         ("client://h:1/h:2?mode=single", "bad value 'single' for 'mode' (allowed: 0|1|2)"),
         ("server://h:1/h:2?rate=-1", "bad value '-1' for 'rate' (allowed: 0-100000 Mbit/s"),

@@ -253,11 +253,12 @@ class ClientTunnel(MultiService):
         self.session_fingerprint = b""
         self._tls_options: dict[int, Any] = {}
         self._tls_throttle = logs.Throttle(reactor, 60.0)
-        self.pool = ClientPool(reactor, self._dial_data, tunables.min_pool_capacity,
-                               tunables.max_pool_capacity, tunables.min_pool_interval,
-                               tunables.max_pool_interval)
-        self.flows = Flows(reactor, tunables, config.slot, config.rate, config.read)
-        dialer = TargetDialer(reactor, config.targets, config.dial, tunables.service_cooldown)
+        self.pool = ClientPool(reactor, self._dial_data,
+                               config.min or tunables.min_pool_capacity,
+                               config.max or tunables.max_pool_capacity,
+                               tunables.min_pool_interval, tunables.max_pool_interval)
+        self.flows = Flows.for_config(reactor, tunables, config)
+        dialer = TargetDialer.for_config(reactor, config, tunables)
         self.egress = Egress(self.flows, dialer, config.proxy, config.notcp, config.noudp)
         self.ingress = Ingress(self.flows, self.pool, self._unavailable, config.proxy)
         self.mode = ""  # the server's mode, reverse or forward, once a session said which

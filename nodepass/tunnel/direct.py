@@ -205,9 +205,8 @@ class DirectForwarder(Service):
     def __init__(self, reactor: Any, config: ClientConfig, tunables: Tunables) -> None:
         self.clock = reactor
         self.config = config
-        self.flows = Flows(reactor, tunables, config.slot, config.rate, config.read)
-        self.dialer = TargetDialer(reactor, config.targets, config.dial,
-                                   tunables.service_cooldown)
+        self.flows = Flows.for_config(reactor, tunables, config)
+        self.dialer = TargetDialer.for_config(reactor, config, tunables)
         capacity = 0 if config.proxy or config.notcp else tunables.min_pool_capacity
         self.pool = TargetPool(reactor, self.dialer, capacity, tunables.min_pool_interval)
         self.udp = DirectUdp(self)
@@ -234,7 +233,7 @@ class DirectForwarder(Service):
         user.attempt = None
         header = proxy_header(self.config.proxy, peer_of(user.transport),
                               host_of(user.transport), target.transport.getPeer())
-        self.flows.join(user, target, to_conn=header, conn_pending=target.early)
+        self.flows.join(user, target, to_conn=header, conn_pending=target.early, user=True)
 
     def _failed(self, user: DirectUser, reason: Failure) -> None:
         self.flows.pending -= 1

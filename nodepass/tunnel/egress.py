@@ -14,7 +14,7 @@ from twisted.internet.defer import CancelledError
 from twisted.python.failure import Failure
 
 from nodepass import proxyproto
-from nodepass.endpoints import describe_failure, resolve_host
+from nodepass.endpoints import describe_failure
 from nodepass.tunnel.channel import QuietFactory, tune
 from nodepass.tunnel.flows import Flows
 from nodepass.tunnel.relay import RelayProtocol
@@ -110,4 +110,4 @@ def open_udp_target(flows: Flows, dialer: TargetDialer, local: LocalUdp, target:
         flows.warn(f"cannot reach UDP target {target}: {describe_failure(reason)}")
         session.close()
 
-    resolve_host(flows.clock, target.host).addCallbacks(opened, failed)
+    dialer.names.resolve(target.host).addCallbacks(lambda ips: opened(ips[0]), failed)

@@ -19,17 +19,19 @@ from nodepass import logs
 from nodepass.stats import Traffic
 from nodepass.tunables import Tunables
 from nodepass.tunnel import splice
+from nodepass.tunnel.channel import peer_of
+from nodepass.tunnel.firstbytes import FirstBytes
 from nodepass.tunnel.limits import IdleWatch, RateLimit, slot_limit
 from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
 from nodepass.tunnel.udp import UdpCounters, UdpSession, tunnel_session
-from nodepass.url import DEFAULT_SLOT
+from nodepass.url import DEFAULT_SLOT, ClientConfig, ServerConfig
 
 
 class Flows:
     log = logs.logger("nodepass")
 
     def __init__(self, clock: Any, tunables: Tunables, slot: int = DEFAULT_SLOT,
-                 rate: int = 0, read: float = 0.0) -> None:
+                 rate: int = 0, read: float = 0.0, block: str = "") -> None:
         self.clock = clock
         self.tunables = tunables
         self.traffic = Traffic()
@@ -46,7 +48,14 @@ class Flows:
         self.rate = RateLimit(clock, rate) if rate else None
         self.read_timeout = read
         self.udp_timeout = read or tunables.udp_read_timeout
+        self.block = block
         self._throttle = logs.Throttle(clock)
+
+    @classmethod
+    def for_config(cls, clock: Any, tunables: Tunables,
+                   config: ServerConfig | ClientConfig) -> Flows:
+        """An instance's flows with its ``slot=``, ``rate=``, ``read=`` and ``block=``."""
+        return cls(clock, tunables, config.slot, config.rate, config.read, config.block)
 
     def in_use(self) -> int:
         """What the slot limit counts: relays, connections on their way, UDP sessions."""
@@ -70,11 +79,13 @@ class Flows:
 
     def join(self, local: RelayProtocol, conn: Any, to_conn: bytes = b"",
              to_local: bytes = b"", conn_pending: bytes = b"",
-             conn_eof: bool = False) -> None:
+             conn_eof: bool = False, user: bool = False) -> None:
         """Relay ``local`` (a user or target connection) with ``conn`` (a tunnel
         connection, or the target in single-end mode).  ``to_conn``/``to_local`` are
         protocol bytes written first (LAUNCH, a PROXY header); ``conn_pending`` and
-        ``conn_eof`` are what ``conn`` read before the join."""
+        ``conn_eof`` are what ``conn`` read before the join.  ``user``: ``local`` is a
+        user, whose first bytes ``block=`` judges."""
+        screened = user and bool(self.block)
         count_in, count_out = self.traffic.add_tcp_in, self.traffic.add_tcp_out
         watch: IdleWatch | None = None
         if self.read_timeout:
@@ -87,7 +98,7 @@ class Flows:
             self.relays.discard(finished)
 
         relay: Any
-        if self._may_splice(local, conn):
+        if not screened and self._may_splice(local, conn):
             head = to_local + conn_pending
             sent_conn = splice.send_now(conn.transport, to_conn) if to_conn else 0
             sent_local = splice.send_now(local.transport, head) if head else 0
@@ -104,18 +115,26 @@ class Flows:
         if to_local:
             local.transport.write(to_local)
         rate = self.rate
+        screen, on_blocked = None, None
+        if screened:
+            screen = FirstBytes(self.block)
+            on_blocked = partial(self._blocked, peer_of(local.transport))
         relay = Relay(local, conn, count_in, count_out, ended,
                       rate.inbound if rate else None, rate.outbound if rate else None,
-                      self.clock)
+                      self.clock, screen, on_blocked)
         self.relays.add(relay)
         relay.start(b_pending=conn_pending, b_eof=conn_eof)
 
     def _may_splice(self, local: RelayProtocol, conn: Any) -> bool:
-        """Both plain TCP with nothing in Twisted's buffers, and no rate to apply (splice
-        moves bytes without Python seeing them)."""
+        """Both plain TCP with nothing in Twisted's buffers, and no rate to apply nor first
+        bytes to judge (splice moves bytes without Python seeing them)."""
         return (self.rate is None and getattr(conn, "stream", None) is None
                 and not getattr(conn, "unflushed", False)
                 and splice.plain_tcp(conn.transport) and splice.plain_tcp(local.transport))
+
+    def _blocked(self, peer: str, kind: str) -> None:
+        self.refuse(f"connection from {peer}", f"its first bytes are {kind} "
+                                                f"(block={self.block})")
 
     def _idle(self, relay: Any) -> None:
         self.log.debug("closing a connection idle for read={t:g}s", t=self.read_timeout)

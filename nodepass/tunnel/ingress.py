@@ -119,7 +119,7 @@ class Ingress:
                              self.proxy)
         if conn.tunnel_tls():
             conn.frame_stream()
-        self.flows.join(user, conn, to_conn=launch)
+        self.flows.join(user, conn, to_conn=launch, user=True)
 
     def close_all(self) -> None:
         self.stopping = True

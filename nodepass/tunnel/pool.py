@@ -48,9 +48,11 @@ class ClientPool:
     ) -> None:
         self._clock = clock
         self._dial = dial
-        self.min_capacity, self.max_capacity = min_capacity, max_capacity
+        self.asked_min_capacity = min_capacity  # min=, before a server's max bounds it
+        self.min_capacity = min(min_capacity, max_capacity)
+        self.max_capacity = max_capacity
         self.min_interval, self.max_interval = min_interval, max_interval
-        self.capacity = min_capacity
+        self.capacity = self.min_capacity
         self.interval = min_interval
         # Idle connections, and (in forward mode, where this end launches them) the
         # users waiting for one.
@@ -72,10 +74,12 @@ class ClientPool:
         return self.ready.wait_timeout
 
     def start(self, max_capacity: int | None = None) -> None:
-        """Begin filling; ``max_capacity`` is the server's bound when it is lower."""
+        """Begin filling; ``max_capacity``, the server's bound, replaces this end's own
+        (as NodePass does: the server decides how many connections it holds)."""
         if max_capacity is not None:
-            self.max_capacity = max(1, min(self.max_capacity, max_capacity))
-            self.capacity = min(self.capacity, self.max_capacity)
+            self.max_capacity = max(1, max_capacity)
+            self.min_capacity = min(self.asked_min_capacity, self.max_capacity)
+            self.capacity = min(max(self.capacity, self.min_capacity), self.max_capacity)
             self.ready.limit = self.max_capacity
         self.running = True
         self.refill()

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass import logs
+from nodepass.tunnel.firstbytes import FirstBytes
 from nodepass.tunnel.limits import Pacer, TokenBucket, Valve
 
 
@@ -94,8 +95,13 @@ class Relay:
         rate_a: TokenBucket | None = None,
         rate_b: TokenBucket | None = None,
         clock: Any = None,
+        screen_a: FirstBytes | None = None,
+        on_blocked: Callable[[str], None] | None = None,
     ) -> None:
         self.a, self.b = a, b
+        # block=: what ``a`` (a user) sends first is held until it is judged
+        self._screen = screen_a
+        self._on_blocked = on_blocked
         self._count = {id(a): count_a, id(b): count_b}
         self._valves = {id(a): Valve(a.transport), id(b): Valve(b.transport)}
         self._pacers = {id(side): Pacer(clock, bucket, self._valves[id(side)])
@@ -127,12 +133,31 @@ class Relay:
                 self._valves[id(side)].release("start")
 
     def carry(self, side: RelayProtocol, data: bytes) -> None:
+        if self._screen is not None and side is self.a:
+            data = self._screened(data)
+            if not data:
+                return
         self._count[id(side)](len(data))
         self.other(side).send_stream(data)
         if self._pacers and (pacer := self._pacers.get(id(side))) is not None:
             pacer.paid(len(data))
 
+    def _screened(self, data: bytes) -> bytes:
+        assert self._screen is not None
+        refused, passed = self._screen.feed(data)
+        if self._screen.decided:
+            self._screen = None
+        if refused is not None:
+            if self._on_blocked is not None:
+                self._on_blocked(refused)
+            self.abort()
+        return passed
+
     def read_closed(self, side: RelayProtocol) -> None:
+        if self._screen is not None and side is self.a:
+            held, self._screen = self._screen.release(), None
+            if held:
+                self.carry(side, held)
         self._eof.add(id(side))
         other = self.other(side)
         # ``side`` will produce nothing more; a paused producer would otherwise

@@ -130,11 +130,11 @@ class ServerTunnel(Service):
         self.credentials = credentials
         self.session: TunnelConnection | None = None
         self.session_id = b""
-        self.pool = IdlePool(reactor, tunables.max_pool_capacity, POOL_WAIT_TIMEOUT,
-                             self._request_more)
-        self.flows = Flows(reactor, tunables, config.slot, config.rate, config.read)
+        self.max_pool = config.max or tunables.max_pool_capacity
+        self.pool = IdlePool(reactor, self.max_pool, POOL_WAIT_TIMEOUT, self._request_more)
+        self.flows = Flows.for_config(reactor, tunables, config)
         self.ingress = Ingress(self.flows, self.pool, self._unavailable, config.proxy)
-        dialer = TargetDialer(reactor, config.targets, config.dial, tunables.service_cooldown)
+        dialer = TargetDialer.for_config(reactor, config, tunables)
         self.egress = Egress(self.flows, dialer, config.proxy, config.notcp, config.noudp)
         # mode=0 starts as reverse and turns forward if the target cannot be bound (a
         # list of targets is only ever dialed).
@@ -191,7 +191,7 @@ class ServerTunnel(Service):
         settings = {
             "version": __version__,
             "heartbeat_ms": int(self.tunables.report_interval * 1000),
-            "max_pool": self.tunables.max_pool_capacity,
+            "max_pool": self.max_pool,
             "mode": self.mode,
         }
         conn.send(conn.handshake.welcome(self.session_id, settings))

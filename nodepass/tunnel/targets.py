@@ -17,7 +17,9 @@ from twisted.python.failure import Failure
 
 from nodepass import logs
 from nodepass.endpoints import describe_failure, dial_endpoint
-from nodepass.url import Address
+from nodepass.names import NameCache
+from nodepass.tunables import Tunables
+from nodepass.url import DEFAULT_DNS_TTL, Address, ClientConfig, ServerConfig
 
 
 class TargetsUnreachableError(ConnectionError):
@@ -28,16 +30,23 @@ class TargetDialer:
     log = logs.logger("nodepass")
 
     def __init__(self, reactor: Any, targets: Sequence[Address], source: str = "auto",
-                 retry_after: float = 5.0) -> None:
+                 retry_after: float = 5.0, names: NameCache | None = None) -> None:
         self.reactor = reactor
         self.targets = tuple(targets)
         self.source = None if source == "auto" else source
         self.retry_after = retry_after
-        bind = None if self.source is None else (self.source, 0)
-        self._endpoints = {t: dial_endpoint(reactor, t, bind_address=bind) for t in self.targets}
+        self.names = names if names is not None else NameCache(reactor, DEFAULT_DNS_TTL)
+        self._bind = None if self.source is None else (self.source, 0)
         self._down_until = {t: 0.0 for t in self.targets}
         self._next = 0
         self._throttle = logs.Throttle(reactor)
+
+    @classmethod
+    def for_config(cls, reactor: Any, config: ServerConfig | ClientConfig,
+                   tunables: Tunables) -> TargetDialer:
+        """The dialer of an instance's targets: ``dial=``, ``dns=`` and SERVICE_COOLDOWN."""
+        return cls(reactor, config.targets, config.dial, tunables.service_cooldown,
+                   NameCache(reactor, config.dns))
 
     def order(self) -> list[Address]:
         """This connection's order: from the next in turn, the targets up, then the
@@ -59,7 +68,7 @@ class TargetDialer:
         reasons = []
         for target in self.order():
             try:
-                protocol = await self._endpoints[target].connect(factory)
+                protocol = await self._dial(target, factory)
             except CancelledError:
                 raise
             except Exception as e:  # any failure means: try the next one
@@ -72,6 +81,22 @@ class TargetDialer:
             self._down_until[target] = 0.0
             return protocol
         raise TargetsUnreachableError("; ".join(reasons))
+
+    async def _dial(self, target: Address, factory: Any) -> Any:
+        """Each address of ``target`` in turn (a name through the cache of ``dns=``)."""
+        addresses = await self.names.resolve(target.host)
+        failure: Exception | None = None
+        for ip in addresses:
+            try:
+                return await dial_endpoint(self.reactor, Address(ip, target.port),
+                                           bind_address=self._bind).connect(factory)
+            except CancelledError:
+                raise
+            except Exception as e:
+                failure = e
+        self.names.forget(target.host)
+        assert failure is not None
+        raise failure
 
     def _mark_down(self, target: Address, why: str) -> None:
         if len(self.targets) > 1:
