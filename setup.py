@@ -36,7 +36,8 @@ setup(
         "cryptography>=43.0.0",
         "attrs>=23.1.0",
         "klein>=24.8.0",
-        "swagger-ui-bundle>=1.1.0",
+        "swagger-ui-py>=25.7.1",
+        "psutil>=5.9",
         "prometheus-client>=0.20",
     ],
     extras_require={

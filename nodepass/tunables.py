@@ -46,6 +46,28 @@ def format_duration(seconds: float) -> str:
     return f"{round(seconds * 1000, 3):g}ms"
 
 
+def go_duration(seconds: float) -> str:
+    """A duration as Go's ``time.Duration.String`` writes it (``5m0s``, ``1h0m0s``,
+    ``1.5s``, ``500ms``, ``0s``): NodePass panels read and write this form."""
+    ns = round(seconds * 1e9)
+    if ns == 0:
+        return "0s"
+    if ns < 1_000_000_000:
+        for unit, size in (("ms", 1_000_000), ("µs", 1_000), ("ns", 1)):
+            if ns >= size:
+                return f"{_decimal(ns / size)}{unit}"
+    hours, rest = divmod(ns, 3_600_000_000_000)
+    minutes, rest = divmod(rest, 60_000_000_000)
+    text = f"{hours}h" if hours else ""
+    if hours or minutes:
+        text += f"{minutes}m"
+    return f"{text}{_decimal(rest / 1e9)}s"
+
+
+def _decimal(value: float) -> str:
+    return f"{value:.9f}".rstrip("0").rstrip(".")
+
+
 @dataclass(frozen=True)
 class _Spec:
     reader: Callable[[str], Any]

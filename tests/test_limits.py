@@ -99,10 +99,10 @@ class _Endpoint:
 
 
 def dialer(clock, *names):
-    d = TargetDialer(clock, [Address("127.0.0.1", n) for n in names], retry_after=5.0)
     log = []
     endpoints = {Address("127.0.0.1", n): _Endpoint(n, log) for n in names}
-    d._endpoints = endpoints
+    d = TargetDialer(clock, [Address("127.0.0.1", n) for n in names], retry_after=5.0,
+                     endpoint_for=endpoints.__getitem__)
     return d, endpoints, log
 
 

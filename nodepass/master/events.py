@@ -1,4 +1,4 @@
-"""Server-Sent Events: the master's live feed (``GET /v1/events``).
+"""Server-Sent Events: the master's live feed (``GET /v1/events`` in each dialect).
 
 Events: ``initial`` (every instance, on connect), ``create``, ``update``,
 ``delete``, ``log`` (instance log lines), ``shutdown``.  Each has an id; the hub
@@ -6,13 +6,15 @@ keeps the last ``HISTORY`` events so a browser reconnecting with
 ``Last-Event-ID`` gets what it missed (or a fresh ``initial`` if too much was
 missed).  A subscriber whose connection stops draining is dropped at the next
 event: its transport paused us, and nothing is queued for it beyond the socket.
+How an event is written (names, fields) is each API dialect's: see ``encode``
+for the seed's and ``npview`` for NodePass's.
 """
 
 from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -35,8 +37,10 @@ def encode(event_id: int, kind: str, data: Any) -> bytes:
 class Subscriber:
     """One open ``/v1/events`` response."""
 
-    def __init__(self, request: Any, on_gone: Callable[[Subscriber], None]) -> None:
+    def __init__(self, request: Any, dialect: str,
+                 on_gone: Callable[[Subscriber], None]) -> None:
         self.request = request
+        self.dialect = dialect
         self.on_gone = on_gone
         self.backed_up = False
         self.closed = False
@@ -77,15 +81,29 @@ class Subscriber:
         self.on_gone(self)
 
 
+Renderer = Callable[[int, str, Any, Mapping[str, Any]], bytes]
+
+
 class EventHub:
+    """One stream of events, told in each API dialect's words.
+
+    The registry publishes ``(kind, instance, fields)``; every dialect's renderer turns
+    it into that dialect's SSE chunk at once (so a later change to the instance cannot
+    leak into an older event), and the chunks are kept for resuming subscribers.
+    """
+
     def __init__(self, clock: Any, keepalive: float = KEEPALIVE) -> None:
         self.clock = clock
         self.next_id = 1
-        self.history: deque[tuple[int, bytes]] = deque(maxlen=HISTORY)
+        self.history: deque[tuple[int, dict[str, bytes]]] = deque(maxlen=HISTORY)
         self.subscribers: set[Subscriber] = set()
+        self.renderers: dict[str, Renderer] = {}
         self._keepalive = LoopingCall(self._ping)
         self._keepalive.clock = clock
         self._interval = keepalive
+
+    def add_dialect(self, name: str, render: Renderer) -> None:
+        self.renderers[name] = render
 
     def start(self) -> None:
         self._keepalive.start(self._interval, now=False)
@@ -94,34 +112,35 @@ class EventHub:
         if self._keepalive.running:
             self._keepalive.stop()
 
-    def publish(self, kind: str, data: Any) -> int:
+    def publish(self, kind: str, subject: Any = None, **fields: Any) -> int:
         event_id = self.next_id
         self.next_id += 1
-        chunk = encode(event_id, kind, data)
-        self.history.append((event_id, chunk))
+        chunks = {name: render(event_id, kind, subject, fields)
+                  for name, render in self.renderers.items()}
+        self.history.append((event_id, chunks))
         for subscriber in list(self.subscribers):
-            subscriber.send(chunk)
+            subscriber.send(chunks[subscriber.dialect])
         return event_id
 
-    def missed_since(self, last_id: int) -> list[bytes] | None:
+    def missed_since(self, dialect: str, last_id: int) -> list[bytes] | None:
         """The events after ``last_id``, or None when they are no longer all kept."""
         if last_id >= self.next_id - 1:
             return []
         if not self.history or self.history[0][0] > last_id + 1:
             return None
-        return [chunk for event_id, chunk in self.history if event_id > last_id]
+        return [chunks[dialect] for event_id, chunks in self.history if event_id > last_id]
 
-    def subscribe(self, request: Any, last_id: int | None,
-                  snapshot: Callable[[], Any]) -> Subscriber:
-        subscriber = Subscriber(request, self.subscribers.discard)
+    def subscribe(self, request: Any, dialect: str, last_id: int | None,
+                  snapshot: Callable[[int], list[bytes]], opening: bytes = b"") -> Subscriber:
+        """Add a subscriber: ``opening`` first, then what it missed since ``last_id``, or
+        (position unknown or lost) ``snapshot(id of the last event)``."""
+        subscriber = Subscriber(request, dialect, self.subscribers.discard)
         self.subscribers.add(subscriber)
-        missed = self.missed_since(last_id) if last_id is not None else None
-        if missed is None:
-            # the client's position is unknown or lost: a fresh snapshot, numbered
-            subscriber.send(encode(self.next_id - 1, "initial", snapshot()))
-        else:
-            for chunk in missed:
-                subscriber.send(chunk)
+        if opening:
+            subscriber.send(opening)
+        missed = self.missed_since(dialect, last_id) if last_id is not None else None
+        for chunk in snapshot(self.next_id - 1) if missed is None else missed:
+            subscriber.send(chunk)
         return subscriber
 
     def _ping(self) -> None:

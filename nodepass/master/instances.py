@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from nodepass import logs
 from nodepass.master.events import EventHub
 from nodepass.master.store import Store, StoredInstance
-from nodepass.master.supervisor import ChildProcess, describe_exit, spawn_child
+from nodepass.master.supervisor import ChildProcess, Spawner, describe_exit, spawn_child
 from nodepass.tunables import Tunables
 from nodepass.url import ClientConfig, MasterConfig, ServerConfig, URLError, format_url, parse
 
@@ -31,6 +31,7 @@ COUNTERS = ("tcp_in", "tcp_out", "udp_in", "udp_out")
 HISTORY_SAMPLES = 720  # one hour at the default REPORT_INTERVAL of 5 s
 RESTART_CAP_FACTOR = 12  # backoff caps at 12 cooldowns (60 s by default)
 HEALTHY_FACTOR = 10  # running 10 cooldowns (50 s by default) resets the backoff
+PEER_FIELDS = ("sid", "type", "alias")  # NodePass's meta.peer
 
 
 class InstanceError(Exception):
@@ -76,6 +77,7 @@ class Instance:
     restart_call: Any = None
     history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY_SAMPLES))
     last_sample: tuple[float, dict[str, int]] | None = None
+    peer: dict[str, str] = field(default_factory=lambda: dict.fromkeys(PEER_FIELDS, ""))
 
     @property
     def url(self) -> str:
@@ -107,8 +109,10 @@ class Registry:
     log = logs.logger("nodepass.master")
 
     def __init__(self, reactor: Any, master: MasterConfig, tunables: Tunables,
-                 environ: Mapping[str, str], store: Store, hub: EventHub) -> None:
+                 environ: Mapping[str, str], store: Store, hub: EventHub,
+                 spawn: Spawner = spawn_child) -> None:
         self.reactor = reactor
+        self.spawn = spawn
         self.master = master
         self.tunables = tunables
         self.environ = {k: v for k, v in environ.items() if k != "NODEPASS_API_KEY"}
@@ -117,6 +121,8 @@ class Registry:
         self.instances: dict[str, Instance] = {}
         self._issued: set[str] = store.issued()
         self.started_at = reactor.seconds()
+        self.master_id = store.setting("mid") or self._new_master_id()
+        self.alias = store.setting("alias") or ""
         self._tick = LoopingCall(self.tick)
         self._tick.clock = reactor
 
@@ -129,6 +135,17 @@ class Registry:
                 self._issued.add(candidate)
                 return candidate
 
+    def _new_master_id(self) -> str:
+        """16 hex digits, made once and kept in the state (NodePass's ``mid``)."""
+        master_id = secrets.token_hex(8)
+        self.store.set_setting("mid", master_id)
+        return master_id
+
+    def set_alias(self, alias: str) -> None:
+        """The master's own name, shown to panels."""
+        self.alias = alias
+        self.store.set_setting("alias", alias)
+
     def get(self, instance_id: str) -> Instance:
         try:
             return self.instances[instance_id]
@@ -137,10 +154,7 @@ class Registry:
                                 f"no instance with id {instance_id!r}") from None
 
     def _changed(self, kind: str, instance: Instance) -> None:
-        if kind == "delete":
-            self.hub.publish("delete", {"id": instance.id})
-        else:
-            self.hub.publish(kind, self.describe(instance))
+        self.hub.publish(kind, instance)
 
     def _save(self, instance: Instance) -> None:
         """Commit what must survive a restart (before the API confirms a change)."""
@@ -148,7 +162,7 @@ class Registry:
             id=instance.id, url=instance.url, created_at=instance.created_at,
             desired=instance.desired, alias=instance.alias, tags=dict(instance.tags),
             restart=instance.auto_restart, restarts=instance.restarts,
-            counters=self.counters(instance)))
+            counters=self.counters(instance), peer=dict(instance.peer)))
 
     # -- start of the master -----------------------------------------------
 
@@ -166,6 +180,7 @@ class Registry:
                                 tags=stored.tags, auto_restart=stored.restart,
                                 restarts=stored.restarts, desired=stored.desired)
             instance.base.update({k: int(stored.counters.get(k, 0)) for k in COUNTERS})
+            instance.peer.update({k: str(stored.peer.get(k, "")) for k in PEER_FIELDS})
             self.instances[instance.id] = instance
             if stored.desired == "running":
                 to_start.append(instance)
@@ -191,10 +206,12 @@ class Registry:
         return inherit(config, given_parameters(text), self.master)
 
     async def create(self, url: str, alias: str | None = None,
-                     tags: dict[str, str] | None = None, restart: bool = False) -> Instance:
+                     tags: dict[str, str] | None = None, restart: bool = False,
+                     peer: dict[str, str] | None = None) -> Instance:
         config = self.parse_instance_url(url)
-        instance = Instance(self.new_id(), config, self.reactor.seconds(), alias=alias,
+        instance = Instance(self.new_id(), config, self.reactor.seconds(), alias=alias or None,
                             tags=dict(tags or {}), auto_restart=restart)
+        instance.peer.update(peer or {})
         self._save(instance)
         self.instances[instance.id] = instance
         self.log.info("instance {id} created: {url}", id=instance.id, url=instance.url)
@@ -203,17 +220,53 @@ class Registry:
         return instance
 
     def update(self, instance: Instance, alias: Any = None, tags: Any = None,
-               restart: Any = None) -> None:
-        """Change metadata or the restart flag; None leaves a field as it is."""
+               restart: Any = None, peer: Any = None) -> None:
+        """Change metadata or the restart flag; None leaves a field as it is (and a peer
+        field left out of ``peer`` keeps its value)."""
         if alias is not None:
             instance.alias = alias or None
         if tags is not None:
             instance.tags = dict(tags)
+        if peer is not None:
+            instance.peer.update(peer)
         if restart is not None:
             instance.auto_restart = restart
             if not restart:
                 self._cancel_auto_restart(instance)
         self._save(instance)
+        self._changed("update", instance)
+
+    def vet_url(self, instance: Instance, url: str) -> ServerConfig | ClientConfig:
+        """The config a new URL for ``instance`` gives, or the InstanceError it earns."""
+        config = self.parse_instance_url(url)
+        if format_url(config) == instance.url:
+            raise InstanceError("CONFLICT", 409, f"instance {instance.id} already runs this URL "
+                                                 f"({instance.url})")
+        return config
+
+    async def replace_url(self, instance: Instance, url: str) -> None:
+        """Run ``instance`` with another URL under the same id: checked first (a bad URL
+        leaves it as it is), then stopped, changed, saved and started."""
+        config = self.vet_url(instance, url)
+
+        async def swap() -> None:
+            await self._stop(instance)
+            instance.config = config
+            instance.desired = "running"
+            self._save(instance)
+            self.log.info("instance {id} URL replaced: {url}", id=instance.id, url=instance.url)
+            await self._start(instance)
+
+        self._cancel_auto_restart(instance)
+        await instance.lock.run(lambda: Deferred.fromCoroutine(swap()))
+
+    def reset(self, instance: Instance) -> None:
+        """Zero the traffic counters, durably, without touching the process."""
+        for name in COUNTERS:
+            instance.base[name] = -int(instance.report.get(name) or 0)
+        instance.last_sample = None
+        self._save(instance)
+        self.log.info("instance {id}: traffic counters reset", id=instance.id)
         self._changed("update", instance)
 
     # -- lifecycle ---------------------------------------------------------
@@ -271,11 +324,11 @@ class Registry:
         instance.exited = Deferred()
         child = ChildProcess(instance.id, lambda e: self._event(instance, e),
                              lambda code, sig, tail: self._exited(instance, code, sig, tail),
-                             lambda level, text: self.hub.publish(
-                                 "log", {"id": instance.id, "level": level, "message": text}))
+                             lambda level, text, line: self.hub.publish(
+                                 "log", instance, level=level, message=text, line=line))
         instance.child = child
         try:
-            spawn_child(self.reactor, instance.url, self.environ, child)
+            self.spawn(self.reactor, instance.url, self.environ, child)
         except OSError as e:
             instance.status, instance.error = "error", f"cannot start: {e}"
             instance.child = None
@@ -435,6 +488,7 @@ class Registry:
             "tags": dict(instance.tags),
             "restart": instance.auto_restart,
             "restarts": instance.restarts,
+            "peer": dict(instance.peer),
         }
         data.update(self.counters(instance))
         return data

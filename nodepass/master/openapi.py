@@ -34,12 +34,25 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(s): {"$ref": f"#/components/responses/E{s}"} for s in statuses}
 
 
+_PEER = {
+    "type": "object", "additionalProperties": False,
+    "description": "NodePass's meta.peer, shared with that dialect; a field left out keeps "
+                   "its value, \"\" clears it",
+    "properties": {
+        "sid": {"type": "string", "description": "a UUID, or \"\""},
+        "type": {"type": "string", "enum": ["", "0", "1", "2"],
+                 "description": "0 single-end, 1 NAT traversal, 2 tunnel forwarding"},
+        "alias": {"type": "string", "maxLength": 256},
+    },
+}
 _METADATA = {
-    "alias": {"type": "string", "maxLength": 64, "description": "a name for panels"},
+    "alias": {"type": "string", "maxLength": 256, "description": "a name for panels"},
     "tags": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 256},
+             "maxProperties": 64,
              "description": "free key/value labels; filter with ?tag=key:value"},
     "restart": {"type": "boolean",
                 "description": "restart the instance when it exits on its own"},
+    "peer": _PEER,
 }
 _SAMPLE = {
     "type": "object",
@@ -94,6 +107,7 @@ _INSTANCE = {
         "restarts": {"type": "integer", "minimum": 0, "description": "automatic restarts"},
     },
 }
+_INSTANCE["properties"]["peer"] = {**_PEER, "required": ["sid", "type", "alias"]}
 
 _REF = {"$ref": "#/components/schemas/Instance"}
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
@@ -166,23 +180,29 @@ def document(prefix: str) -> dict[str, Any]:
                     },
                 },
                 "put": {
-                    "summary": "Start, stop or restart an instance",
+                    "summary": "Start, stop, restart an instance, reset its counters, change "
+                               "its metadata or replace its URL",
                     "operationId": "controlInstance",
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": {
                             "type": "object", "additionalProperties": False,
                             "minProperties": 1,
-                            "description": "an action, metadata, or both",
+                            "description": "an action or a new url (not both), metadata, or "
+                                           "both; a new url restarts the instance under the "
+                                           "same id",
                             "properties": {"action": {"type": "string",
-                                                      "enum": ["start", "stop", "restart"]},
+                                                      "enum": ["start", "stop", "restart",
+                                                               "reset"]},
+                                           "url": {"type": "string",
+                                                   "pattern": "^(server|client)://\\S+$"},
                                            **_METADATA},
                         }}},
                     },
                     "responses": {
                         "200": _response("The instance after the action",
                                          _REF),
-                        **_errors(400, 401, 404, 413, 415),
+                        **_errors(400, 401, 404, 409, 413, 415),
                     },
                 },
                 "delete": {
@@ -259,6 +279,13 @@ def document(prefix: str) -> dict[str, Any]:
                                 "persist": {"type": "boolean"},
                                 "instances": {"type": "object",
                                               "additionalProperties": {"type": "integer"}},
+                                "alias": {"type": "string", "description": "the master's "
+                                          "alias (set in the NodePass dialect)"},
+                                "master_id": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                                "bases": {"type": "object", "description": "where each API "
+                                          "dialect lives",
+                                          "properties": {"seed": {"type": "string"},
+                                                         "nodepass": {"type": "string"}}},
                             },
                         }),
                         **_errors(401),

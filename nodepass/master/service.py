@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -13,11 +15,15 @@ from twisted.web.server import Site
 
 from nodepass import logs
 from nodepass.endpoints import ListenerService
+from nodepass.master import sysinfo
 from nodepass.master.api import MasterAPI
 from nodepass.master.events import EventHub
 from nodepass.master.instances import Registry
-from nodepass.master.state import StateError, api_key, ensure_dir, state_dir
+from nodepass.master.npapi import NodePassAPI
+from nodepass.master.state import KEY_FILE, ApiKey, StateError, api_key, ensure_dir, state_dir
 from nodepass.master.store import SCHEMA_VERSION, Store, StoreError
+from nodepass.master.tcping import TcpPing
+from nodepass.master.web import Dialects, KeyCheck
 from nodepass.root import RootService
 from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
@@ -46,7 +52,7 @@ class RegistryService(Service):
     async def _stop(self) -> None:
         await self.registry.shutdown()
         hub = self.registry.hub
-        hub.publish("shutdown", {})
+        hub.publish("shutdown")
         hub.stop()
         if hub.subscribers:
             hub.close_all()
@@ -111,9 +117,30 @@ class ApiSite(Site):
                   path=request.uri.decode("utf-8", "replace"), code=request.code)
 
 
+@dataclass(frozen=True)
+class ApiApp:
+    """Both dialects of the API on one Klein app, over one registry and one key."""
+
+    app: Klein
+    seed: MasterAPI
+    nodepass: NodePassAPI
+
+
+def api_app(registry: Registry, config: MasterConfig, key: ApiKey, folder: str) -> ApiApp:
+    app = Klein()
+    keys = KeyCheck(key, registry.reactor)
+    dialects = Dialects(app)
+    seed = MasterAPI(app, registry, config.prefix, keys, folder, f"{config.np_prefix}/v1")
+    dialects.add(seed.base, seed)
+    nodepass = NodePassAPI(app, registry, config.np_prefix, keys, TcpPing(registry.reactor))
+    dialects.add(nodepass.base, nodepass)
+    sysinfo.prime()
+    return ApiApp(app, seed, nodepass)
+
+
 def build_master(root: RootService, config: MasterConfig, tunables: Tunables,
                  credentials: ServerCredentials | None, environ: Mapping[str, str]) -> None:
-    key = None
+    key, origin = None, "none"
     folder = state_dir(config, environ)
     try:
         if config.auth or config.persist:
@@ -141,8 +168,8 @@ def build_master(root: RootService, config: MasterConfig, tunables: Tunables,
     hub = EventHub(root.reactor, keepalive=max(1.0, min(15.0, 3 * tunables.report_interval)))
     registry = Registry(root.reactor, config, tunables, environ, store, hub)
     RegistryService(registry).setServiceParent(root)
-    api = MasterAPI(registry, config.prefix, key, str(folder))
-    site = ApiSite(api.resource(), timeout=60, reactor=root.reactor)
+    site = ApiSite(api_app(registry, config, ApiKey(key, origin, folder / KEY_FILE),
+                           str(folder)).app.resource(), timeout=60, reactor=root.reactor)
     scheme = "https" if credentials is not None else "http"
     if credentials is not None:
         log.info("tls={mode}: API certificate fingerprint {fp}", mode=config.tls,
@@ -150,6 +177,7 @@ def build_master(root: RootService, config: MasterConfig, tunables: Tunables,
     listener = ListenerService(root.reactor, config.api, site, "API", root.fail, credentials)
     listener.setServiceParent(root)
     listener.listening.addCallback(lambda port: log.info(
-        "master API at {scheme}://{address}{prefix}/v1/", scheme=scheme,
-        address=str(config.api), prefix=config.prefix))
+        "master API at {scheme}://{address}{prefix}/v1/ (NodePass dialect at "
+        "{scheme}://{address}{np}/v1/)", scheme=scheme, address=str(config.api),
+        prefix=config.prefix, np=config.np_prefix))
     listener.listening.addErrback(lambda _: None)

@@ -6,6 +6,7 @@ else ``$XDG_STATE_HOME/nodepass``, else ``~/.local/state/nodepass``.
 
 from __future__ import annotations
 
+import hmac
 import os
 import secrets
 from collections.abc import Mapping
@@ -54,12 +55,57 @@ def api_key(folder: Path, environ: Mapping[str, str]) -> tuple[str, str]:
         raise StateError(f"API key file {str(path)!r} cannot be read ({e.strerror})") from None
     if existing:
         return existing, "file"
-    key = secrets.token_urlsafe(32)
+    key = new_key()
+    _write_key(path, key)
+    return key, "new"
+
+
+def new_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def _write_key(path: Path, key: str) -> None:
+    """Replace the key file at once (mode 0600 from the start: never world-readable)."""
+    partial = path.with_name(path.name + ".new")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(key + "\n")
+        os.replace(partial, path)
     except OSError as e:
         raise StateError(f"API key file {str(path)!r} cannot be written ({e.strerror})") \
             from None
-    return key, "new"
+
+
+class ApiKey:
+    """The key every API request must carry (``auth=1``), compared in constant time.
+
+    ``rotate`` makes a new one and saves it where the old one was kept; a key given in
+    NODEPASS_API_KEY cannot be rotated here (the next start would bring it back).
+    """
+
+    def __init__(self, value: str | None, origin: str = "none",
+                 path: Path | None = None) -> None:
+        self.value = value
+        self.origin = origin  # "env", "file", "new", or "none" when auth=0
+        self.path = path
+
+    @property
+    def required(self) -> bool:
+        return self.value is not None
+
+    def matches(self, offered: bytes | None) -> bool:
+        if self.value is None:
+            return True
+        return offered is not None and hmac.compare_digest(offered, self.value.encode())
+
+    def rotate(self) -> str:
+        if self.value is None:
+            raise StateError("auth=0: the API has no key to rotate")
+        if self.origin == "env" or self.path is None:
+            raise StateError("the API key is set by NODEPASS_API_KEY; change it there and "
+                             "restart the master")
+        key = new_key()
+        _write_key(self.path, key)
+        self.value, self.origin = key, "file"
+        return key

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DB_FILE = "nodepass.db"
 
 # Each entry brings a database from version i to i + 1.
@@ -38,6 +38,10 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE issued_ids (id TEXT PRIMARY KEY)",
         "INSERT OR IGNORE INTO issued_ids SELECT id FROM instances",
     ],
+    [  # 2 -> 3: NodePass's meta.peer per instance; the master's own id and alias
+        "ALTER TABLE instances ADD COLUMN peer TEXT NOT NULL DEFAULT '{}'",
+        "CREATE TABLE master (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -57,6 +61,7 @@ class StoredInstance:
     restart: bool = False
     restarts: int = 0
     counters: dict[str, int] = field(default_factory=dict)
+    peer: dict[str, str] = field(default_factory=dict)
 
 
 _COUNTERS = ("tcp_in", "tcp_out", "udp_in", "udp_out")
@@ -102,14 +107,20 @@ class Store:
     def load(self) -> list[StoredInstance]:
         rows = self.db.execute(
             "SELECT id, url, created_at, desired, alias, tags, restart, restarts, "
-            "tcp_in, tcp_out, udp_in, udp_out FROM instances ORDER BY created_at, id")
+            "tcp_in, tcp_out, udp_in, udp_out, peer FROM instances ORDER BY created_at, id")
         loaded = []
         for row in rows:
             loaded.append(StoredInstance(
                 id=row[0], url=row[1], created_at=row[2], desired=row[3], alias=row[4],
                 tags=json.loads(row[5] or "{}"), restart=bool(row[6]), restarts=row[7],
-                counters=dict(zip(_COUNTERS, row[8:12], strict=True))))
+                counters=dict(zip(_COUNTERS, row[8:12], strict=True)),
+                peer=json.loads(row[12] or "{}")))
         return loaded
+
+    def setting(self, name: str) -> str | None:
+        """One of the master's own values (``mid``, ``alias``), or None when never set."""
+        row = self.db.execute("SELECT value FROM master WHERE name=?", (name,)).fetchone()
+        return None if row is None else row[0]
 
     def issued(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT id FROM issued_ids")}
@@ -121,15 +132,21 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO issued_ids VALUES (?)", (item.id,))
             self.db.execute(
                 "INSERT INTO instances (id, url, created_at, desired, alias, tags, restart, "
-                "restarts, tcp_in, tcp_out, udp_in, udp_out) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "restarts, tcp_in, tcp_out, udp_in, udp_out, peer) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET url=excluded.url, desired=excluded.desired, "
                 "alias=excluded.alias, tags=excluded.tags, restart=excluded.restart, "
                 "restarts=excluded.restarts, tcp_in=excluded.tcp_in, tcp_out=excluded.tcp_out, "
-                "udp_in=excluded.udp_in, udp_out=excluded.udp_out",
+                "udp_in=excluded.udp_in, udp_out=excluded.udp_out, peer=excluded.peer",
                 (item.id, item.url, item.created_at, item.desired, item.alias,
                  json.dumps(item.tags, sort_keys=True), int(item.restart), item.restarts,
-                 *(int(item.counters.get(c, 0)) for c in _COUNTERS)))
+                 *(int(item.counters.get(c, 0)) for c in _COUNTERS),
+                 json.dumps(item.peer, sort_keys=True)))
+
+    def set_setting(self, name: str, value: str) -> None:
+        with self._transaction():
+            self.db.execute("INSERT INTO master VALUES (?, ?) "
+                            "ON CONFLICT(name) DO UPDATE SET value=excluded.value", (name, value))
 
     def save_counters(self, counters: dict[str, dict[str, int]]) -> None:
         if not counters:

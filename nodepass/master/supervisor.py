@@ -8,7 +8,6 @@ are re-emitted by the master with the instance id, its stderr at error level.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import sys
@@ -16,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import LogLevel
 from twisted.protocols.basic import LineOnlyReceiver
@@ -58,7 +58,7 @@ class ChildProcess(ProcessProtocol):
 
     def __init__(self, instance_id: str, on_event: Callable[[dict[str, Any]], None],
                  on_exit: Callable[[int | None, int | None, list[str]], None],
-                 on_log: Callable[[str, str], None] | None = None) -> None:
+                 on_log: Callable[[str, str, str], None] | None = None) -> None:
         self.instance_id = instance_id
         self.on_event = on_event
         self.on_exit = on_exit
@@ -97,7 +97,7 @@ class ChildProcess(ProcessProtocol):
             level, text = parsed or LogLevel.info, parts[3] if parsed else line
         self.log.emit(level, "{text}", text=text, instance_id=self.instance_id)
         if self.on_log is not None:
-            self.on_log("fatal" if level is LogLevel.critical else level.name, text)
+            self.on_log("fatal" if level is LogLevel.critical else level.name, text, line)
 
     def processEnded(self, reason: Failure) -> None:
         self.running = False
@@ -118,11 +118,14 @@ class ChildProcess(ProcessProtocol):
             self.on_exit(code, sig, list(self.stderr_tail))
 
     def signal(self, sig: int) -> None:
-        if self.running and self.pid is not None:
+        if self.running and self.transport is not None:
             try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
+                self.transport.signalProcess(sig)
+            except ProcessExitedAlready:
                 pass
+
+
+Spawner = Callable[[Any, str, Mapping[str, str], "ChildProcess"], Any]
 
 
 def spawn_child(reactor: Any, url: str, environ: Mapping[str, str],

@@ -9,10 +9,11 @@ anyway (the earliest to come back first), so a recovered target is found again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 
 from nodepass import logs
@@ -30,13 +31,17 @@ class TargetDialer:
     log = logs.logger("nodepass")
 
     def __init__(self, reactor: Any, targets: Sequence[Address], source: str = "auto",
-                 retry_after: float = 5.0, names: NameCache | None = None) -> None:
+                 retry_after: float = 5.0, names: NameCache | None = None,
+                 endpoint_for: Callable[[Address], IStreamClientEndpoint] | None = None
+                 ) -> None:
         self.reactor = reactor
         self.targets = tuple(targets)
         self.source = None if source == "auto" else source
         self.retry_after = retry_after
         self.names = names if names is not None else NameCache(reactor, DEFAULT_DNS_TTL)
-        self._bind = None if self.source is None else (self.source, 0)
+        bind = None if self.source is None else (self.source, 0)
+        self._endpoint_for = endpoint_for or (
+            lambda address: dial_endpoint(reactor, address, bind_address=bind))
         self._down_until = {t: 0.0 for t in self.targets}
         self._next = 0
         self._throttle = logs.Throttle(reactor)
@@ -88,8 +93,7 @@ class TargetDialer:
         failure: Exception | None = None
         for ip in addresses:
             try:
-                return await dial_endpoint(self.reactor, Address(ip, target.port),
-                                           bind_address=self._bind).connect(factory)
+                return await self._endpoint_for(Address(ip, target.port)).connect(factory)
             except CancelledError:
                 raise
             except Exception as e:

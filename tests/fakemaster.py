@@ -1,0 +1,128 @@
+"""A master in memory: the real Registry, EventHub and both API dialects on a Clock,
+with instance processes played by :class:`Children` and HTTP by treq's StubTreq.
+
+What a child process would say (ready, reports, log lines, its exit) is said by the
+test through the same ChildProcess protocol the master reads real children with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from nodepass.master.events import EventHub
+from nodepass.master.instances import Registry
+from nodepass.master.service import api_app
+from nodepass.master.state import KEY_FILE, ApiKey
+from nodepass.master.store import Store
+from nodepass.tunables import Tunables
+from nodepass.url import MasterConfig
+
+KEY = "memory-key"
+NOW = 2_000_000_000.0  # 2033: after this machine booted, so uptimes are positive
+READY_REPORT = {"type": "report", "state": "waiting", "pool": 0, "connections": 0,
+                "ping_ms": None, "tcp_in": 0, "tcp_out": 0, "udp_in": 0, "udp_out": 0,
+                "udp_sessions": 0, "udp_dropped": 0, "refused": 0, "mode": "reverse"}
+
+
+class FakeProcess:
+    """A child's process transport: a signal ends it at once, as a well-behaved child."""
+
+    def __init__(self, child: Any, pid: int) -> None:
+        self.child = child
+        self.pid = pid
+        self.signals: list[int] = []
+        self.ended = False
+
+    def signalProcess(self, sig: int) -> None:
+        if self.ended:
+            raise ProcessExitedAlready()
+        self.signals.append(sig)
+        self.exit(None, sig) if sig == signal.SIGKILL else self.exit(0)
+
+    def exit(self, code: int | None, sig: int | None = None) -> None:
+        self.ended = True
+        reason = ProcessDone(0) if code == 0 and sig is None else ProcessTerminated(code, sig)
+        self.child.processEnded(Failure(reason))
+        self.child.channel_closed()
+
+
+class Children:
+    """Plays every instance process: each says it is ready and reports at once."""
+
+    def __init__(self) -> None:
+        self.spawned: list[tuple[str, Any, FakeProcess]] = []
+        self.refuse_start = False
+
+    def __call__(self, reactor: Any, url: str, environ: Any, child: Any) -> Any:
+        if self.refuse_start:
+            raise OSError("cannot fork")
+        process = FakeProcess(child, 4000 + len(self.spawned))
+        child.makeConnection(process)
+        self.spawned.append((url, child, process))
+        child.on_event({"type": "ready"})
+        child.on_event(dict(READY_REPORT))
+        return child
+
+    def latest(self, instance_id: str) -> tuple[str, Any, FakeProcess]:
+        return next(s for s in reversed(self.spawned) if s[1].instance_id == instance_id)
+
+    def report(self, instance_id: str, **values: Any) -> None:
+        self.latest(instance_id)[1].on_event({**READY_REPORT, **values})
+
+    def say(self, instance_id: str, line: str) -> None:
+        self.latest(instance_id)[1].childDataReceived(1, line.encode() + b"\n")
+
+
+class MemoryMaster:
+    def __init__(self, case: Any, key: str | None = KEY, config: MasterConfig | None = None,
+                 **tunables: Any) -> None:
+        self.clock = Clock()
+        self.clock.advance(NOW)
+        self.children = Children()
+        self.config = config or MasterConfig()
+        self.folder = Path(tempfile.mkdtemp())
+        case.addCleanup(lambda: ([p.unlink() for p in self.folder.iterdir()]
+                        and None) or os.rmdir(self.folder))
+        self.store = Store.open(None)
+        self.hub = EventHub(self.clock)
+        self.registry = Registry(self.clock, self.config, Tunables(**tunables), {}, self.store,
+                                 self.hub, spawn=self.children)
+        self.registry.restore()
+        key_path = self.folder / KEY_FILE
+        if key is not None:
+            key_path.write_text(key + "\n")
+        self.key = ApiKey(key, "file" if key else "none", key_path)
+        self.api = api_app(self.registry, self.config, self.key, str(self.folder))
+        self.http = StubTreq(self.api.app.resource())
+        self.seed = f"http://master{self.config.prefix}/v1"
+        self.np = f"http://master{self.config.np_prefix}/v1"
+        case.addCleanup(self.stop)
+
+    def stop(self) -> None:
+        for _, _child, process in self.children.spawned:
+            if not process.ended:
+                process.exit(0)
+
+    async def call(self, method: str, url: str, body: Any = None, key: str | None = KEY,
+                   raw: bytes | None = None, headers: dict | None = None
+                   ) -> tuple[int, Any, Any]:
+        """-> (status, parsed JSON or None, response)."""
+        all_headers = {"X-API-Key": [key]} if key else {}
+        all_headers.update(headers or {})
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None
+                                            else None)
+        if data is not None and "Content-Type" not in all_headers:
+            all_headers["Content-Type"] = ["application/json"]
+        response = await self.http.request(method, url, data=data, headers=all_headers)
+        text = await self.http.content(response)
+        return response.code, json.loads(text) if text else None, response
