@@ -288,6 +288,8 @@ def setups(args: argparse.Namespace) -> list[tuple[str, str | None, str]]:
         columns.append(("forward", "?tls=0&mode=2&log=warn", "?log=warn&mode=2"))
     if "single-end" in args.modes:
         columns.append(("single-end", None, "?mode=1&log=warn"))
+    if "block" in args.modes:  # every user's first bytes judged: no splice fast path
+        columns.append(("block=123", "?tls=0&block=123&log=warn", "?log=warn&mode=2"))
     return columns
 
 
@@ -426,8 +428,9 @@ def main() -> None:
     parser.add_argument("--tls", default="0,1", help="TLS modes to measure, e.g. 0,1")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", default="",
-                        help="extra columns: forward (server mode=2, tls=0) and/or single-end "
-                             "(client mode=1), e.g. forward,single-end")
+                        help="extra columns: forward (server mode=2, tls=0), single-end "
+                             "(client mode=1), block (server block=123, tls=0), e.g. "
+                             "forward,single-end")
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
     args.tls = [int(t) for t in args.tls.split(",") if t]
