@@ -98,6 +98,26 @@ def add_data(tunnel: ServerTunnel, control: FakeClient, port: int) -> FakeClient
     return data
 
 
+def udp_over_connection(clock, deliver, idle_timeout, max_size, count_in, count_out, drops,
+                        on_end, rate_in=None, rate_out=None):
+    """A UdpSession carried by a real TunnelConnection (in its datagrams phase) on a
+    StringTransport; the connection closes when the session ends."""
+    from nodepass.tunnel.connection import AwaitingSession, TunnelConnection
+    from nodepass.tunnel.udp import UdpSession
+
+    conn = TunnelConnection(clock, lambda c: AwaitingSession(c, b""))
+    conn.makeConnection(transport_for(1))
+
+    def ended(session):
+        conn.close()
+        on_end(session)
+
+    session = UdpSession(clock, conn.send_datagram, deliver, idle_timeout, max_size, count_in,
+                         count_out, drops, ended, rate_in, rate_out)
+    conn.carry_udp(session)
+    return conn, session
+
+
 def connect_user(tunnel: ServerTunnel, port: int = 50000):
     user = tunnel.target_factory().buildProtocol(None)
     transport = transport_for(port)

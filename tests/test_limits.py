@@ -13,9 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from nodepass import proxyproto
 from nodepass.tunnel.limits import MIN_BURST, IdleWatch, TokenBucket, Valve, slot_limit
 from nodepass.tunnel.targets import TargetDialer, TargetsUnreachableError
-from nodepass.tunnel.udp import UdpCounters, tunnel_session
+from nodepass.tunnel.udp import UdpCounters
 from nodepass.url import Address
-from tests.memory import transport_for
+from tests.memory import transport_for, udp_over_connection
 
 
 class Buckets(SynchronousTestCase):
@@ -173,20 +173,13 @@ class ProxyHeaders(SynchronousTestCase):
         self.assertEqual(proxyproto.split_address("?"), ("", 0))
 
 
-class _Conn:
-    def __init__(self):
-        self.transport = transport_for(1)
-
-    def close(self):
-        pass
-
-
 class UdpRate(SynchronousTestCase):
     def test_datagrams_over_the_rate_are_dropped_both_ways(self):
         clock, drops, delivered = Clock(), UdpCounters(), []
         rate_in, rate_out = TokenBucket(clock, 1000.0), TokenBucket(clock, 1000.0)
-        session = tunnel_session(clock, _Conn(), delivered.append, 60.0, 65535, lambda n: None,
-                             lambda n: None, drops, lambda s: None, rate_in, rate_out)
+        _, session = udp_over_connection(clock, delivered.append, 60.0, 65535, lambda n: None,
+                                         lambda n: None, drops, lambda s: None, rate_in,
+                                         rate_out)
         big = b"x" * 40_000
         self.assertTrue(session.to_tunnel(big))
         self.assertFalse(session.to_tunnel(big))  # over the burst: dropped, not queued

@@ -191,18 +191,19 @@ class IdlePoolTests(SynchronousTestCase):
 
     def test_waiters_are_served_in_order_and_ask_for_more(self):
         got, timeouts = [], []
-        self.pool.take(lambda c: got.append(("first", c)), lambda: timeouts.append(1))
-        self.pool.take(lambda c: got.append(("second", c)), lambda: timeouts.append(2))
+        self.pool.take(lambda c: got.append(("first", c)), lambda why: timeouts.append(1))
+        self.pool.take(lambda c: got.append(("second", c)), lambda why: timeouts.append(why))
         self.assertEqual(self.requests, [1, 2])
         conn = Conn()
         self.pool.add(conn)
         self.assertEqual(got, [("first", conn)])
         self.clock.advance(5.0)
-        self.assertEqual(timeouts, [2])
+        self.assertEqual(timeouts, ["no pooled connection within 5s"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_cancelled_waiter_is_forgotten(self):
-        waiter = self.pool.take(lambda c: self.fail("served"), lambda: self.fail("timed out"))
+        waiter = self.pool.take(lambda c: self.fail("served"),
+                                lambda why: self.fail("timed out"))
         self.pool.cancel(waiter)
         self.clock.advance(10)
         self.assertTrue(self.pool.add(Conn()))
@@ -212,11 +213,11 @@ class IdlePoolTests(SynchronousTestCase):
         self.pool.add(conn)
         self.pool.take(lambda c: None, None)
         timeouts = []
-        self.pool.take(lambda c: None, lambda: timeouts.append(1))
+        self.pool.take(lambda c: None, lambda why: timeouts.append(1))
         self.pool.add(Conn())  # served to the waiter
-        self.pool.take(lambda c: None, lambda: timeouts.append(2))
+        self.pool.take(lambda c: None, lambda why: timeouts.append(why))
         self.pool.flush()
-        self.assertEqual(timeouts, [2])
+        self.assertEqual(timeouts, ["the tunnel session ended"])
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 

@@ -4,7 +4,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from nodepass.tunnel import wire
-from nodepass.tunnel.channel import HANDSHAKE_TIMEOUT
+from nodepass.tunnel.connection import HANDSHAKE_TIMEOUT
 from nodepass.tunnel.control import MISSED_BEATS
 from nodepass.tunnel.server import POOL_WAIT_TIMEOUT
 from nodepass.tunnel.wire import Kind, Proto, Type
@@ -76,9 +76,11 @@ class Handshake(SynchronousTestCase):
             (b"GET / HTTP/1.1\r\n", "bad preamble"),
             (wire.PREAMBLE + b"\xc8\x00\x00", "unknown frame type 200"),
             (wire.PREAMBLE + bytes([Type.HELLO]) + b"\xff\xff", "exceeds its limit"),
-            (wire.PREAMBLE + wire.frame(Type.AUTH, b"x" * 32), "unexpected AUTH frame while hello"),
+            (wire.PREAMBLE + wire.frame(Type.AUTH, b"x" * 32),
+             "unexpected AUTH frame while waiting for HELLO"),
             (wire.PREAMBLE + wire.frame(Type.HELLO, b"\x01"), "HELLO payload must be 33 bytes"),
-            (hello + wire.frame(Type.HELLO, hello[7:]), "unexpected HELLO frame while auth"),
+            (hello + wire.frame(Type.HELLO, hello[7:]),
+             "unexpected HELLO frame while waiting for AUTH"),
         ]
         for data, fragment in cases:
             tunnel, _ = server_tunnel()

@@ -15,10 +15,10 @@ from twisted.names.common import ResolverBase
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nodepass.tunnel import wire
-from nodepass.tunnel.udp import UdpCounters, tunnel_session
+from nodepass.tunnel.udp import UdpCounters
 from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder, Type
 from tests.integration import UdpEcho, free_port, peer, sleep, tunnel_pair, udp_backend
-from tests.memory import transport_for
+from tests.memory import udp_over_connection
 
 
 class Framing(SynchronousTestCase):
@@ -42,25 +42,15 @@ class Framing(SynchronousTestCase):
             decoder.next_frame()
 
 
-class _Conn:
-    def __init__(self):
-        self.transport = transport_for(1)
-        self.closed = False
-
-    def close(self):
-        self.closed = True
-
-
 class Sessions(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
-        self.conn = _Conn()
         self.delivered = []
         self.ended = []
         self.drops = UdpCounters()
         self.counts = {"in": 0, "out": 0}
-        self.session = tunnel_session(
-            self.clock, self.conn, self.delivered.append, 5.0, 1000,
+        self.conn, self.session = udp_over_connection(
+            self.clock, self.delivered.append, 5.0, 1000,
             lambda n: self.counts.__setitem__("in", self.counts["in"] + n),
             lambda n: self.counts.__setitem__("out", self.counts["out"] + n),
             self.drops, self.ended.append)
@@ -80,7 +70,7 @@ class Sessions(SynchronousTestCase):
         self.assertEqual(self.ended, [])
         self.clock.advance(5.0)
         self.assertEqual(self.ended, [self.session])
-        self.assertTrue(self.conn.closed)
+        self.assertTrue(self.conn.transport.disconnecting)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_replies_keep_it_alive_too(self):

@@ -6,7 +6,6 @@ the local target address whose users launch the pooled connections (ingress.py).
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 from typing import Any
@@ -29,21 +28,21 @@ from nodepass.stats import Report, snapshot
 from nodepass.tls import (
     VerifyingCreator,
     fingerprint_text,
-    peer_fingerprint,
     pinning_options,
     verifying_options,
 )
 from nodepass.tunables import Tunables
 from nodepass.tunnel import wire
-from nodepass.tunnel.channel import HANDSHAKE_TIMEOUT, FramedConnection, QuietFactory
+from nodepass.tunnel.channel import QuietFactory
+from nodepass.tunnel.connection import TunnelConnection, dialed
 from nodepass.tunnel.control import ControlSession
 from nodepass.tunnel.egress import Egress
 from nodepass.tunnel.flows import Flows
-from nodepass.tunnel.handshake import AuthenticationError, ClientHandshake
+from nodepass.tunnel.handshake import ClientHandshake
 from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.pool import ClientPool
 from nodepass.tunnel.targets import TargetDialer
-from nodepass.tunnel.wire import Frame, Goodbye, Kind, ProtocolError, Type
+from nodepass.tunnel.wire import Goodbye, Kind, Launch, ProtocolError
 from nodepass.url import ClientConfig, derived_key, format_targets
 
 RECONNECT_CAP_FACTOR = 12
@@ -61,155 +60,6 @@ def reconnect_policy(cooldown: float,
         return base + base * 0.25 * rand()
 
     return delay
-
-
-class _Handshaking(FramedConnection):
-    """The client's side of the handshake, shared by control and data connections."""
-
-    kind: Kind
-
-    def __init__(self, tunnel: ClientTunnel, session_id: bytes = b"") -> None:
-        super().__init__()
-        self.tunnel = tunnel
-        self.state = "challenge"
-        self.handshake = ClientHandshake(tunnel.key, self.kind, os.urandom(wire.NONCE_SIZE),
-                                         session_id)
-        self._timeout: Any = None
-        self.tls_creator: Any = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._timeout = self.tunnel.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
-        self.send(self.handshake.hello())
-
-    def _handshake_timeout(self) -> None:
-        self._timeout = None
-        self.tunnel.log.warn("server {peer} did not complete the handshake in {t:g}s",
-                             peer=self.peer, t=HANDSHAKE_TIMEOUT)
-        self.abort()
-
-    def _stop_timeout(self) -> None:
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._timeout = None
-
-    def frame_received(self, frame: Frame) -> None:
-        if self.state == "challenge" and frame.type is Type.CHALLENGE:
-            mode = self.handshake.on_challenge(frame.payload)
-            if mode == 0:
-                self.send(self.handshake.auth())
-                self.state = "welcome"
-                return
-            if self.decoder.buffered:
-                raise ProtocolError("data sent before TLS started")
-            self.tls_creator = self.tunnel.tls_creator(mode)
-            self.transport.startTLS(self.tls_creator)
-            self.state = "tls"
-        elif self.state == "tls" and frame.type is Type.ATTEST:
-            self.attested(frame.payload)
-        elif self.state == "welcome" and frame.type is Type.WELCOME:
-            try:
-                settings = self.handshake.on_welcome(frame.payload)
-            except AuthenticationError:
-                self.tunnel.log.error("server {peer} failed to prove the tunnel key: refusing it",
-                                      peer=self.peer)
-                self.abort()
-                return
-            self._stop_timeout()
-            self.welcomed(settings)
-        else:
-            self.frame_after_handshake(frame)
-
-    def attested(self, attestation: bytes) -> None:
-        """TLS is up (the server's first frame arrived through it): check the certificate
-        against the key holder's attestation, then authenticate.  (Not IHandshakeListener:
-        Twisted's endpoint wrapper then hides IHalfCloseableProtocol.)"""
-        seen = peer_fingerprint(self.transport) or b""
-        try:
-            self.handshake.on_attest(attestation, seen)
-        except AuthenticationError:
-            self.tunnel.tls_refused(self, f"its certificate {fingerprint_text(seen)[:23]}... "
-                                    "is not attested by the tunnel key (a man in the middle, "
-                                    "or a different key)")
-            return
-        pinned = self.tunnel.session_fingerprint
-        if self.kind is Kind.DATA and self.handshake.tls_mode == 1 and pinned and seen != pinned:
-            self.tunnel.tls_refused(self, "its certificate changed within the session")
-            return
-        self.send(self.handshake.auth())
-        self.state = "welcome"
-
-    def tls_problem(self, reason: Failure) -> str:
-        problems = getattr(self.tls_creator, "problems", None)
-        return "; ".join(dict.fromkeys(problems)) if problems else reason.getErrorMessage()
-
-    def welcomed(self, settings: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def frame_after_handshake(self, frame: Frame) -> None:
-        raise ProtocolError(f"unexpected {frame.type.name} frame while {self.state}")
-
-    def tunnel_tls(self) -> bool:
-        return bool(self.handshake.tls_mode)
-
-    def ended(self, reason: Failure) -> None:
-        super().ended(reason)
-        self._stop_timeout()
-
-
-class ControlConnection(_Handshaking):
-    kind = Kind.CONTROL
-    control: ControlSession | None = None
-
-    def welcomed(self, settings: dict[str, Any]) -> None:
-        self.state = "control"
-        self.tunnel.session_up(self, settings)
-
-    def frame_after_handshake(self, frame: Frame) -> None:
-        if self.state == "control" and self.control is not None:
-            self.control.frame_received(frame)
-        elif self.state == "welcome" and frame.type is Type.BUSY:
-            self.state = "busy"
-            self.close()
-        else:
-            super().frame_after_handshake(frame)
-
-    def ended(self, reason: Failure) -> None:
-        super().ended(reason)
-        if self.control is not None:
-            self.control.stop()
-        self.tunnel.control_ended(self, reason)
-
-
-class DataConnection(_Handshaking):
-    kind = Kind.DATA
-
-    def __init__(self, tunnel: ClientTunnel, session_id: bytes) -> None:
-        super().__init__(tunnel, session_id)
-        self.ready: Deferred[DataConnection] = Deferred()
-
-    def welcomed(self, settings: dict[str, Any]) -> None:
-        self.state = "idle"
-        self.ready.callback(self)
-
-    def frame_after_handshake(self, frame: Frame) -> None:
-        if self.state == "udp" and self.udp is not None:
-            self.udp.from_tunnel(frame.payload)
-        elif self.state == "idle" and frame.type is Type.LAUNCH and not self.tunnel.forward:
-            self.tunnel.pool.taken(self)
-            self.tunnel.egress.launched(self, self.accept_launch(frame.payload))
-        else:
-            super().frame_after_handshake(frame)
-
-    def ended(self, reason: Failure) -> None:
-        super().ended(reason)
-        if self.state == "tls":
-            self.tunnel.tls_failed(self.tls_problem(reason))
-        if self.state in ("challenge", "tls", "welcome"):
-            self.ready.errback(Failure(ConnectionError(
-                f"data connection closed during the handshake ({reason.getErrorMessage()})")))
-        elif self.state == "idle":
-            self.tunnel.pool.discard(self)
 
 
 @implementer(IStreamClientEndpoint)
@@ -244,13 +94,15 @@ class ClientTunnel(MultiService):
         self.on_fatal = on_fatal
         self.key = derived_key(config).encode()
         self.endpoint = dial_endpoint(reactor, config.tunnel)
-        control_factory = QuietFactory(ControlConnection, self)
+        control_factory = QuietFactory(TunnelConnection, reactor, dialed(self, Kind.CONTROL))
         self.control_service = ClientService(
             _ReportingEndpoint(self.endpoint, self._dial_failed), control_factory, clock=reactor,
             retryPolicy=reconnect_policy(tunables.service_cooldown, rand))
         self.control_service.setServiceParent(self)
-        self.session: ControlConnection | None = None
+        self.session: TunnelConnection | None = None
+        self.control: ControlSession | None = None
         self.session_fingerprint = b""
+        self.session_id = b""
         self._tls_options: dict[int, Any] = {}
         self._tls_throttle = logs.Throttle(reactor, 60.0)
         self.pool = ClientPool(reactor, self._dial_data,
@@ -268,25 +120,28 @@ class ClientTunnel(MultiService):
 
     # -- the control session ---------------------------------------------
 
-    def session_up(self, conn: ControlConnection, settings: dict[str, Any]) -> None:
+    def session_up(self, conn: TunnelConnection, handshake: ClientHandshake,
+                   settings: dict[str, Any]) -> None:
         interval = settings.get("heartbeat_ms")
         if not isinstance(interval, int) or interval <= 0:
             interval = int(self.tunables.report_interval * 1000)
         max_pool = settings.get("max_pool")
-        self.session = conn
-        self.session_fingerprint = conn.handshake.binding
-        conn.control = ControlSession(
+        control = ControlSession(
             self.clock, interval / 1000.0, conn.send,
             on_dead=lambda: self._session_dead(conn),
             on_demand=self.pool.demand,
             on_goodbye=lambda reason: self._goodbye(conn, reason),
         )
-        conn.control.start()
+        conn.open_control(control)
+        self.session, self.control = conn, control
+        self.session_fingerprint = handshake.binding
+        self.session_id = handshake.session_id
+        control.start()
         self.pool.start(max_pool if isinstance(max_pool, int) and max_pool > 0 else None)
         self._set_mode("forward" if settings.get("mode") == "forward" else "reverse")
-        tls = conn.handshake.tls_mode
+        tls = handshake.tls_mode
         self.log.info("connected to server {peer}: tunnel session open ({how})", peer=conn.peer,
-                      how=f"tls={tls}, certificate {fingerprint_text(conn.handshake.binding)}"
+                      how=f"tls={tls}, certificate {fingerprint_text(handshake.binding)}"
                       if tls else "tls=0, not encrypted")
 
     def _dial_failed(self, reason: Failure) -> None:
@@ -294,11 +149,11 @@ class ClientTunnel(MultiService):
             self.log.warn("cannot connect to server {server}: {reason}; retrying",
                           server=self.config.tunnel, reason=describe_failure(reason))
 
-    def _session_dead(self, conn: ControlConnection) -> None:
+    def _session_dead(self, conn: TunnelConnection) -> None:
         self.log.warn("server {peer} missed its heartbeats: closing the session", peer=conn.peer)
         conn.abort()
 
-    def _goodbye(self, conn: ControlConnection, reason: int) -> None:
+    def _goodbye(self, conn: TunnelConnection, reason: int) -> None:
         if reason == Goodbye.SHUTDOWN:
             self.log.info("server {peer} is shutting down", peer=conn.peer)
         conn.close()
@@ -316,7 +171,7 @@ class ClientTunnel(MultiService):
             return options
         return VerifyingCreator(options, self.config.sni or self.config.tunnel.host)
 
-    def tls_refused(self, conn: _Handshaking, why: str) -> None:
+    def tls_refused(self, conn: TunnelConnection, why: str) -> None:
         if self._tls_throttle.allow() is not None:
             self.log.error("refusing server {peer}: {why}", peer=conn.peer, why=why)
         conn.abort()
@@ -326,29 +181,40 @@ class ClientTunnel(MultiService):
             self.log.error("TLS with server {server} failed: {why}", server=self.config.tunnel,
                            why=why)
 
-    def control_ended(self, conn: ControlConnection, reason: Failure) -> None:
-        if conn is self.session:
-            self.session = None
-            self.session_fingerprint = b""
-            self.pool.stop()
-            if not self.stopping:
-                self.log.warn("tunnel to {peer} closed; reconnecting", peer=conn.peer)
-        elif conn.state == "tls":
-            self.tls_failed(conn.tls_problem(reason))
-        elif conn.state == "busy":
-            self.log.warn("server {peer} is busy: another client holds the tunnel; retrying",
-                          peer=conn.peer)
-        elif (conn.state == "welcome" and not self.stopping
-              and self._auth_throttle.allow() is not None):
+    def auth_refused(self, conn: TunnelConnection) -> None:
+        """The server closed the control connection after our AUTH."""
+        if not self.stopping and self._auth_throttle.allow() is not None:
             self.log.error("authentication failed at server {peer}: check the tunnel key",
                            peer=conn.peer)
 
+    def busy(self, conn: TunnelConnection) -> None:
+        self.log.warn("server {peer} is busy: another client holds the tunnel; retrying",
+                      peer=conn.peer)
+
+    def control_lost(self, conn: TunnelConnection) -> None:
+        if conn is self.session:
+            self.session, self.control = None, None
+            self.session_fingerprint = self.session_id = b""
+            self.pool.stop()
+            if not self.stopping:
+                self.log.warn("tunnel to {peer} closed; reconnecting", peer=conn.peer)
+
     # -- data connections ------------------------------------------------
 
-    def _dial_data(self) -> Deferred[DataConnection]:
-        session_id = self.session.handshake.session_id if self.session else b""
-        factory = QuietFactory(DataConnection, self, session_id)
+    def _dial_data(self) -> Deferred[TunnelConnection]:
+        factory = QuietFactory(TunnelConnection, self.clock,
+                               dialed(self, Kind.DATA, self.session_id))
         return self.endpoint.connect(factory).addCallback(lambda conn: conn.ready)
+
+    def launched(self, conn: TunnelConnection, launch: Launch) -> None:
+        """The server launched one of our pooled connections (reverse mode)."""
+        if self.forward:
+            raise ProtocolError("LAUNCH from the server, but the tunnel is in forward mode")
+        self.pool.taken(conn)
+        self.egress.launched(conn, launch)
+
+    def pooled_lost(self, conn: TunnelConnection) -> None:
+        self.pool.discard(conn)
 
     # -- forward mode: users arrive here --------------------------------
 
@@ -397,7 +263,7 @@ class ClientTunnel(MultiService):
     # -- reporting and lifecycle -----------------------------------------
 
     def report(self) -> Report:
-        control = self.session.control if self.session is not None else None
+        control = self.control
         return snapshot("connected" if control is not None else "connecting", len(self.pool.idle),
                         control.rtt_ms if control is not None else None, self.flows,
                         self.mode)

@@ -16,7 +16,6 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
 from nodepass import logs
@@ -29,12 +28,12 @@ from nodepass.endpoints import (
 )
 from nodepass.stats import Report, snapshot
 from nodepass.tunables import Tunables
-from nodepass.tunnel.channel import QuietFactory, host_of, peer_of, tune
+from nodepass.tunnel.channel import QuietFactory
 from nodepass.tunnel.egress import LocalConnection, open_udp_target, proxy_header
 from nodepass.tunnel.flows import Flows
-from nodepass.tunnel.relay import RelayProtocol
+from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.targets import TargetDialer
-from nodepass.tunnel.udp import MAX_DATAGRAM, LocalUdp, UdpSession
+from nodepass.tunnel.udp import LocalUdp, UdpSession
 from nodepass.url import Address, ClientConfig, format_targets
 
 EARLY_LIMIT = 64 * 1024  # bytes a pre-opened target connection may send before its user
@@ -52,6 +51,14 @@ class PreOpened(LocalConnection):
     def __init__(self, pool: TargetPool) -> None:
         self.pool = pool
         self.early = b""
+
+    def launch_tcp(self, source: str, dest: str, proxy: int) -> bytes:
+        """A user takes it: the PROXY header (if asked for) goes first."""
+        return proxy_header(proxy, source, dest, self.transport.getPeer())
+
+    def take_held(self) -> tuple[bytes, bool]:
+        early, self.early = self.early, b""
+        return early, False
 
     def before_relay_data(self, data: bytes) -> None:
         self.early += data
@@ -72,9 +79,10 @@ class TargetPool:
 
     log = logs.logger("nodepass")
 
-    def __init__(self, clock: Any, dialer: TargetDialer, capacity: int,
+    def __init__(self, clock: Any, flows: Flows, dialer: TargetDialer, capacity: int,
                  retry_interval: float) -> None:
         self.clock = clock
+        self.flows = flows
         self.dialer = dialer
         self.capacity = capacity
         self.retry_interval = retry_interval
@@ -94,13 +102,34 @@ class TargetPool:
         while self.idle:
             self.idle.popleft().transport.loseConnection()
 
-    def take(self) -> Deferred[Any]:
+    def take(self, on_ready: Callable[[Any], None],
+             on_unavailable: Callable[[str], None]) -> Deferred[Any]:
         """A connected target connection: a pre-opened one, or a new one."""
         conn = self.idle.popleft() if self.idle else None
         self.refill()
-        if conn is not None:
-            return succeed(conn)
-        return self.dialer.connect(QuietFactory(PreOpened, self))
+        attempt = succeed(conn) if conn is not None else self.dialer.connect(
+            QuietFactory(PreOpened, self))
+
+        def failed(reason: Failure) -> None:
+            if not reason.check(CancelledError):
+                on_unavailable(f"cannot reach target: {describe_failure(reason)}")
+
+        return attempt.addCallbacks(on_ready, failed)
+
+    def take_udp(self, on_ready: Callable[[Any], None],
+                 on_unavailable: Callable[[str], None]) -> None:
+        """A UDP source's far side: its own socket to the target, at once."""
+        on_ready(UdpTarget(self.flows, self.dialer))
+
+    def cancel(self, attempt: Deferred[Any]) -> None:
+        attempt.cancel()
+
+    def give_back(self, conn: Any) -> None:
+        """Taken but never used (its user left first): still fresh."""
+        if isinstance(conn, PreOpened) and self.running and len(self.idle) < self.capacity:
+            self.idle.append(conn)
+        elif isinstance(conn, PreOpened):
+            conn.transport.loseConnection()
 
     def discard(self, conn: PreOpened) -> None:
         try:
@@ -133,72 +162,31 @@ class TargetPool:
             self._retry = self.clock.callLater(self.retry_interval, self.refill)
 
 
-class DirectUser(RelayProtocol):
-    def __init__(self, forwarder: DirectForwarder) -> None:
-        self.forwarder = forwarder
-        self.attempt: Deferred[Any] | None = None
+class UdpTarget:
+    """A UDP session's far side in single-end mode: a socket connected to the target
+    (a name is resolved first; datagrams wait for it, bounded)."""
 
-    def connectionMade(self) -> None:
-        tune(self.transport, keepalive=False)
-        self.forwarder.user_arrived(self)
+    def __init__(self, flows: Flows, dialer: TargetDialer) -> None:
+        self.flows = flows
+        self.dialer = dialer
+        self.local = LocalUdp()
 
-    def before_relay_lost(self, reason: Failure) -> None:
-        if self.attempt is not None:
-            self.attempt.cancel()
+    def launch_udp(self, source: str, dest: str) -> None:
+        pass  # nothing to say first: the target sees the datagrams alone
 
+    def carry_udp(self, session: UdpSession) -> None:
+        self.local.received = session.from_tunnel
+        open_udp_target(self.flows, self.dialer, self.local, self.dialer.udp_target(), session)
 
-class DirectUdp(DatagramProtocol):
-    """The UDP socket on the tunnel address: one session per source."""
+    def send_datagram(self, payload: bytes) -> None:
+        self.local.send(payload)
 
-    def __init__(self, forwarder: DirectForwarder) -> None:
-        self.forwarder = forwarder
-        self.flows = forwarder.flows
-        self.sessions: dict[tuple[str, int], UdpSession] = {}
-
-    def startProtocol(self) -> None:
-        self.transport.maxPacketSize = MAX_DATAGRAM + 1
-
-    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
-        session = self.sessions.get(addr)
-        limit = self.flows.tunables.udp_data_buf_size
-        if len(data) > limit:
-            self.flows.udp_drops.oversize += 1
-            self.flows.warn(f"dropped a {len(data)}-byte datagram from "
-                            f"{Address(addr[0], addr[1])}: over UDP_DATA_BUF_SIZE ({limit})")
-            return
-        if session is None:
-            if self.forwarder.stopping or not self.flows.admit(
-                    f"UDP from {Address(addr[0], addr[1])}"):
-                self.flows.udp_drops.overload += 1
-                return
-            session = self._open(addr)
-            if session.ended:  # its target could not be opened
-                return
-            self.sessions[addr] = session
-        session.to_tunnel(data)
-
-    def _open(self, addr: tuple[str, int]) -> UdpSession:
-        """A session for a new source: the far side is a socket connected to the target."""
-        local = LocalUdp()
-
-        def ended(session: UdpSession) -> None:
-            local.close()
-            self._ended(addr, session)
-
-        session = self.flows.direct_udp_session(
-            local.send, lambda reply: self.transport.write(reply, addr), ended)
-        local.received = session.from_tunnel
-        dialer = self.forwarder.dialer
-        open_udp_target(self.flows, dialer, local, dialer.udp_target(), session)
-        return session
-
-    def _ended(self, addr: tuple[str, int], session: UdpSession) -> None:
-        if self.sessions.get(addr) is session:
-            del self.sessions[addr]
+    def close(self) -> None:
+        self.local.close()
 
 
 class DirectForwarder(Service):
-    """Single-end mode's state: the target pool and the live relays."""
+    """Single-end mode: the ingress, with connections to the target as its far sides."""
 
     log = logs.logger("nodepass")
 
@@ -208,40 +196,16 @@ class DirectForwarder(Service):
         self.flows = Flows.for_config(reactor, tunables, config)
         self.dialer = TargetDialer.for_config(reactor, config, tunables)
         capacity = 0 if config.proxy or config.notcp else tunables.min_pool_capacity
-        self.pool = TargetPool(reactor, self.dialer, capacity, tunables.min_pool_interval)
-        self.udp = DirectUdp(self)
-        self.stopping = False
+        self.pool = TargetPool(reactor, self.flows, self.dialer, capacity,
+                               tunables.min_pool_interval)
+        self.ingress = Ingress(self.flows, self.pool, lambda: None, config.proxy)
+
+    @property
+    def udp(self) -> Any:
+        return self.ingress.udp
 
     def user_factory(self) -> QuietFactory:
-        return QuietFactory(DirectUser, self)
-
-    def user_arrived(self, user: DirectUser) -> None:
-        if self.stopping:
-            user.transport.abortConnection()
-            return
-        if not self.flows.admit(f"connection from {peer_of(user.transport)}"):
-            user.transport.loseConnection()
-            return
-        user.transport.pauseProducing()
-        self.flows.pending += 1
-        user.attempt = self.pool.take()
-        user.attempt.addCallbacks(lambda target: self._join(user, target),
-                                  lambda reason: self._failed(user, reason))
-
-    def _join(self, user: DirectUser, target: PreOpened) -> None:
-        self.flows.pending -= 1
-        user.attempt = None
-        header = proxy_header(self.config.proxy, peer_of(user.transport),
-                              host_of(user.transport), target.transport.getPeer())
-        self.flows.join(user, target, to_conn=header, conn_pending=target.early, user=True)
-
-    def _failed(self, user: DirectUser, reason: Failure) -> None:
-        self.flows.pending -= 1
-        user.attempt = None
-        if not reason.check(CancelledError):
-            self.flows.warn(f"closed connection from {peer_of(user.transport)}: cannot reach "
-                            f"target: {describe_failure(reason)}")
-        user.transport.loseConnection()
+        return self.ingress.user_factory()
 
     def report(self) -> Report:
         return snapshot("forwarding", len(self.pool.idle), None, self.flows, "single-end")
@@ -255,8 +219,8 @@ class DirectForwarder(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        self.stopping = True
         self.pool.stop()
+        self.ingress.close_all()
         return self.flows.close_all()
 
 

@@ -1,9 +1,10 @@
 """The end that dials the target.
 
-Each tunnel connection the other end launches gets, for TCP, a connection to a
-target (rotating across several, with failover: see targets.py) preceded by a
-PROXY protocol header when asked for; for UDP, a connected UDP socket to a
-target.  The server does this in forward mode, the client in reverse mode.
+Each tunnel connection the other end launches reserves a slot and gets, for TCP, a
+connection to a target (rotating across several, with failover: see targets.py)
+preceded by a PROXY protocol header when asked for; for UDP, a connected UDP
+socket to a target.  The server does this in forward mode, the client in reverse
+mode.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from twisted.python.failure import Failure
 from nodepass import proxyproto
 from nodepass.endpoints import describe_failure
 from nodepass.tunnel.channel import QuietFactory, tune
-from nodepass.tunnel.flows import Flows
+from nodepass.tunnel.flows import Flows, Slot
 from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.targets import TargetDialer
-from nodepass.tunnel.udp import LocalUdp, UdpSession, carry_datagrams
+from nodepass.tunnel.udp import LocalUdp, UdpSession
 from nodepass.tunnel.wire import Launch, Proto
 from nodepass.url import Address, format_targets
 
@@ -49,47 +50,42 @@ class Egress:
         self.notcp, self.noudp = notcp, noudp
 
     def launched(self, conn: Any, launch: Launch) -> None:
-        """``conn`` was launched (see FramedConnection.accept_launch): serve it."""
+        """The other end launched ``conn`` (a TunnelConnection): serve it."""
         what = f"{launch.proto.name} from {launch.source}"
         if self.notcp if launch.proto is Proto.TCP else self.noudp:
             self.flows.refuse(what, f"no{launch.proto.name.lower()}=1 on this end")
             conn.abort()
-        elif not self.flows.admit(what):
+        elif (slot := self.flows.reserve(what)) is None:
             conn.abort()
         elif launch.proto is Proto.UDP:
-            self._udp(conn, launch)
+            self._udp(conn, launch, slot)
         else:
             self.flows.log.debug("launch from {source}", source=launch.source)
-            self.flows.pending += 1
-            conn.attempt = self.dialer.connect(QuietFactory(LocalConnection))
-            conn.attempt.addCallbacks(lambda local: self._join(conn, local, launch),
-                                      lambda reason: self._failed(conn, reason))
+            attempt = self.dialer.connect(QuietFactory(LocalConnection))
+            conn.dialing(attempt)
+            attempt.addCallbacks(lambda local: self._join(conn, local, launch, slot),
+                                 lambda reason: self._failed(conn, reason, slot))
 
-    def _join(self, conn: Any, local: LocalConnection, launch: Launch) -> None:
-        self.flows.pending -= 1
-        conn.attempt = None
+    def _join(self, conn: Any, local: LocalConnection, launch: Launch, slot: Slot) -> None:
         header = proxy_header(self.proxy or launch.proxy, launch.source, launch.dest,
                               local.transport.getPeer())
-        pending, conn.pending = conn.pending, b""
-        self.flows.join(local, conn, to_local=header, conn_pending=pending,
-                        conn_eof=conn.eof_pending)
+        self.flows.join(local, conn, slot, to_local=header)
 
-    def _failed(self, conn: Any, reason: Failure) -> None:
-        self.flows.pending -= 1
-        conn.attempt = None
+    def _failed(self, conn: Any, reason: Failure, slot: Slot) -> None:
+        slot.release()
         if not reason.check(CancelledError):
             self.flows.warn(f"cannot reach target {format_targets(self.dialer.targets)}: "
                             f"{describe_failure(reason)}")
         conn.abort()
 
-    def _udp(self, conn: Any, launch: Launch) -> None:
+    def _udp(self, conn: Any, launch: Launch, slot: Slot) -> None:
         """A UDP session: a UDP socket connected to the target carries its datagrams
         (a target host name is resolved first; datagrams wait for it, bounded)."""
         target = self.dialer.udp_target()
         local = LocalUdp()
-        session = self.flows.udp_session(conn, local.send, lambda s: local.close())
+        session = self.flows.udp_session(conn, local.send, lambda s: local.close(), slot)
         local.received = session.to_tunnel
-        carry_datagrams(conn, session)
+        conn.carry_udp(session)
         self.flows.log.debug("UDP session for {source}", source=launch.source)
         open_udp_target(self.flows, self.dialer, local, target, session)
 
@@ -98,11 +94,11 @@ def open_udp_target(flows: Flows, dialer: TargetDialer, local: LocalUdp, target:
                     session: UdpSession) -> None:
     """Resolve ``target`` and open ``local`` to it; on failure end ``session``."""
 
-    def opened(ip: str) -> None:
+    def opened(ips: list[str]) -> None:
         if session.ended:
             return
         try:
-            local.open(flows.clock, ip, target.port, dialer.source)
+            local.open(flows.clock, ips[0], target.port, dialer.source)
         except (OSError, ValueError) as e:
             failed(Failure(e))
 
@@ -110,4 +106,4 @@ def open_udp_target(flows: Flows, dialer: TargetDialer, local: LocalUdp, target:
         flows.warn(f"cannot reach UDP target {target}: {describe_failure(reason)}")
         session.close()
 
-    dialer.names.resolve(target.host).addCallbacks(lambda ips: opened(ips[0]), failed)
+    dialer.names.resolve(target.host).addCallbacks(opened, failed)

@@ -1,17 +1,18 @@
 """What one instance carries right now, and the controls on it.
 
 Both ends of a tunnel (and the single-end forwarder) keep their live relays, UDP
-sessions and counters here, and every new connection or session passes
-:meth:`Flows.admit` (``slot=`` and SEMAPHORE_LIMIT).  :meth:`Flows.join` starts
-the relay for a connection pair with ``rate=`` and ``read=`` applied, on the
-splice(2) fast path when it can.
+sessions and counters here.  Every new connection or UDP session first
+:meth:`~Flows.reserve`\\ s a :class:`Slot` (``slot=`` and SEMAPHORE_LIMIT bound how
+many are held at once) and gives it back when it ends, however it ends.
+:meth:`Flows.join` starts the relay for a connection pair with ``rate=``,
+``read=`` and ``block=`` applied, on the splice(2) fast path when it can.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
@@ -23,8 +24,33 @@ from nodepass.tunnel.channel import peer_of
 from nodepass.tunnel.firstbytes import FirstBytes
 from nodepass.tunnel.limits import IdleWatch, RateLimit, slot_limit
 from nodepass.tunnel.relay import Relay, RelayProtocol, RelaySet
-from nodepass.tunnel.udp import UdpCounters, UdpSession, tunnel_session
+from nodepass.tunnel.udp import UdpCounters, UdpSession
 from nodepass.url import DEFAULT_SLOT, ClientConfig, ServerConfig
+
+
+class Slot:
+    """One connection or UDP session counted against the limit, from admission until
+    it ends; :meth:`release` may be called any number of times."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self, held: set[Slot]) -> None:
+        self._held = held
+        held.add(self)
+
+    def release(self) -> None:
+        self._held.discard(self)
+
+
+class FarSide(Protocol):
+    """What a UDP session sends its peer's datagrams through (a launched tunnel
+    connection, or in single-end mode the target's socket)."""
+
+    def send_datagram(self, payload: bytes) -> None: ...
+
+    def carry_udp(self, session: UdpSession) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class Flows:
@@ -38,7 +64,7 @@ class Flows:
         self.relays = RelaySet()
         self.udp_sessions: set[UdpSession] = set()
         self.udp_drops = UdpCounters()
-        self.pending = 0  # users waiting for a tunnel connection, targets being dialed
+        self.slots: set[Slot] = set()
         self.refused = 0
         self.limit, self.limit_name = slot_limit(slot, tunables.semaphore_limit)
         if slot != DEFAULT_SLOT and (slot == 0 or slot > tunables.semaphore_limit):
@@ -59,14 +85,15 @@ class Flows:
 
     def in_use(self) -> int:
         """What the slot limit counts: relays, connections on their way, UDP sessions."""
-        return len(self.relays) + self.pending + len(self.udp_sessions)
+        return len(self.slots)
 
-    def admit(self, what: str) -> bool:
-        """Room for one more connection or session?  If not, it is counted and logged."""
-        if self.in_use() < self.limit:
-            return True
+    def reserve(self, what: str) -> Slot | None:
+        """A slot for one more connection or session, or None (then it is counted as
+        refused and logged)."""
+        if len(self.slots) < self.limit:
+            return Slot(self.slots)
         self.refuse(what, f"{self.limit_name} reached")
-        return False
+        return None
 
     def refuse(self, what: str, why: str) -> None:
         self.refused += 1
@@ -77,15 +104,15 @@ class Flows:
 
     # -- TCP -------------------------------------------------------------
 
-    def join(self, local: RelayProtocol, conn: Any, to_conn: bytes = b"",
-             to_local: bytes = b"", conn_pending: bytes = b"",
-             conn_eof: bool = False, user: bool = False) -> None:
+    def join(self, local: RelayProtocol, conn: Any, slot: Slot, to_conn: bytes = b"",
+             to_local: bytes = b"", user: bool = False) -> None:
         """Relay ``local`` (a user or target connection) with ``conn`` (a tunnel
-        connection, or the target in single-end mode).  ``to_conn``/``to_local`` are
-        protocol bytes written first (LAUNCH, a PROXY header); ``conn_pending`` and
-        ``conn_eof`` are what ``conn`` read before the join.  ``user``: ``local`` is a
-        user, whose first bytes ``block=`` judges."""
+        connection, or the target in single-end mode) for as long as ``slot`` is held.
+        ``to_conn``/``to_local`` are protocol bytes written first (LAUNCH, a PROXY
+        header); what ``conn`` read before (see ``take_held``) is delivered first.
+        ``user``: ``local`` is a user, whose first bytes ``block=`` judges."""
         screened = user and bool(self.block)
+        conn_pending, conn_eof = conn.take_held()
         count_in, count_out = self.traffic.add_tcp_in, self.traffic.add_tcp_out
         watch: IdleWatch | None = None
         if self.read_timeout:
@@ -95,6 +122,7 @@ class Flows:
         def ended(finished: Any) -> None:
             if watch is not None:
                 watch.cancel()
+            slot.release()
             self.relays.discard(finished)
 
         relay: Any
@@ -128,9 +156,7 @@ class Flows:
     def _may_splice(self, local: RelayProtocol, conn: Any) -> bool:
         """Both plain TCP with nothing in Twisted's buffers, and no rate to apply nor first
         bytes to judge (splice moves bytes without Python seeing them)."""
-        return (self.rate is None and getattr(conn, "stream", None) is None
-                and not getattr(conn, "unflushed", False)
-                and splice.plain_tcp(conn.transport) and splice.plain_tcp(local.transport))
+        return self.rate is None and conn.spliceable() and local.spliceable()
 
     def _blocked(self, peer: str, kind: str) -> None:
         self.refuse(f"connection from {peer}", f"its first bytes are {kind} "
@@ -142,29 +168,22 @@ class Flows:
 
     # -- UDP -------------------------------------------------------------
 
-    def udp_session(self, conn: Any, deliver: Callable[[bytes], None],
-                    on_end: Callable[[UdpSession], None]) -> UdpSession:
-        """A UDP session over tunnel connection ``conn``; ``deliver`` sends a datagram
-        to this end's UDP peer."""
-        return self._udp_session(partial(tunnel_session, self.clock, conn), deliver, on_end)
-
-    def direct_udp_session(self, send: Callable[[bytes], None],
-                           deliver: Callable[[bytes], None],
-                           on_end: Callable[[UdpSession], None]) -> UdpSession:
-        """A single-end UDP session: ``send`` reaches the target, ``deliver`` the user."""
-        return self._udp_session(partial(UdpSession, self.clock, send), deliver, on_end)
-
-    def _udp_session(self, make: Callable[..., UdpSession], deliver: Callable[[bytes], None],
-                     on_end: Callable[[UdpSession], None]) -> UdpSession:
+    def udp_session(self, far: FarSide, deliver: Callable[[bytes], None],
+                    on_end: Callable[[UdpSession], None], slot: Slot) -> UdpSession:
+        """A UDP session between this end's peer (``deliver`` reaches it) and ``far``,
+        for as long as ``slot`` is held; ``far`` is closed when the session ends."""
         rate = self.rate
 
         def ended(session: UdpSession) -> None:
             self.udp_sessions.discard(session)
+            slot.release()
+            far.close()
             on_end(session)
 
-        session = make(deliver, self.udp_timeout, self.tunables.udp_data_buf_size,
-                       self.traffic.add_udp_in, self.traffic.add_udp_out, self.udp_drops, ended,
-                       rate.inbound if rate else None, rate.outbound if rate else None)
+        session = UdpSession(self.clock, far.send_datagram, deliver, self.udp_timeout,
+                             self.tunables.udp_data_buf_size, self.traffic.add_udp_in,
+                             self.traffic.add_udp_out, self.udp_drops, ended,
+                             rate.inbound if rate else None, rate.outbound if rate else None)
         self.udp_sessions.add(session)
         return session
 

@@ -1,11 +1,13 @@
 """The end users arrive at.
 
-Each TCP connection, and each new UDP source address, takes an idle tunnel
-connection from a pool and launches it (a LAUNCH frame naming the protocol, the
-user's address, the address the user reached and the PROXY version asked for);
-the other end dials the target.  The server does this in reverse mode, the
-client in forward mode.  A user who finds no pooled connection waits (bounded);
-one who finds no session, or no free slot, is turned away at once.
+Each TCP connection, and each new UDP source address, reserves a slot and takes a
+far side from a :class:`ConnectionSource`: an idle tunnel connection, which is
+launched (LAUNCH names the protocol, the user's address, the address the user
+reached and the PROXY version asked for) and whose other end dials the target —
+or, in single-end mode, a connection (or UDP socket) to the target itself.  The
+server does this in reverse mode, the client in forward mode, the single-end
+client always.  A user who finds no far side waits (bounded); one who finds no
+session, or no free slot, is turned away at once.
 """
 
 from __future__ import annotations
@@ -16,35 +18,37 @@ from typing import Any, Protocol
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
-from nodepass.tunnel import wire
 from nodepass.tunnel.channel import QuietFactory, host_of, peer_of, tune
-from nodepass.tunnel.flows import Flows
+from nodepass.tunnel.flows import Flows, Slot
 from nodepass.tunnel.relay import RelayProtocol
-from nodepass.tunnel.udp import MAX_DATAGRAM, PENDING_LIMIT, UdpSession, carry_datagrams
-from nodepass.tunnel.wire import Proto
+from nodepass.tunnel.udp import MAX_DATAGRAM, PENDING_LIMIT, UdpSession
 from nodepass.url import Address
 
 
 class ConnectionSource(Protocol):
-    """Where idle tunnel connections come from (the server's IdlePool, the client's pool)."""
-
-    wait_timeout: float
+    """Where users' far sides come from (the server's IdlePool, the client's pool,
+    single-end's TargetPool).  A TCP far side has ``launch_tcp(source, dest, proxy)``
+    (the bytes to send first); a UDP one ``launch_udp(source, dest)``,
+    ``carry_udp(session)``, ``send_datagram`` and ``close``."""
 
     def take(self, on_ready: Callable[[Any], None],
-             on_timeout: Callable[[], None]) -> Any: ...
+             on_unavailable: Callable[[str], None]) -> Any: ...
+
+    def take_udp(self, on_ready: Callable[[Any], None],
+                 on_unavailable: Callable[[str], None]) -> Any: ...
 
     def cancel(self, waiter: Any) -> None: ...
 
-    def give_back(self, conn: Any) -> None: ...
+    def give_back(self, far: Any) -> None: ...
 
 
 class UserConnection(RelayProtocol):
-    """A user's TCP connection, waiting for then using a tunnel connection."""
+    """A user's TCP connection, waiting for then using its far side."""
 
     def __init__(self, ingress: Ingress) -> None:
         self.ingress = ingress
+        self.slot: Slot | None = None
         self.waiter: Any = None
-        self.waiting = False
         self.gone = False
 
     def connectionMade(self) -> None:
@@ -57,10 +61,10 @@ class UserConnection(RelayProtocol):
 
 
 class Ingress:
-    def __init__(self, flows: Flows, pool: ConnectionSource,
+    def __init__(self, flows: Flows, source: ConnectionSource,
                  unavailable: Callable[[], str | None], proxy: int = 0) -> None:
         self.flows = flows
-        self.pool = pool
+        self.source = source
         self.unavailable = unavailable  # why users cannot be served now, or None
         self.proxy = proxy
         self.stopping = False
@@ -78,48 +82,39 @@ class Ingress:
         if why is not None:
             self.flows.warn(f"closed connection from {peer}: {why}")
             user.transport.loseConnection()
-        elif not self.flows.admit(f"connection from {peer}"):
+            return
+        user.slot = self.flows.reserve(f"connection from {peer}")
+        if user.slot is None:
             user.transport.loseConnection()
-        else:
-            user.transport.pauseProducing()
-            user.waiting = True
-            self.flows.pending += 1
-            user.waiter = self.pool.take(lambda conn: self._launch(user, conn),
-                                         lambda: self._no_pool(user))
-
-    def _done_waiting(self, user: UserConnection) -> None:
-        user.waiter = None
-        if user.waiting:
-            user.waiting = False
-            self.flows.pending -= 1
+            return
+        user.transport.pauseProducing()
+        user.waiter = self.source.take(lambda far: self._launch(user, far),
+                                       lambda why: self._unserved(user, why))
 
     def user_left(self, user: UserConnection) -> None:
         if user.waiter is not None:
-            self.pool.cancel(user.waiter)
-        self._done_waiting(user)
+            self.source.cancel(user.waiter)
+            user.waiter = None
+            assert user.slot is not None
+            user.slot.release()
 
-    def _no_pool(self, user: UserConnection) -> None:
-        self._done_waiting(user)
-        if self.stopping:
-            why = "shutting down"
-        else:
-            why = self.unavailable() or (
-                f"no pooled connection within {self.pool.wait_timeout:g}s")
+    def _unserved(self, user: UserConnection, why: str) -> None:
+        user.waiter = None
+        assert user.slot is not None
+        user.slot.release()
+        why = "shutting down" if self.stopping else self.unavailable() or why
         self.flows.warn(f"closed connection from {peer_of(user.transport)}: {why}")
         user.transport.loseConnection()
 
-    def _launch(self, user: UserConnection, conn: Any) -> None:
-        self._done_waiting(user)
+    def _launch(self, user: UserConnection, far: Any) -> None:
+        user.waiter = None
+        assert user.slot is not None
         if user.gone:
-            self.pool.give_back(conn)  # never launched, so still fresh
+            user.slot.release()
+            self.source.give_back(far)  # never launched, so still fresh
             return
-        conn.state = "relay"
-        conn.framing = False
-        launch = wire.launch(Proto.TCP, peer_of(user.transport), host_of(user.transport),
-                             self.proxy)
-        if conn.tunnel_tls():
-            conn.frame_stream()
-        self.flows.join(user, conn, to_conn=launch, user=True)
+        first = far.launch_tcp(peer_of(user.transport), host_of(user.transport), self.proxy)
+        self.flows.join(user, far, user.slot, to_conn=first, user=True)
 
     def close_all(self) -> None:
         self.stopping = True
@@ -127,9 +122,10 @@ class Ingress:
 
 
 class _Pending:
-    """A source waiting for its tunnel connection; keeps its first datagrams."""
+    """A source waiting for its far side; keeps its first datagrams."""
 
-    def __init__(self) -> None:
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
         self.queue: list[bytes] = []
         self.waiter: Any = None
 
@@ -169,37 +165,35 @@ class IngressUdp(DatagramProtocol):
             pass
         elif (why := self.ingress.unavailable()) is not None:
             flows.warn(f"dropped a datagram from {_peer(addr)}: {why}")
-        elif not flows.admit(f"UDP from {_peer(addr)}"):
+        elif (slot := flows.reserve(f"UDP from {_peer(addr)}")) is None:
             flows.udp_drops.overload += 1
         else:
-            pending = _Pending()
+            pending = _Pending(slot)
             pending.queue.append(data)
             self.sessions[addr] = pending
-            flows.pending += 1
-            pending.waiter = self.ingress.pool.take(
-                lambda conn: self._launch(addr, conn), lambda: self._no_pool(addr))
+            pending.waiter = self.ingress.source.take_udp(
+                lambda far: self._launch(addr, far), lambda why: self._unserved(addr, why))
 
-    def _launch(self, addr: tuple[str, int], conn: Any) -> None:
+    def _launch(self, addr: tuple[str, int], far: Any) -> None:
         pending = self.sessions.get(addr)
         if not isinstance(pending, _Pending):
-            self.ingress.pool.give_back(conn)
+            self.ingress.source.give_back(far)
             return
-        self.flows.pending -= 1
-        conn.send(wire.launch(Proto.UDP, _peer(addr), host_of(self.transport)))
+        far.launch_udp(_peer(addr), host_of(self.transport))
         session = self.flows.udp_session(
-            conn, lambda payload: self.transport.write(payload, addr),
-            lambda s: self._ended(addr, s))
-        carry_datagrams(conn, session)
+            far, lambda payload: self.transport.write(payload, addr),
+            lambda s: self._ended(addr, s), pending.slot)
         self.sessions[addr] = session
+        far.carry_udp(session)
         for data in pending.queue:
             session.to_tunnel(data)
 
-    def _no_pool(self, addr: tuple[str, int]) -> None:
+    def _unserved(self, addr: tuple[str, int], why: str) -> None:
         pending = self.sessions.pop(addr, None)
         if isinstance(pending, _Pending):
-            self.flows.pending -= 1
+            pending.slot.release()
             self.flows.udp_drops.overload += len(pending.queue)
-            self.flows.warn(f"dropped datagrams from {_peer(addr)}: no pooled connection")
+            self.flows.warn(f"dropped datagrams from {_peer(addr)}: {why}")
 
     def _ended(self, addr: tuple[str, int], session: UdpSession) -> None:
         if self.sessions.get(addr) is session:
@@ -211,8 +205,8 @@ class IngressUdp(DatagramProtocol):
                 entry.close()
             else:
                 if entry.waiter is not None:
-                    self.ingress.pool.cancel(entry.waiter)
-                self.flows.pending -= 1
+                    self.ingress.source.cancel(entry.waiter)
+                entry.slot.release()
             self.sessions.pop(key, None)
 
 

@@ -116,12 +116,15 @@ class ClientPool:
     # In forward mode this end launches its own connections, as the server does in
     # reverse mode: the same take/cancel/give_back, and taking counts as ``taken``.
 
-    def take(self, on_ready: Callable[[Any], None], on_timeout: Callable[[], None]) -> Any:
+    def take(self, on_ready: Callable[[Any], None],
+             on_unavailable: Callable[[str], None]) -> Any:
         def hand_out(conn: Closable) -> None:
             self.taken(conn)
             on_ready(conn)
 
-        return self.ready.take(hand_out, on_timeout)
+        return self.ready.take(hand_out, on_unavailable)
+
+    take_udp = take
 
     def cancel(self, waiter: Any) -> None:
         self.ready.cancel(waiter)
@@ -173,9 +176,10 @@ class ClientPool:
 
 
 class _Waiter:
-    def __init__(self, on_ready: Callable[[Any], None], on_timeout: Callable[[], None]) -> None:
+    def __init__(self, on_ready: Callable[[Any], None],
+                 on_unavailable: Callable[[str], None]) -> None:
         self.on_ready = on_ready
-        self.on_timeout = on_timeout
+        self.on_unavailable = on_unavailable
         self.timer: Any = None
 
 
@@ -214,12 +218,12 @@ class IdlePool:
             pass
 
     def take(self, on_ready: Callable[[Any], None],
-             on_timeout: Callable[[], None]) -> _Waiter | None:
-        """Call ``on_ready(conn)`` now or when one arrives, else ``on_timeout()``."""
+             on_unavailable: Callable[[str], None]) -> _Waiter | None:
+        """Call ``on_ready(conn)`` now or when one arrives, else ``on_unavailable(why)``."""
         if self.idle:
             on_ready(self.idle.popleft())
             return None
-        waiter = _Waiter(on_ready, on_timeout)
+        waiter = _Waiter(on_ready, on_unavailable)
         waiter.timer = self._clock.callLater(self.wait_timeout, self._expire, waiter)
         self.waiters.append(waiter)
         self._request_more(len(self.waiters))
@@ -230,6 +234,8 @@ class IdlePool:
         if not self.add(conn):
             conn.close()
 
+    take_udp = take
+
     def cancel(self, waiter: _Waiter) -> None:
         if waiter in self.waiters:
             self.waiters.remove(waiter)
@@ -237,7 +243,7 @@ class IdlePool:
 
     def _expire(self, waiter: _Waiter) -> None:
         self.waiters.remove(waiter)
-        waiter.on_timeout()
+        waiter.on_unavailable(f"no pooled connection within {self.wait_timeout:g}s")
 
     def flush(self) -> None:
         """The session ended: close idle connections and turn waiters away."""
@@ -246,4 +252,4 @@ class IdlePool:
         while self.waiters:
             waiter = self.waiters.popleft()
             waiter.timer.cancel()
-            waiter.on_timeout()
+            waiter.on_unavailable("the tunnel session ended")

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass import logs
+from nodepass.tunnel import splice
 from nodepass.tunnel.firstbytes import FirstBytes
 from nodepass.tunnel.limits import Pacer, TokenBucket, Valve
 
@@ -31,7 +32,19 @@ class RelayProtocol(Protocol):
     subclasses override (the tunnel handshake, for instance).
     """
 
-    relay: Relay | None = None
+    relay: Any = None
+
+    def join(self, relay: Any) -> None:
+        """Its bytes belong to ``relay`` from now on."""
+        self.relay = relay
+
+    def take_held(self) -> tuple[bytes, bool]:
+        """What it read before the relay joined it: (bytes, whether its stream ended)."""
+        return b"", False
+
+    def spliceable(self) -> bool:
+        """May the relay move its bytes with splice(2)?  (Plain TCP, nothing buffered.)"""
+        return splice.plain_tcp(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.relay is not None:
@@ -40,7 +53,7 @@ class RelayProtocol(Protocol):
             self.before_relay_data(data)
 
     # How this connection's byte stream is read and written while relayed; a TLS
-    # tunnel connection frames it (see FramedConnection) to carry half-close.
+    # tunnel connection frames it (see connection.Streaming) to carry half-close.
 
     def relay_received(self, data: bytes) -> None:
         assert self.relay is not None
@@ -116,7 +129,8 @@ class Relay:
 
     def start(self, b_pending: bytes = b"", b_eof: bool = False) -> None:
         """Join the two sides; what ``b`` read before (bytes, EOF) is delivered first."""
-        self.a.relay = self.b.relay = self
+        self.a.join(self)
+        self.b.join(self)
         self.a.transport.registerProducer(self._valves[id(self.b)], True)
         self.b.transport.registerProducer(self._valves[id(self.a)], True)
         self._producing_for = {id(self.a), id(self.b)}
@@ -125,7 +139,7 @@ class Relay:
         # (b_eof) means there is nothing left to read.
         readable = [self.a] if b_eof else [self.a, self.b]
         if b_pending:
-            self.b.relay_received(b_pending)
+            self.b.dataReceived(b_pending)
         if b_eof:
             self.read_closed(self.b)
         for side in readable:

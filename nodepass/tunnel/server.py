@@ -16,103 +16,25 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 
 from nodepass import __version__, logs
 from nodepass.stats import Report, snapshot
 from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
-from nodepass.tunnel import splice, wire
-from nodepass.tunnel.channel import HANDSHAKE_TIMEOUT, FramedConnection, QuietFactory
+from nodepass.tunnel import wire
+from nodepass.tunnel.channel import QuietFactory
+from nodepass.tunnel.connection import TunnelConnection, accepted
 from nodepass.tunnel.control import ControlSession
 from nodepass.tunnel.egress import Egress
 from nodepass.tunnel.flows import Flows
-from nodepass.tunnel.handshake import AuthenticationError, ServerHandshake
+from nodepass.tunnel.handshake import ServerHandshake
 from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.pool import POOL_WAIT_TIMEOUT, IdlePool
 from nodepass.tunnel.targets import TargetDialer
-from nodepass.tunnel.wire import Frame, Goodbye, Kind, ProtocolError, Type
+from nodepass.tunnel.wire import Goodbye, Kind, Launch, ProtocolError
 from nodepass.url import ServerConfig, derived_key, format_targets
 
 REVERSE, FORWARD = "reverse", "forward"
-
-
-class TunnelConnection(FramedConnection):
-    """A connection accepted on the tunnel port: handshake, then control or data."""
-
-    expect_preamble = True
-
-    def __init__(self, tunnel: ServerTunnel) -> None:
-        super().__init__()
-        self.tunnel = tunnel
-        self.state = "hello"
-        self.handshake = ServerHandshake(tunnel.key, tunnel.tls_mode, os.urandom(wire.NONCE_SIZE))
-        self.control: ControlSession | None = None
-        self.unflushed = False  # bytes sit in Twisted's buffer: no splicing for this one
-        self._timeout: Any = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._timeout = self.tunnel.clock.callLater(HANDSHAKE_TIMEOUT, self._handshake_timeout)
-
-    def _handshake_timeout(self) -> None:
-        self._timeout = None
-        self.tunnel.log.debug("tunnel connection from {peer}: no handshake in {t}s",
-                              peer=self.peer, t=HANDSHAKE_TIMEOUT)
-        self.abort()
-
-    def frame_received(self, frame: Frame) -> None:
-        if self.state == "control":
-            assert self.control is not None
-            self.control.frame_received(frame)
-        elif self.state == "udp":
-            self.udp.from_tunnel(frame.payload)
-        elif self.state == "idle" and frame.type is Type.LAUNCH and self.tunnel.mode == FORWARD:
-            self.tunnel.pool.discard(self)
-            self.tunnel.egress.launched(self, self.accept_launch(frame.payload))
-        elif self.state == "hello" and frame.type is Type.HELLO:
-            credentials = self.tunnel.credentials
-            if credentials is None:
-                self.send(self.handshake.on_hello(frame.payload))
-            else:
-                options, self.handshake.binding = credentials.current()
-                self.send(self.handshake.on_hello(frame.payload))
-                if self.decoder.buffered:
-                    raise ProtocolError("data sent before TLS started")
-                self.transport.startTLS(options)
-                self.send(self.handshake.attest())
-            self.state = "auth"
-        elif self.state == "auth" and frame.type is Type.AUTH:
-            self._authenticate(frame.payload)
-        else:
-            raise ProtocolError(f"unexpected {frame.type.name} frame while {self.state}")
-
-    def _authenticate(self, payload: bytes) -> None:
-        try:
-            self.handshake.on_auth(payload)
-        except AuthenticationError:
-            self.tunnel.auth_failed(self.peer)
-            self.abort()
-            return
-        self._timeout.cancel()
-        self._timeout = None
-        self.state = "authenticated"
-        if self.handshake.kind is Kind.CONTROL:
-            self.tunnel.open_session(self)
-        else:
-            self.tunnel.add_data(self)
-
-    def tunnel_tls(self) -> bool:
-        return self.tunnel.credentials is not None
-
-    def ended(self, reason: Failure) -> None:
-        super().ended(reason)
-        if self._timeout is not None:
-            self._timeout.cancel()
-            self._timeout = None
-        if self.control is not None:
-            self.control.stop()
-        self.tunnel.connection_ended(self)
 
 
 class ServerTunnel(Service):
@@ -129,6 +51,7 @@ class ServerTunnel(Service):
         self.tls_mode = config.tls
         self.credentials = credentials
         self.session: TunnelConnection | None = None
+        self.control: ControlSession | None = None
         self.session_id = b""
         self.max_pool = config.max or tunables.max_pool_capacity
         self.pool = IdlePool(reactor, self.max_pool, POOL_WAIT_TIMEOUT, self._request_more)
@@ -145,7 +68,7 @@ class ServerTunnel(Service):
     # -- factories -------------------------------------------------------
 
     def tunnel_factory(self) -> QuietFactory:
-        return QuietFactory(TunnelConnection, self)
+        return QuietFactory(TunnelConnection, self.clock, accepted(self))
 
     def target_factory(self) -> QuietFactory:
         return self.ingress.user_factory()
@@ -177,15 +100,20 @@ class ServerTunnel(Service):
     def auth_failed(self, peer: str) -> None:
         self._auth_throttle.warn(self.log, "authentication failed from {peer}", peer=peer)
 
-    def open_session(self, conn: TunnelConnection) -> None:
+    def authenticated(self, conn: TunnelConnection, handshake: ServerHandshake) -> None:
+        if handshake.kind is Kind.CONTROL:
+            self._open_session(conn, handshake)
+        else:
+            self._add_data(conn, handshake)
+
+    def _open_session(self, conn: TunnelConnection, handshake: ServerHandshake) -> None:
         if self.stopping:
             conn.abort()
             return
         if self.session is not None:
             self.log.warn("refused client {peer}: the tunnel is held by {holder}",
                           peer=conn.peer, holder=self.session.peer)
-            conn.send(wire.frame(Type.BUSY))
-            conn.close()
+            conn.refuse_busy()
             return
         self.session_id = os.urandom(wire.SESSION_ID_SIZE)
         settings = {
@@ -194,57 +122,56 @@ class ServerTunnel(Service):
             "max_pool": self.max_pool,
             "mode": self.mode,
         }
-        conn.send(conn.handshake.welcome(self.session_id, settings))
-        conn.state = "control"
-        conn.control = ControlSession(
+        control = ControlSession(
             self.clock, self.tunables.report_interval, conn.send,
             on_dead=lambda: self._session_dead(conn),
             on_goodbye=lambda reason: conn.close(),
         )
-        self.session = conn
-        conn.control.start()
+        conn.open_control(control, handshake.welcome(self.session_id, settings))
+        self.session, self.control = conn, control
+        control.start()
         self.log.info("client {peer} connected: tunnel session open", peer=conn.peer)
 
     def _session_dead(self, conn: TunnelConnection) -> None:
         self.log.warn("client {peer} missed its heartbeats: closing the session", peer=conn.peer)
         conn.abort()
 
-    def add_data(self, conn: TunnelConnection) -> None:
-        if self.session is None or conn.handshake.session_id != self.session_id:
+    def _add_data(self, conn: TunnelConnection, handshake: ServerHandshake) -> None:
+        if self.session is None or handshake.session_id != self.session_id:
             self.log.debug("data connection from {peer} names no live session", peer=conn.peer)
             conn.close()
             return
-        welcome = conn.handshake.welcome()
-        # Written straight to the socket when it is plain TCP: a waiting user may launch
-        # this connection at once, and the spliced LAUNCH must not overtake the WELCOME.
-        sent = splice.send_now(conn.transport, welcome) if splice.plain_tcp(
-            conn.transport) else 0
-        if sent < len(welcome):
-            conn.send(welcome[sent:])
-            conn.unflushed = True
-        conn.state = "idle"
+        conn.pool(handshake.welcome())
         if not self.pool.add(conn):
             conn.close()
+
+    def launched(self, conn: TunnelConnection, launch: Launch) -> None:
+        """The client launched one of its pooled connections (forward mode)."""
+        if self.mode != FORWARD:
+            raise ProtocolError("LAUNCH from the client, but this server is in reverse mode")
+        self.pool.discard(conn)
+        self.egress.launched(conn, launch)
 
     def _request_more(self, waiting: int) -> None:
         if self.session is not None:
             self.session.send(wire.demand(waiting))
 
-    def connection_ended(self, conn: TunnelConnection) -> None:
+    def pooled_lost(self, conn: TunnelConnection) -> None:
+        self.pool.discard(conn)
+
+    def control_lost(self, conn: TunnelConnection) -> None:
         if conn is self.session:
-            self.session = None
+            self.session, self.control = None, None
             self.session_id = b""
             self.pool.flush()
             if not self.stopping:
                 self.log.warn("client {peer} disconnected: tunnel session closed",
                               peer=conn.peer)
-        else:
-            self.pool.discard(conn)
 
     # -- reporting and lifecycle -----------------------------------------
 
     def report(self) -> Report:
-        control = self.session.control if self.session is not None else None
+        control = self.control
         return snapshot("connected" if control is not None else "waiting", len(self.pool.idle),
                         control.rtt_ms if control is not None else None, self.flows,
                         self.mode)

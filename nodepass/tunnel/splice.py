@@ -17,13 +17,15 @@ import fcntl
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReadWriteDescriptor
 from zope.interface import implementer
 
 from nodepass import logs
-from nodepass.tunnel.relay import RelayProtocol
+
+if TYPE_CHECKING:
+    from nodepass.tunnel.relay import RelayProtocol
 
 PIPE_SIZE = 1 << 20
 _log = logs.logger("nodepass")
@@ -124,7 +126,7 @@ class SpliceRelay:
 
     def start(self, b_eof: bool = False) -> None:
         for protocol in (self.a, self.b):
-            protocol.relay = self
+            protocol.join(self)
             protocol.transport.stopReading()
             protocol.transport.stopWriting()
         self.active = True

@@ -18,9 +18,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
-from nodepass.tunnel import wire
 from nodepass.tunnel.limits import IdleWatch
-from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder
 
 MAX_DATAGRAM = 65535
 PENDING_LIMIT = 64  # datagrams kept while a session's far side is not there yet
@@ -39,10 +37,10 @@ class UdpSession:
     """One UDP peer's session: its datagrams go to the far side through ``send``
     (``to_tunnel``), the far side's come back through ``from_tunnel`` to ``deliver``.
 
-    The far side is a launched tunnel connection (see :func:`tunnel_session`), or
-    in single-end mode the target's socket.  As a push producer it hears when the
-    far side's buffer is full: datagrams for it are then dropped (counted), never
-    queued.
+    The far side is a launched tunnel connection (which registers the session as
+    its transport's producer), or in single-end mode the target's socket.  As a
+    push producer it hears when the far side's buffer is full: datagrams for it are
+    then dropped (counted), never queued.
     """
 
     def __init__(self, clock: Any, send: Callable[[bytes], None],
@@ -111,34 +109,6 @@ class UdpSession:
         self.ended = True
         self.watch.cancel()
         self.on_end(self)
-
-
-def tunnel_session(clock: Any, conn: Any, deliver: Callable[[bytes], None],
-                   idle_timeout: float, max_size: int, count_in: Callable[[int], None],
-                   count_out: Callable[[int], None], drops: UdpCounters,
-                   on_end: Callable[[UdpSession], None], rate_in: Any = None,
-                   rate_out: Any = None) -> UdpSession:
-    """A session over a launched tunnel connection: DATAGRAM frames to it, its
-    backpressure heard, and the connection closed when the session ends."""
-
-    def ended(session: UdpSession) -> None:
-        conn.close()
-        on_end(session)
-
-    session = UdpSession(clock, lambda payload: conn.transport.write(wire.datagram(payload)),
-                         deliver, idle_timeout, max_size, count_in, count_out, drops, ended,
-                         rate_in, rate_out)
-    conn.transport.registerProducer(session, True)
-    return session
-
-
-def carry_datagrams(conn: Any, session: UdpSession) -> None:
-    """Turn a launched data connection's framing over to DATAGRAM frames."""
-    rest = conn.decoder.rest()
-    conn.decoder = FrameDecoder(allowed=DATAGRAM_TYPES)
-    conn.decoder.feed(rest)
-    conn.udp = session
-    conn.state = "udp"
 
 
 class LocalUdp(DatagramProtocol):

@@ -1,0 +1,736 @@
+"""A tunnel connection's life, as one explicit state machine (docs/how-it-works.md).
+
+:class:`TunnelConnection` is a thin protocol: it turns what its transport says
+into inputs of its current state, and its methods are the only way anything
+else — the server and client tunnels, ingress, egress, UDP, the relay — changes a
+connection.  Each state is an object of one class below that owns what its phase
+may do::
+
+    handshake (the server's or the client's)
+        -> control        the session's signal channel (heartbeats, DEMAND, GOODBYE)
+        -> pooled         an idle data connection, waiting to be launched
+              -> launched     LAUNCH(TCP) crossed; the stream waits for its relay
+                    -> streaming  joined to a relay: plain bytes, or DATA/EOF frames
+              -> datagrams    LAUNCH(UDP) crossed: a UDP session's DATAGRAM frames
+        -> busy           the server is held by another client (client side)
+    any -> closed
+
+An input the current state does not take is a protocol error: one log line, and
+this connection (only this one) is aborted.  Plain classes rather than Automat:
+the stream and datagram states sit on the data path, where one method call per
+chunk is all a state may cost, and each state carries its own data (a decoder,
+held bytes, a relay, a session).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from nodepass import logs
+from nodepass.tls import fingerprint_text, peer_fingerprint
+from nodepass.tunnel import splice, wire
+from nodepass.tunnel.channel import peer_of, tune
+from nodepass.tunnel.handshake import AuthenticationError, ClientHandshake, ServerHandshake
+from nodepass.tunnel.relay import RelayProtocol
+from nodepass.tunnel.wire import (
+    DATAGRAM_TYPES,
+    STREAM_TYPES,
+    Frame,
+    FrameDecoder,
+    Kind,
+    Proto,
+    ProtocolError,
+    Type,
+)
+
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class TunnelConnection(RelayProtocol):
+    """One connection on the tunnel port, at either end; see the module's docstring."""
+
+    log = logs.logger("nodepass")
+
+    def __init__(self, clock: Any, first: Callable[[TunnelConnection], State]) -> None:
+        self.clock = clock
+        self._first = first
+        self.state: State = Closed(self)
+        self.peer = "?"
+        self.tls = False  # TLS was started on this connection
+        self.unflushed = False  # bytes wait in Twisted's write buffer: no splice
+        self.closing = False  # closed or aborted by this end: inputs are ignored
+        self.ready: Deferred[TunnelConnection] | None = None  # a client's data dial
+
+    # -- the transport's events, as inputs --------------------------------
+
+    def connectionMade(self) -> None:
+        self.peer = peer_of(self.transport)
+        tune(self.transport)
+        self._become(self._first(self))
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.closing:
+            self.state.data(data)
+
+    def readConnectionLost(self) -> None:
+        if not self.closing:
+            self.state.eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure) -> None:
+        """Gone: the phase it was in says what that means (then it is closed)."""
+        state = self.state
+        self._become(Closed(self))
+        state.lost(reason)
+
+    # -- inputs from the tunnel's owners ----------------------------------
+
+    def open_control(self, session: Any, welcome: bytes = b"") -> None:
+        """Authenticated as the control connection: ``session`` (a ControlSession)
+        hears its frames; a server sends its WELCOME first."""
+        self.state.open_control(session, welcome)
+
+    def refuse_busy(self) -> None:
+        """The server is held by another client: say BUSY and close."""
+        self.state.refuse_busy()
+
+    def pool(self, welcome: bytes = b"") -> None:
+        """Authenticated as a data connection: idle until launched; a server sends its
+        WELCOME first (straight to the socket, so a LAUNCH right after cannot overtake
+        it on the splice path)."""
+        self.state.pool(welcome)
+
+    def launch_tcp(self, source: str, dest: str, proxy: int) -> bytes:
+        """This end launches it for a TCP user: the LAUNCH frame to write first."""
+        return self.state.launch_tcp(source, dest, proxy)
+
+    def launch_udp(self, source: str, dest: str) -> None:
+        """This end launches it for a UDP source (LAUNCH is written now)."""
+        self.state.launch_udp(source, dest)
+
+    def carry_udp(self, session: Any) -> None:
+        """From now on it carries ``session``'s datagrams both ways."""
+        self.state.carry_udp(session)
+
+    def dialing(self, attempt: Deferred[Any]) -> None:
+        """Its target is being dialed: if it goes first, the dial is cancelled."""
+        self.state.dialing(attempt)
+
+    def take_held(self) -> tuple[bytes, bool]:
+        """What the other end sent after LAUNCH before the relay was joined: (bytes,
+        whether its stream already ended)."""
+        return self.state.take_held()
+
+    def join(self, relay: Any) -> None:
+        self.state.join(relay)
+
+    def spliceable(self) -> bool:
+        return self.state.spliceable()
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def send_stream(self, data: bytes) -> None:
+        self.state.send_stream(data)
+
+    def end_stream(self) -> None:
+        self.state.end_stream()
+
+    def send_datagram(self, payload: bytes) -> None:
+        self.transport.write(wire.datagram(payload))
+
+    def close(self) -> None:
+        """Close after what is buffered is written; its phase hears the loss."""
+        self.closing = True
+        self.transport.loseConnection()
+
+    def abort(self) -> None:
+        self.closing = True
+        self.transport.abortConnection()
+
+    # -- within this module ----------------------------------------------
+
+    def _become(self, state: State) -> None:
+        self.state.leave()
+        self.state = state
+        state.enter()
+
+    def _write_now(self, data: bytes) -> None:
+        """Straight to the socket when it is plain TCP; the rest through Twisted."""
+        sent = splice.send_now(self.transport, data) if splice.plain_tcp(self.transport) else 0
+        if sent < len(data):
+            self.transport.write(data[sent:])
+            self.unflushed = True
+
+    def protocol_error(self, why: str) -> None:
+        self.log.warn("tunnel connection from {peer} closed: {why}", peer=self.peer, why=why)
+        self.abort()
+
+
+class State:
+    """What a phase may do; every input it does not take is a protocol error."""
+
+    name = "?"
+
+    def __init__(self, conn: TunnelConnection) -> None:
+        self.conn = conn
+
+    def enter(self) -> None:
+        pass
+
+    def leave(self) -> None:
+        pass
+
+    def invalid(self, what: str) -> None:
+        self.conn.protocol_error(f"{what} is not valid while {self.name}")
+
+    # from the wire
+    def data(self, data: bytes) -> None:
+        self.invalid("data")
+
+    def eof(self) -> None:
+        self.conn.close()
+
+    def lost(self, reason: Failure) -> None:
+        pass
+
+    # from the owners
+    def open_control(self, session: Any, welcome: bytes) -> None:
+        self.invalid("opening the control channel")
+
+    def refuse_busy(self) -> None:
+        self.invalid("refusing as busy")
+
+    def pool(self, welcome: bytes) -> None:
+        self.invalid("pooling")
+
+    def launch_tcp(self, source: str, dest: str, proxy: int) -> bytes:
+        self.invalid("a TCP launch")
+        return b""
+
+    def launch_udp(self, source: str, dest: str) -> None:
+        self.invalid("a UDP launch")
+
+    def carry_udp(self, session: Any) -> None:
+        self.invalid("carrying UDP")
+        session.close()
+
+    def dialing(self, attempt: Deferred[Any]) -> None:
+        attempt.cancel()
+
+    def take_held(self) -> tuple[bytes, bool]:
+        return b"", False
+
+    def join(self, relay: Any) -> None:
+        self.invalid("joining a relay")
+
+    def spliceable(self) -> bool:
+        return False
+
+    def send_stream(self, data: bytes) -> None:
+        pass  # the relay may still flush to a connection that just ended
+
+    def end_stream(self) -> None:
+        pass
+
+
+class Framed(State):
+    """A phase that speaks frames: bytes are decoded, each frame is an input."""
+
+    def __init__(self, conn: TunnelConnection, decoder: FrameDecoder | None = None) -> None:
+        super().__init__(conn)
+        self.decoder = decoder or FrameDecoder()
+
+    def data(self, data: bytes) -> None:
+        conn, state = self.conn, self
+        try:
+            self.decoder.feed(data)
+            # Frames that arrive together may span phases (WELCOME, then LAUNCH): each
+            # goes to the state its predecessor left, until one stops speaking frames.
+            while not conn.closing:
+                frame = state.decoder.next_frame()
+                if frame is None:
+                    break
+                state.frame(frame)
+                state = conn.state  # type: ignore[assignment]
+                if not isinstance(state, Framed):
+                    break
+        except ProtocolError as e:
+            conn.protocol_error(str(e))
+
+    def frame(self, frame: Frame) -> None:
+        raise ProtocolError(f"unexpected {frame.type.name} frame while {self.name}")
+
+
+class _Timed(Framed):
+    """A handshake phase: the whole handshake must end within HANDSHAKE_TIMEOUT."""
+
+    def __init__(self, conn: TunnelConnection, decoder: FrameDecoder | None = None,
+                 timer: Any = None) -> None:
+        super().__init__(conn, decoder)
+        self.timer = timer
+
+    def enter(self) -> None:
+        if self.timer is None:
+            self.timer = self.conn.clock.callLater(HANDSHAKE_TIMEOUT, self.timed_out)
+
+    def handed_on(self) -> Any:
+        """The timer, for the next handshake phase (which must not arm another)."""
+        timer, self.timer = self.timer, None
+        return timer
+
+    def leave(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def timed_out(self) -> None:
+        self.timer = None
+        self.conn.abort()
+
+    def start_tls(self, options: Any) -> None:
+        if self.decoder.buffered:
+            raise ProtocolError("data sent before TLS started")
+        self.conn.transport.startTLS(options)
+        self.conn.tls = True
+
+
+# ---------------------------------------------------------------------------
+# The server's handshake
+
+
+class ServerHello(_Timed):
+    """Accepted on the tunnel port: HELLO -> CHALLENGE (then TLS and ATTEST)."""
+
+    name = "waiting for HELLO"
+
+    def __init__(self, conn: TunnelConnection, tunnel: Any) -> None:
+        super().__init__(conn, FrameDecoder(expect_preamble=True))
+        self.tunnel = tunnel
+        self.handshake = ServerHandshake(tunnel.key, tunnel.tls_mode,
+                                         os.urandom(wire.NONCE_SIZE))
+
+    def timed_out(self) -> None:
+        self.tunnel.log.debug("tunnel connection from {peer}: no handshake in {t:g}s",
+                              peer=self.conn.peer, t=HANDSHAKE_TIMEOUT)
+        super().timed_out()
+
+    def frame(self, frame: Frame) -> None:
+        if frame.type is not Type.HELLO:
+            super().frame(frame)
+        credentials = self.tunnel.credentials
+        if credentials is not None:
+            options, self.handshake.binding = credentials.current()
+        self.conn.send(self.handshake.on_hello(frame.payload))
+        if credentials is not None:
+            self.start_tls(options)
+            self.conn.send(self.handshake.attest())
+        self.conn._become(ServerAuth(self.conn, self.tunnel, self.handshake, self.decoder,
+                                     self.handed_on()))
+
+
+class ServerAuth(_Timed):
+    name = "waiting for AUTH"
+
+    def __init__(self, conn: TunnelConnection, tunnel: Any, handshake: ServerHandshake,
+                 decoder: FrameDecoder, timer: Any) -> None:
+        super().__init__(conn, decoder, timer)
+        self.tunnel = tunnel
+        self.handshake = handshake
+
+    def frame(self, frame: Frame) -> None:
+        if frame.type is not Type.AUTH:
+            super().frame(frame)
+        try:
+            self.handshake.on_auth(frame.payload)
+        except AuthenticationError:
+            self.tunnel.auth_failed(self.conn.peer)
+            self.conn.abort()
+            return
+        self.conn._become(Authenticated(self.conn, self.tunnel, self.handshake, self.decoder))
+        self.tunnel.authenticated(self.conn, self.handshake)
+
+
+class Authenticated(Framed):
+    """The server knows the client: its tunnel says what the connection becomes."""
+
+    name = "authenticated"
+
+    def __init__(self, conn: TunnelConnection, tunnel: Any, handshake: ServerHandshake,
+                 decoder: FrameDecoder) -> None:
+        super().__init__(conn, decoder)
+        self.tunnel = tunnel
+        self.handshake = handshake
+
+    def open_control(self, session: Any, welcome: bytes) -> None:
+        self.conn.send(welcome)
+        self.conn._become(Control(self.conn, self.tunnel, session, self.decoder))
+
+    def refuse_busy(self) -> None:
+        self.conn.send(wire.frame(Type.BUSY))
+        self.conn.close()
+
+    def pool(self, welcome: bytes) -> None:
+        self.conn._write_now(welcome)
+        self.conn._become(Pooled(self.conn, self.tunnel, self.decoder))
+
+
+# ---------------------------------------------------------------------------
+# The client's handshake
+
+
+class ClientHello(_Timed):
+    """Dialed to the server: HELLO -> CHALLENGE -> AUTH (or TLS first)."""
+
+    name = "waiting for CHALLENGE"
+
+    def __init__(self, conn: TunnelConnection, tunnel: Any, kind: Kind,
+                 session_id: bytes = b"") -> None:
+        super().__init__(conn)
+        self.tunnel = tunnel
+        self.kind = kind
+        self.handshake = ClientHandshake(tunnel.key, kind, os.urandom(wire.NONCE_SIZE),
+                                         session_id)
+        if kind is Kind.DATA:
+            conn.ready = Deferred()
+
+    def enter(self) -> None:
+        super().enter()
+        self.conn.send(self.handshake.hello())
+
+    def timed_out(self) -> None:
+        self.tunnel.log.warn("server {peer} did not complete the handshake in {t:g}s",
+                             peer=self.conn.peer, t=HANDSHAKE_TIMEOUT)
+        super().timed_out()
+
+    def frame(self, frame: Frame) -> None:
+        if frame.type is not Type.CHALLENGE:
+            super().frame(frame)
+        mode = self.handshake.on_challenge(frame.payload)
+        if mode == 0:
+            self.conn.send(self.handshake.auth())
+            self.conn._become(ClientWelcome(self, self.handed_on()))
+            return
+        creator = self.tunnel.tls_creator(mode)
+        self.start_tls(creator)
+        self.conn._become(ClientAttest(self, creator, self.handed_on()))
+
+    def lost(self, reason: Failure) -> None:
+        self.handshake_lost(reason)
+
+    def handshake_lost(self, reason: Failure) -> None:
+        if self.conn.ready is not None:
+            self.conn.ready.errback(Failure(ConnectionError(
+                f"data connection closed during the handshake ({reason.getErrorMessage()})")))
+
+
+class ClientAttest(_Timed):
+    """TLS is up: the server's first frame attests its certificate with the key."""
+
+    name = "waiting for ATTEST"
+
+    def __init__(self, hello: ClientHello, creator: Any, timer: Any) -> None:
+        super().__init__(hello.conn, hello.decoder, timer)
+        self.hello = hello
+        self.creator = creator
+
+    def frame(self, frame: Frame) -> None:
+        if frame.type is not Type.ATTEST:
+            super().frame(frame)
+        conn, tunnel = self.conn, self.hello.tunnel
+        seen = peer_fingerprint(conn.transport) or b""
+        try:
+            self.hello.handshake.on_attest(frame.payload, seen)
+        except AuthenticationError:
+            tunnel.tls_refused(conn, f"its certificate {fingerprint_text(seen)[:23]}... is not "
+                                     "attested by the tunnel key (a man in the middle, or a "
+                                     "different key)")
+            return
+        pinned = tunnel.session_fingerprint
+        if (self.hello.kind is Kind.DATA and self.hello.handshake.tls_mode == 1 and pinned
+                and seen != pinned):
+            tunnel.tls_refused(conn, "its certificate changed within the session")
+            return
+        conn.send(self.hello.handshake.auth())
+        conn._become(ClientWelcome(self.hello, self.handed_on()))
+
+    def lost(self, reason: Failure) -> None:
+        problems = getattr(self.creator, "problems", None)
+        why = "; ".join(dict.fromkeys(problems)) if problems else reason.getErrorMessage()
+        self.hello.tunnel.tls_failed(why)
+        self.hello.handshake_lost(reason)
+
+
+class ClientWelcome(_Timed):
+    name = "waiting for WELCOME"
+
+    def __init__(self, hello: ClientHello, timer: Any) -> None:
+        super().__init__(hello.conn, hello.decoder, timer)
+        self.hello = hello
+
+    def frame(self, frame: Frame) -> None:
+        conn, hello = self.conn, self.hello
+        if frame.type is Type.BUSY and hello.kind is Kind.CONTROL:
+            conn._become(Busy(conn, hello.tunnel))
+            conn.close()
+            return
+        if frame.type is not Type.WELCOME:
+            super().frame(frame)
+        try:
+            settings = hello.handshake.on_welcome(frame.payload)
+        except AuthenticationError:
+            hello.tunnel.log.error("server {peer} failed to prove the tunnel key: refusing it",
+                                   peer=conn.peer)
+            conn.abort()
+            return
+        if hello.kind is Kind.CONTROL:
+            self.leave()
+            hello.tunnel.session_up(conn, hello.handshake, settings)
+        else:
+            conn._become(Pooled(conn, hello.tunnel, self.decoder))
+            assert conn.ready is not None
+            conn.ready.callback(conn)
+
+    def open_control(self, session: Any, welcome: bytes) -> None:
+        self.conn._become(Control(self.conn, self.hello.tunnel, session, self.decoder))
+
+    def lost(self, reason: Failure) -> None:
+        if self.hello.kind is Kind.CONTROL:
+            self.hello.tunnel.auth_refused(self.conn)
+        self.hello.handshake_lost(reason)
+
+
+class Busy(State):
+    name = "refused as busy"
+
+    def __init__(self, conn: TunnelConnection, tunnel: Any) -> None:
+        super().__init__(conn)
+        self.tunnel = tunnel
+
+    def data(self, data: bytes) -> None:
+        pass
+
+    def lost(self, reason: Failure) -> None:
+        self.tunnel.busy(self.conn)
+
+
+# ---------------------------------------------------------------------------
+# After the handshake, at either end
+
+
+class Control(Framed):
+    """The session's signal channel: every frame goes to its ControlSession."""
+
+    name = "the control channel"
+
+    def __init__(self, conn: TunnelConnection, tunnel: Any, session: Any,
+                 decoder: FrameDecoder) -> None:
+        super().__init__(conn, decoder)
+        self.tunnel = tunnel
+        self.session = session
+
+    def frame(self, frame: Frame) -> None:
+        self.session.frame_received(frame)
+
+    def lost(self, reason: Failure) -> None:
+        self.session.stop()
+        self.tunnel.control_lost(self.conn)
+
+
+class Pooled(Framed):
+    """An idle data connection: the next frame may only be LAUNCH, and only from the
+    end that launches in this mode (its tunnel says, through ``launched``)."""
+
+    name = "pooled"
+
+    def __init__(self, conn: TunnelConnection, tunnel: Any, decoder: FrameDecoder) -> None:
+        super().__init__(conn, decoder)
+        self.tunnel = tunnel
+
+    def frame(self, frame: Frame) -> None:
+        if frame.type is not Type.LAUNCH:
+            super().frame(frame)
+        launch = wire.parse_launch(frame.payload)
+        rest = self.decoder.rest()
+        if launch.proto is Proto.TCP:
+            self.conn.transport.pauseProducing()  # until the target is connected
+            self.conn._become(Launched(self.conn, rest))
+        else:
+            self.conn._become(AwaitingSession(self.conn, rest))
+        self.tunnel.launched(self.conn, launch)
+
+    def launch_tcp(self, source: str, dest: str, proxy: int) -> bytes:
+        self.conn._become(Launched(self.conn))
+        return wire.launch(Proto.TCP, source, dest, proxy)
+
+    def launch_udp(self, source: str, dest: str) -> None:
+        self.conn.send(wire.launch(Proto.UDP, source, dest))
+        self.conn._become(AwaitingSession(self.conn, b""))
+
+    def lost(self, reason: Failure) -> None:
+        self.tunnel.pooled_lost(self.conn)
+
+
+class Launched(State):
+    """LAUNCH(TCP) crossed; the relay is not joined yet.  What the other end sends
+    meanwhile (and its end of stream) is held for the relay."""
+
+    name = "launched"
+
+    def __init__(self, conn: TunnelConnection, held: bytes = b"") -> None:
+        super().__init__(conn)
+        self.held = held
+        self.ended = False
+        self.attempt: Deferred[Any] | None = None
+
+    def data(self, data: bytes) -> None:
+        self.held += data
+
+    def eof(self) -> None:
+        self.ended = True
+
+    def dialing(self, attempt: Deferred[Any]) -> None:
+        self.attempt = attempt
+
+    def take_held(self) -> tuple[bytes, bool]:
+        held, self.held = self.held, b""
+        return held, self.ended
+
+    def lost(self, reason: Failure) -> None:
+        if self.attempt is not None:
+            self.attempt.cancel()
+
+    def spliceable(self) -> bool:
+        conn = self.conn
+        return not conn.tls and not conn.unflushed and splice.plain_tcp(conn.transport)
+
+    def join(self, relay: Any) -> None:
+        self.attempt = None
+        conn = self.conn
+        conn.relay = relay
+        # Under TLS the stream travels in DATA/EOF frames: Twisted's TLS transport
+        # cannot half-close, so an EOF frame carries the end of a direction.
+        conn._become(Streaming(conn, relay, FrameDecoder(allowed=STREAM_TYPES)
+                               if conn.tls else None))
+
+
+class Streaming(State):
+    """Joined to a relay: plain bytes, or DATA/EOF frames under TLS."""
+
+    name = "streaming"
+
+    def __init__(self, conn: TunnelConnection, relay: Any,
+                 framed: FrameDecoder | None) -> None:
+        super().__init__(conn)
+        self.relay = relay
+        self.framed = framed
+
+    def data(self, data: bytes) -> None:
+        if self.framed is None:
+            self.relay.carry(self.conn, data)
+            return
+        try:
+            self.framed.feed(data)
+            while self.conn.state is self and (frame := self.framed.next_frame()) is not None:
+                if frame.type is Type.DATA:
+                    self.relay.carry(self.conn, frame.payload)
+                else:
+                    self.relay.read_closed(self.conn)
+        except ProtocolError as e:
+            self.conn.protocol_error(str(e))
+
+    def eof(self) -> None:
+        if self.framed is None:
+            self.relay.read_closed(self.conn)
+        else:
+            # Under TLS the stream's end is an EOF frame; a TCP-level end means the peer
+            # is gone (its TLS layer closed): close ours too, or it lingers in CLOSE-WAIT.
+            self.conn.abort()
+
+    def lost(self, reason: Failure) -> None:
+        self.relay.lost(self.conn)
+
+    def send_stream(self, data: bytes) -> None:
+        if self.framed is None:
+            self.conn.transport.write(data)
+        else:
+            self.conn.transport.writeSequence(wire.stream_data(data))
+
+    def end_stream(self) -> None:
+        if self.framed is None:
+            self.conn.transport.loseWriteConnection()
+        else:
+            self.conn.transport.write(wire.frame(Type.EOF))
+
+
+class AwaitingSession(State):
+    """LAUNCH(UDP) crossed; the session that will own the datagrams is being made.
+    Bytes meanwhile are the first DATAGRAM frames: kept for it."""
+
+    name = "opening a UDP session"
+
+    def __init__(self, conn: TunnelConnection, held: bytes) -> None:
+        super().__init__(conn)
+        self.held = held
+
+    def data(self, data: bytes) -> None:
+        self.held += data
+
+    def carry_udp(self, session: Any) -> None:
+        decoder = FrameDecoder(allowed=DATAGRAM_TYPES)
+        self.conn._become(Datagrams(self.conn, session, decoder))
+        self.conn.transport.registerProducer(session, True)
+        self.conn.state.data(self.held)
+
+
+class Datagrams(Framed):
+    """A UDP session's connection: one DATAGRAM frame per datagram, both ways."""
+
+    name = "carrying datagrams"
+
+    def __init__(self, conn: TunnelConnection, session: Any, decoder: FrameDecoder) -> None:
+        super().__init__(conn, decoder)
+        self.session = session
+
+    def frame(self, frame: Frame) -> None:
+        self.session.from_tunnel(frame.payload)
+
+    def lost(self, reason: Failure) -> None:
+        self.session.close()
+
+
+class Closed(State):
+    """Closing or gone: whatever still arrives is ignored."""
+
+    name = "closed"
+
+    def data(self, data: bytes) -> None:
+        pass
+
+    def eof(self) -> None:
+        pass
+
+    def carry_udp(self, session: Any) -> None:
+        session.close()
+
+    def join(self, relay: Any) -> None:
+        relay.lost(self.conn)  # it went before its relay came: the other side closes
+
+
+def accepted(tunnel: Any) -> Callable[[TunnelConnection], State]:
+    """The first state of a connection the server accepts."""
+    return lambda conn: ServerHello(conn, tunnel)
+
+
+def dialed(tunnel: Any, kind: Kind, session_id: bytes = b"") -> Callable[
+        [TunnelConnection], State]:
+    """The first state of a connection the client dials."""
+    return lambda conn: ClientHello(conn, tunnel, kind, session_id)
+
