@@ -110,9 +110,11 @@ def server_credentials(root: RootService, config: ServerConfig | MasterConfig,
     return None
 
 
-def makeService(options: Options) -> RootService:
-    from twisted.internet import reactor
-
+def makeService(options: Options, reactor: Any = None) -> RootService:
+    """The service tree for the URL in ``options``, on ``reactor`` (the global one
+    unless another is handed in: tests run whole trees on a network in memory)."""
+    if reactor is None:
+        from twisted.internet import reactor
     config = options["config"]
     logs.gate.set_level(config.log)
     raise_open_file_limit()
@@ -157,17 +159,18 @@ def _server(root: RootService, config: ServerConfig, tunables: Tunables,
     tunnel = ServerTunnel(root.reactor, config, tunables, credentials)
     tunnel.setServiceParent(root)
     ready = []
+    target_listener = None
     if config.mode != 2 and not config.more_targets:
         # The target listeners start first, and listening on TCP (or UDP) answers at
         # once, so with mode=0 the mode is settled before the tunnel takes a client.
         settle = root.fail if config.mode == 1 else tunnel.cannot_bind_target
         reverse = lambda: tunnel.mode == REVERSE and not root.exit_status  # noqa: E731
         if not config.notcp:
-            target = ListenerService(root.reactor, config.target, tunnel.target_factory(),
-                                     "target", settle)
-            target.setServiceParent(root)
+            target_listener = ListenerService(root.reactor, config.target,
+                                              tunnel.target_factory(), "target", settle)
+            target_listener.setServiceParent(root)
             if config.mode == 1:
-                ready.append(target.listening)
+                ready.append(target_listener.listening)
             settle = root.fail
         if not config.noudp:
             UdpListenerService(root.reactor, config.target, tunnel.udp, "target", settle,
@@ -176,11 +179,21 @@ def _server(root: RootService, config: ServerConfig, tunables: Tunables,
                                root.fail)
     listener.setServiceParent(root)
     ready.append(listener.listening)
-    listener.listening.addCallback(lambda port: tunnel.announce_mode())
+    listener.listening.addCallback(lambda port: tunnel.announce_mode(
+        _listening_on(target_listener, config.target)))
     reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
     # True once every listener listens; False when one failed (root.fail reported it).
     listening = gatherResults(ready, consumeErrors=True)
     return tunnel.report, listening.addCallbacks(lambda _: True, lambda _: False)
+
+
+def _listening_on(listener: Any, address: Any) -> Any:
+    """The address a listener took (its port when 0 was asked), or ``address``."""
+    from nodepass.url import Address
+
+    if listener is None or listener.port is None:
+        return address
+    return Address(address.host, listener.port.getHost().port)
 
 
 def _client(root: RootService, config: ClientConfig, tunables: Tunables,

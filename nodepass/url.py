@@ -362,19 +362,21 @@ def parse_host(text: str, part: str) -> str:
     return name.lower()
 
 
-def parse_port(text: str, part: str) -> int:
+def parse_port(text: str, part: str, listen: bool = False) -> int:
+    """A port; with ``listen``, 0 too (any free port: the one taken is logged)."""
+    allowed = "0-65535, 0 for any free port" if listen else "1-65535"
     if not text:
-        raise URLError(f"{part}: missing port (allowed: 1-65535)")
+        raise URLError(f"{part}: missing port (allowed: {allowed})")
     if not text.isdigit() or not text.isascii():
-        raise URLError(f"{part}: port {text!r} is not a number (allowed: 1-65535)")
+        raise URLError(f"{part}: port {text!r} is not a number (allowed: {allowed})")
     port = int(text)
-    if not 1 <= port <= 65535:
-        raise URLError(f"{part}: port {port} is out of range (allowed: 1-65535)")
+    if not (0 if listen else 1) <= port <= 65535:
+        raise URLError(f"{part}: port {port} is out of range (allowed: {allowed})")
     return port
 
 
-def parse_address(text: str, part: str) -> Address:
-    """``host:port`` or ``[v6]:port`` -> :class:`Address`."""
+def parse_address(text: str, part: str, listen: bool = False) -> Address:
+    """``host:port`` or ``[v6]:port`` -> :class:`Address` (port 0 only with ``listen``)."""
     if not text:
         raise URLError(f"{part}: missing (expected host:port)")
     if text.startswith("["):
@@ -389,7 +391,7 @@ def parse_address(text: str, part: str) -> Address:
         host_text, colon, port_text = text.rpartition(":")
         if not colon:
             raise URLError(f"{part}: missing port in {text!r} (expected host:port)")
-    return Address(parse_host(host_text, part), parse_port(port_text, part))
+    return Address(parse_host(host_text, part), parse_port(port_text, part, listen))
 
 
 # ---------------------------------------------------------------------------
@@ -460,14 +462,16 @@ def parse(text: str) -> Config:
         if np is not None and (np == prefix or np.startswith(f"{prefix}/v1/")):
             raise URLError(f"query: np={np} would overlap the API at {prefix}/v1; choose "
                            f"another path (the default is {prefix}/np)")
-        return MasterConfig(api=parse_address(hostport, "API address"), prefix=prefix,
+        return MasterConfig(api=parse_address(hostport, "API address", listen=True),
+                            prefix=prefix,
                             **values)
 
     part = "tunnel address" if scheme == "server" else "server address"
-    tunnel = parse_address(hostport, part)
+    tunnel = parse_address(hostport, part, listen=True)
     if not path or path == "/":
         raise URLError("target address: missing (expected /target_host:port after the tunnel)")
     targets = _parse_targets(path[1:])
+    _check_dialed_ports(scheme, values.get("mode", 0), tunnel, targets)
     key = unquote(userinfo) if userinfo else None
     if "ca" in values:
         _check_readable("ca", values["ca"])
@@ -484,6 +488,22 @@ def parse(text: str) -> Config:
     cls = ServerConfig if scheme == "server" else ClientConfig
     return cls(tunnel=tunnel, target=targets[0], more_targets=targets[1:], tunnel_key=key,
                **values)
+
+
+def _check_dialed_ports(scheme: str, mode: int, tunnel: Address,
+                        targets: tuple[Address, ...]) -> None:
+    """Port 0 (any free port) is for addresses this end listens on, never one it dials."""
+    dialed = []
+    if scheme == "server" and (mode == 2 or len(targets) > 1):
+        dialed.append(("target address", targets))
+    if scheme == "client" and mode == 2:
+        dialed.append(("server address", (tunnel,)))
+    if scheme == "client" and mode == 1:
+        dialed.append(("target address", targets))
+    for part, addresses in dialed:
+        if any(a.port == 0 for a in addresses):
+            raise URLError(f"{part}: port 0 means any free port, which only an address this "
+                           "end listens on may use (allowed here: 1-65535)")
 
 
 def _check_dial_family(dial: str, targets: tuple[Address, ...]) -> None:
@@ -516,7 +536,7 @@ def _parse_targets(text: str) -> tuple[Address, ...]:
         if not part and len(parts) > 1:
             raise URLError("target address: empty entry in the list (stray ',')")
         what = "target address" if len(parts) == 1 else f"target address #{i + 1}"
-        targets.append(parse_address(part, what))
+        targets.append(parse_address(part, what, listen=len(parts) == 1))
     if len(set(targets)) < len(targets):
         raise URLError("target address: the same target is listed twice")
     return tuple(targets)

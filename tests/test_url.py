@@ -111,6 +111,13 @@ class AcceptedForms(SynchronousTestCase):
         self.assertEqual(format_url(master), "master://127.0.0.1:9090/admin?log=info&tls=0"
                                              "&auth=1&persist=1&np=/panel")
 
+    def test_port_0_where_this_end_listens(self):
+        """Any free port: for tests and for whoever reads the port from the log."""
+        self.assertEqual(parse("server://127.0.0.1:0/127.0.0.1:0").tunnel.port, 0)
+        self.assertEqual(parse("master://127.0.0.1:0").api.port, 0)
+        self.assertEqual(parse("client://127.0.0.1:0/127.0.0.1:9").tunnel.port, 0)  # single-end
+        self.assertEqual(parse("client://h:1/127.0.0.1:0?mode=2").target.port, 0)  # forward
+
     def test_default_key_is_port_in_hex(self):
         self.assertEqual(derived_key(parse("server://h:10101/h:2")), "2775")
         self.assertEqual(derived_key(parse("server://abc@h:10101/h:2")), "abc")
@@ -149,8 +156,14 @@ class Refusals(SynchronousTestCase):
         ("tunnel://h:1/h:2", "scheme: unknown 'tunnel' (allowed: server, client, master)"),
         ("http://h:1/h:2", "unknown 'http'"),
         ("server://h/h:2", "tunnel address: missing port in 'h'"),
-        ("server://h:/h:2", "tunnel address: missing port (allowed: 1-65535)"),
-        ("server://h:0/h:2", "tunnel address: port 0 is out of range (allowed: 1-65535)"),
+        ("server://h:/h:2", "tunnel address: missing port (allowed: 0-65535, 0 for any free "
+         "port)"),
+        ("client://h:0/h:2?mode=2", "server address: port 0 means any free port, which only an "
+         "address this end listens on may use (allowed here: 1-65535)"),
+        ("server://h:1/h:0?mode=2", "target address: port 0 means any free port"),
+        ("client://h:1/h:0?mode=1", "target address: port 0 means any free port"),
+        ("server://h:1/h:0,h:2", "target address #1: port 0 is out of range (allowed: "
+         "1-65535)"),
         ("server://h:65536/h:2", "tunnel address: port 65536 is out of range"),
         ("server://h:http/h:2", "tunnel address: port 'http' is not a number"),
         ("server://:1/h:2", "tunnel address: missing host"),

@@ -27,7 +27,7 @@ from nodepass.master.web import Dialects, KeyCheck
 from nodepass.root import RootService
 from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
-from nodepass.url import MasterConfig
+from nodepass.url import Address, MasterConfig
 
 log = logs.logger("nodepass.master")
 FLUSH_GRACE = 0.2
@@ -178,6 +178,7 @@ def build_master(root: RootService, config: MasterConfig, tunables: Tunables,
     listener.setServiceParent(root)
     listener.listening.addCallback(lambda port: log.info(
         "master API at {scheme}://{address}{prefix}/v1/ (NodePass dialect at "
-        "{scheme}://{address}{np}/v1/)", scheme=scheme, address=str(config.api),
-        prefix=config.prefix, np=config.np_prefix))
+        "{scheme}://{address}{np}/v1/)", scheme=scheme,
+        address=str(Address(config.api.host, port.getHost().port)), prefix=config.prefix,
+        np=config.np_prefix))
     listener.listening.addErrback(lambda _: None)

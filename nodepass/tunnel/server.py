@@ -32,7 +32,7 @@ from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.pool import POOL_WAIT_TIMEOUT, IdlePool
 from nodepass.tunnel.targets import TargetDialer
 from nodepass.tunnel.wire import Goodbye, Kind, Launch, ProtocolError
-from nodepass.url import ServerConfig, derived_key, format_targets
+from nodepass.url import Address, ServerConfig, derived_key, format_targets
 
 REVERSE, FORWARD = "reverse", "forward"
 
@@ -82,15 +82,16 @@ class ServerTunnel(Service):
         self.mode = FORWARD
         self.log.info("mode=0: {why}: so forward mode", why=why)
 
-    def announce_mode(self) -> None:
-        """Log the mode in force once the listeners are up (the mode=0 choice included)."""
+    def announce_mode(self, target: Address) -> None:
+        """Log the mode in force once the listeners are up (the mode=0 choice included);
+        ``target`` is where users connect in reverse mode (its port as listened on)."""
         targets = format_targets(self.config.targets)
         if self.mode == FORWARD:
             self.log.info("forward mode: users connect to the client's target address; this "
                           "server dials {targets}", targets=targets)
         else:
             self.log.info("reverse mode: users connect to {target} here; the client dials its "
-                          "target", target=self.config.target)
+                          "target", target=target)
 
     def _unavailable(self) -> str | None:
         return "no client is connected to the tunnel" if self.session is None else None
