@@ -35,6 +35,8 @@ from nodepass.master.web import (
 ACTIONS = ("start", "stop", "restart", "reset")
 FIELDS = ("url", "action", "alias", "tags", "restart", "peer")
 DIALECT = "seed"
+# Asked once: platform.platform() may run `uname` in a subprocess.
+PLATFORM = platform.platform()
 
 
 class ApiError(Exception):
@@ -258,7 +260,7 @@ class MasterAPI:
             "version": __version__,
             "uptime": int(registry.reactor.seconds() - registry.started_at),
             "started_at": iso(registry.started_at),
-            "platform": platform.platform(),
+            "platform": PLATFORM,
             "python": platform.python_version(),
             "state_dir": self.state_dir if registry.master.persist or registry.master.auth
             else None,

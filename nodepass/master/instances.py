@@ -19,6 +19,7 @@ from twisted.internet.error import AlreadyCalled
 from twisted.internet.task import LoopingCall
 
 from nodepass import logs
+from nodepass.backoff import backoff
 from nodepass.master.events import EventHub
 from nodepass.master.store import Store, StoredInstance
 from nodepass.master.supervisor import ChildProcess, Spawner, describe_exit, spawn_child
@@ -29,7 +30,6 @@ READY_TIMEOUT = 5.0
 KILL_GRACE = 2.0
 COUNTERS = ("tcp_in", "tcp_out", "udp_in", "udp_out")
 HISTORY_SAMPLES = 720  # one hour at the default REPORT_INTERVAL of 5 s
-RESTART_CAP_FACTOR = 12  # backoff caps at 12 cooldowns (60 s by default)
 HEALTHY_FACTOR = 10  # running 10 cooldowns (50 s by default) resets the backoff
 PEER_FIELDS = ("sid", "type", "alias")  # NodePass's meta.peer
 
@@ -409,8 +409,7 @@ class Registry:
         if ran >= HEALTHY_FACTOR * cooldown:
             instance.failures = 0
         instance.failures += 1
-        delay = min(cooldown * 2 ** min(instance.failures - 1, 30),
-                    RESTART_CAP_FACTOR * cooldown)
+        delay = backoff(cooldown)(instance.failures)
         self.log.warn("instance {id} will be restarted in {delay:g}s (attempt {n})",
                       id=instance.id, delay=round(delay, 3), n=instance.failures)
         instance.restart_call = self.reactor.callLater(delay, self._auto_restart, instance)

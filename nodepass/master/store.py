@@ -85,7 +85,6 @@ class Store:
             raise StoreError(f"state database {where!r} has schema version {version}, newer "
                              f"than this nodepass understands ({SCHEMA_VERSION}); refusing to "
                              "touch it: run a newer nodepass")
-        self.migrated_from = version
         self._migrate(version)
 
     @classmethod

@@ -65,7 +65,6 @@ class ChildProcess(ProcessProtocol):
         self.on_log = on_log
         self._partial = {1: b"", 2: b""}
         self.stderr_tail: deque[str] = deque(maxlen=20)
-        self.channel: _StatusReceiver | None = None
         self.running = False
         self._exit: tuple[int | None, int | None] | None = None
         self._channel_open = True
@@ -142,7 +141,6 @@ def spawn_child(reactor: Any, url: str, environ: Mapping[str, str],
     finally:
         child_end.close()
     receiver = _StatusReceiver(child)
-    child.channel = receiver
     reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX,
                                   Factory.forProtocol(lambda: receiver))
     parent_end.close()

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from nodepass import logs
+from nodepass.backoff import backoff
 from nodepass.endpoints import (
     ListenerService,
     UdpListenerService,
@@ -45,21 +46,7 @@ from nodepass.tunnel.targets import TargetDialer
 from nodepass.tunnel.wire import Goodbye, Kind, Launch, ProtocolError
 from nodepass.url import ClientConfig, derived_key, format_targets
 
-RECONNECT_CAP_FACTOR = 12
-
-
-def reconnect_policy(cooldown: float,
-                     rand: Callable[[], float] = random.random) -> Callable[[int], float]:
-    """Delay before reconnect attempt n (n >= 1): SERVICE_COOLDOWN, doubling while
-    attempts keep failing, capped at 12 cooldowns, plus up to 25 % jitter so a
-    fleet of clients does not stampede a restarted server."""
-    cap = cooldown * RECONNECT_CAP_FACTOR
-
-    def delay(attempt: int) -> float:
-        base = min(cooldown * 2 ** min(attempt - 1, 30), cap)
-        return base + base * 0.25 * rand()
-
-    return delay
+RECONNECT_JITTER = 0.25  # a fleet of clients does not stampede a restarted server
 
 
 @implementer(IStreamClientEndpoint)
@@ -97,7 +84,7 @@ class ClientTunnel(MultiService):
         control_factory = QuietFactory(TunnelConnection, reactor, dialed(self, Kind.CONTROL))
         self.control_service = ClientService(
             _ReportingEndpoint(self.endpoint, self._dial_failed), control_factory, clock=reactor,
-            retryPolicy=reconnect_policy(tunables.service_cooldown, rand))
+            retryPolicy=backoff(tunables.service_cooldown, RECONNECT_JITTER, rand))
         self.control_service.setServiceParent(self)
         self.session: TunnelConnection | None = None
         self.control: ControlSession | None = None

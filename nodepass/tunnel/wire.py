@@ -64,7 +64,6 @@ class Proto(IntEnum):
 
 class Goodbye(IntEnum):
     SHUTDOWN = 1
-    PROTOCOL = 2
 
 
 MAX_PAYLOAD: dict[Type, int] = {
