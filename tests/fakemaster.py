@@ -61,7 +61,10 @@ class Children:
 
     def __init__(self) -> None:
         self.spawned: list[tuple[str, Any, FakeProcess]] = []
+        self.times: list[float] = []  # when each was started, on the master's clock
+        self.environ: list[Any] = []
         self.refuse_start = False
+        self.failing: list[str] = []  # fatal messages the next children die with
 
     def __call__(self, reactor: Any, url: str, environ: Any, child: Any) -> Any:
         if self.refuse_start:
@@ -69,9 +72,27 @@ class Children:
         process = FakeProcess(child, 4000 + len(self.spawned))
         child.makeConnection(process)
         self.spawned.append((url, child, process))
+        self.times.append(reactor.seconds())
+        self.environ.append(environ)
+        if self.failing:
+            message = self.failing.pop(0)
+
+            def die() -> None:  # as a real child does: a moment after it was started
+                child.on_event({"type": "fatal", "message": message})
+                process.exit(1)
+
+            reactor.callLater(0, die)
+            return child
         child.on_event({"type": "ready"})
         child.on_event(dict(READY_REPORT))
         return child
+
+    def running(self) -> list[tuple[str, Any, FakeProcess]]:
+        return [s for s in self.spawned if not s[2].ended]
+
+    def kill(self, instance_id: str, sig: int = signal.SIGKILL) -> None:
+        """Killed from outside, as ``kill -9`` would."""
+        self.latest(instance_id)[2].exit(None, sig)
 
     def latest(self, instance_id: str) -> tuple[str, Any, FakeProcess]:
         return next(s for s in reversed(self.spawned) if s[1].instance_id == instance_id)
@@ -95,6 +116,8 @@ class MemoryMaster:
                         and None) or os.rmdir(self.folder))
         self.store = Store.open(None)
         self.hub = EventHub(self.clock)
+        self.hub.start()
+        case.addCleanup(self.hub.stop)
         self.registry = Registry(self.clock, self.config, Tunables(**tunables), {}, self.store,
                                  self.hub, spawn=self.children)
         self.registry.restore()
@@ -116,13 +139,21 @@ class MemoryMaster:
     async def call(self, method: str, url: str, body: Any = None, key: str | None = KEY,
                    raw: bytes | None = None, headers: dict | None = None
                    ) -> tuple[int, Any, Any]:
-        """-> (status, parsed JSON or None, response)."""
+        """-> (status, the JSON body parsed (or text, or None), response)."""
         all_headers = {"X-API-Key": [key]} if key else {}
         all_headers.update(headers or {})
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None
                                             else None)
         if data is not None and "Content-Type" not in all_headers:
             all_headers["Content-Type"] = ["application/json"]
-        response = await self.http.request(method, url, data=data, headers=all_headers)
-        text = await self.http.content(response)
-        return response.code, json.loads(text) if text else None, response
+        requested = self.http.request(method, url, data=data, headers=all_headers)
+        self.clock.advance(0)  # what children do "at once" happens now
+        self.http.flush()
+        response = await requested
+        body = await self.http.content(response)
+        ctype = (response.headers.getRawHeaders("Content-Type") or [""])[0]
+        if not body:
+            return response.code, None, response
+        if ctype.startswith("application/json"):
+            return response.code, json.loads(body), response
+        return response.code, body.decode(), response

@@ -71,10 +71,9 @@ class Store:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         where = str(path) if path is not None else ":memory:"
+        # Everything is checked before anything is written (WAL mode changes the file).
         try:
             self.db = sqlite3.connect(where, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise sqlite3.DatabaseError("quick_check failed")
@@ -82,9 +81,12 @@ class Store:
             raise StoreError(f"state database {where!r} is unreadable or corrupt ({e}); "
                              "refusing to replace it: move it away to start afresh") from None
         if version > SCHEMA_VERSION:
+            self.db.close()
             raise StoreError(f"state database {where!r} has schema version {version}, newer "
                              f"than this nodepass understands ({SCHEMA_VERSION}); refusing to "
                              "touch it: run a newer nodepass")
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self._migrate(version)
 
     @classmethod
