@@ -145,8 +145,10 @@ class UdpListenerService(Service):
 
     def __init__(self, reactor: Any, address: Address, protocol: Any, role: str,
                  on_failure: Callable[[str], None],
-                 only_if: Callable[[], bool] = lambda: True) -> None:
+                 only_if: Callable[[], bool] = lambda: True,
+                 same_port_as: ListenerService | None = None) -> None:
         self.only_if = only_if  # checked at start: listen only if it says so
+        self.same_port_as = same_port_as  # port 0: UDP takes the port TCP took there
         self.reactor = reactor
         self.address = address
         self.protocol = protocol
@@ -158,11 +160,15 @@ class UdpListenerService(Service):
         super().startService()
         if not self.only_if():
             return
+        address = self.address
+        tcp = self.same_port_as
+        if address.port == 0 and tcp is not None and tcp.port is not None:
+            address = Address(address.host, tcp.port.getHost().port)
         try:
-            self.port = self.reactor.listenUDP(self.address.port, self.protocol,
-                                               interface=self.address.host)
+            self.port = self.reactor.listenUDP(address.port, self.protocol,
+                                               interface=address.host)
         except CannotListenError as e:
-            self.on_failure(f"cannot receive UDP for {self.role} on {self.address}: "
+            self.on_failure(f"cannot receive UDP for {self.role} on {address}: "
                             f"{describe_failure(Failure(e))}")
             return
         self.log.info("{role} receiving UDP on {address}", role=self.role,

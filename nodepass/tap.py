@@ -174,7 +174,8 @@ def _server(root: RootService, config: ServerConfig, tunables: Tunables,
             settle = root.fail
         if not config.noudp:
             UdpListenerService(root.reactor, config.target, tunnel.udp, "target", settle,
-                               only_if=reverse).setServiceParent(root)
+                               only_if=reverse,
+                               same_port_as=target_listener).setServiceParent(root)
     listener = ListenerService(root.reactor, config.tunnel, tunnel.tunnel_factory(), "tunnel",
                                root.fail)
     listener.setServiceParent(root)

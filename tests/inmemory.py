@@ -102,14 +102,19 @@ class Running:
 
 
 def pair(case: Any, net: MemoryNetwork, backend: int, key: str = "k", server_query: str = "",
-         client_query: str = "", **env: str) -> tuple[Running, Running, int]:
+         client_query: str = "", client_target: str | None = None,
+         **env: str) -> tuple[Running, Running, int]:
     """A server and a client on the memory network, the session open; returns them and
-    the server's target port."""
+    the server's target port (TCP and UDP take the same number there)."""
     server = Running(case, net, f"server://{key}@127.0.0.1:0/127.0.0.1:0{server_query}", **env)
+    target = client_target or f"127.0.0.1:{backend}"
     client = Running(case, net, f"client://{key}@127.0.0.1:{server.port('tunnel')}/"
-                                f"127.0.0.1:{backend}{client_query or '?mode=2'}", **env)
+                                f"{target}{client_query or '?mode=2'}", **env)
     net.flush()
-    return server, client, server.port("target")
+    try:
+        return server, client, server.port("target")
+    except AssertionError:  # notcp=1: only UDP listens there
+        return server, client, server.udp_port("target")
 
 
 def echo_backend(net: MemoryNetwork) -> int:
@@ -168,7 +173,16 @@ class UdpPeer(DatagramProtocol):
             self.transport.write(data, addr)
 
 
-def udp_peer(net: MemoryNetwork, echo: bool = False) -> tuple[UdpPeer, int]:
-    peer = UdpPeer(echo)
+def udp_peer(net: MemoryNetwork, echo: bool = False,
+             protocol: DatagramProtocol | None = None) -> tuple[Any, int]:
+    peer = protocol or UdpPeer(echo)
     port = net.listenUDP(0, peer, interface="127.0.0.1").getHost().port
     return peer, port
+
+
+def ask(net: MemoryNetwork, peer: UdpPeer, port: int, payload: bytes) -> list[bytes]:
+    """Send one datagram to ``port`` and return what came back, once all is delivered."""
+    before = len(peer.received)
+    peer.transport.write(payload, ("127.0.0.1", port))
+    net.flush()
+    return [data for data, _ in peer.received[before:]]

@@ -28,7 +28,13 @@ from twisted.internet.error import (
     ConnectionRefusedError,
     UserError,
 )
-from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTCP, IReactorUDP
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IHostnameResolver,
+    IReactorPluggableNameResolver,
+    IReactorTCP,
+    IReactorUDP,
+)
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -70,6 +76,7 @@ class MemoryTransport:
         if self.lost or self.closing or self.write_shut or not data:
             return
         self.outgoing += data
+        self.net.active.add(self)
         if self.producer is not None and self.streaming and not self._producer_paused \
                 and len(self.outgoing) > HIGH_WATER:
             self._producer_paused = True
@@ -80,6 +87,7 @@ class MemoryTransport:
 
     def loseConnection(self) -> None:
         self.closing = self.disconnecting = True
+        self.net.active.add(self)
 
     def abortConnection(self) -> None:
         """A reset: both ends lose the connection now (unless the link is down: then only
@@ -91,6 +99,7 @@ class MemoryTransport:
 
     def loseWriteConnection(self) -> None:
         self.write_shut = True
+        self.net.active.add(self)
 
     def getPeer(self) -> IPv4Address:
         return IPv4Address("TCP", *self.peer_address)
@@ -114,6 +123,8 @@ class MemoryTransport:
 
     def resumeProducing(self) -> None:
         self.reading = True
+        if self.peer is not None:
+            self.net.active.add(self.peer)  # what it held for us may move again
 
     def stopProducing(self) -> None:
         self.loseConnection()
@@ -186,6 +197,8 @@ class MemoryTransport:
         self.lost = self.disconnecting = True
         self.outgoing.clear()
         self.net.transports.discard(self)
+        if self.peer is not None and not self.peer.lost:
+            self.net.active.add(self.peer)  # its writes now meet a reset
         if self.producer is not None:
             producer, self.producer = self.producer, None
             producer.stopProducing()
@@ -285,13 +298,35 @@ class MemoryUdpPort:
         self.stopListening()
 
 
-@implementer(IReactorTCP, IReactorUDP)
+@implementer(IHostnameResolver)
+class MemoryNames:
+    """Names the memory network knows (``names["svc.test"] = ["127.0.0.1"]``); any other
+    has no address.  Each lookup is counted."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, list[str]] = {}
+        self.lookups: list[str] = []
+
+    def resolveHostName(self, receiver: Any, hostName: str, portNumber: int = 0,
+                        addressTypes: Any = None, transportSemantics: str = "TCP") -> Any:
+        self.lookups.append(hostName)
+        receiver.resolutionBegan(None)
+        for ip in self.names.get(hostName, []):
+            receiver.addressResolved(IPv4Address(transportSemantics, ip, portNumber))
+        receiver.resolutionComplete()
+        return receiver
+
+
+@implementer(IReactorTCP, IReactorUDP, IReactorPluggableNameResolver)
 class MemoryNetwork(MemoryReactorClock):
     def __init__(self) -> None:
         super().__init__()
+        self.names = MemoryNames()
+        self.nameResolver = self.names
         self.listeners: dict[tuple[str, int], MemoryPort] = {}
         self.udp_ports: dict[tuple[str, int], MemoryUdpPort] = {}
         self.transports: set[MemoryTransport] = set()
+        self.active: set[MemoryTransport] = set()  # those that may have something to move
         self.datagrams: deque[tuple[tuple[str, int], bytes, tuple[str, int]]] = deque()
         self._next_port = 30000
 
@@ -357,8 +392,11 @@ class MemoryNetwork(MemoryReactorClock):
         for _ in range(limit):
             self.advance(0)
             moved = False
-            for transport in list(self.transports):
-                moved = transport.pump() or moved
+            for transport in list(self.active):
+                if transport.pump():
+                    moved = True
+                else:
+                    self.active.discard(transport)
             while self.datagrams:
                 moved = True
                 destination, data, source = self.datagrams.popleft()

@@ -1,35 +1,36 @@
-"""Faults, floods and load on real processes: what breaks, what survives, what is freed."""
+"""Faults, floods and load: what breaks, what survives, what is freed.  Floods and load
+run on the memory network (InMemory); killed processes, descriptors and memory on real
+ones."""
 
 import os
 import resource
 import signal
 import socket
-import time
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nodepass.tunnel import wire
 from nodepass.tunnel.handshake import ClientHandshake
 from nodepass.tunnel.wire import Kind
+from tests.fakemaster import MemoryMaster
+from tests.inmemory import LogLines, Running, connect, pair
+from tests.inmemory import echo_backend as memory_echo_backend
 from tests.integration import (
     Echo,
-    _ForwardingFactory,
-    _OneShot,
     echo_backend,
     eventually,
     exchange,
     free_port,
     hold,
-    listen,
     rss_kib,
     sleep,
     spawn,
     tunnel_pair,
 )
+from tests.memnet import MemoryNetwork
 
 
 def fds(pid):
@@ -120,49 +121,6 @@ async def listen_echo(case, port):
     return listening
 
 
-class _Valve(_ForwardingFactory):
-    """A forwarding proxy that can go silent (stop forwarding, keep connections open)."""
-
-    def __init__(self, upstream, record):
-        super().__init__(upstream, record)
-        self.sides = []
-
-    def buildProtocol(self, addr):
-        inbound = super().buildProtocol(addr)
-        self.sides.extend([inbound, inbound.peer])
-        return inbound
-
-    def silence(self):
-        for side in self.sides:
-            if side.transport is not None:
-                side.transport.pauseProducing()
-
-
-class SilentNetwork(TestCase):
-    timeout = 90
-
-    async def test_heartbeat_declares_a_silent_session_dead_and_both_recover(self):
-        backend = await echo_backend(self)
-        tunnel, exposed = free_port(), free_port()
-        env = {"REPORT_INTERVAL": "500ms"}
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **env)
-        await server.wait_for("target listening")
-        valve = _Valve(tunnel, bytearray())
-        proxy = await listen(self, valve)
-        client = spawn(self, f"client://k@127.0.0.1:{proxy}/127.0.0.1:{backend}", **env)
-        await client.wait_for("tunnel session open")
-        started = time.monotonic()
-        valve.silence()  # packets stop; nothing is closed
-        await server.wait_for("missed its heartbeats", timeout=5)
-        await client.wait_for("missed its heartbeats", timeout=5)
-        self.assertLess(time.monotonic() - started, 3.5)  # 3 intervals of 0.5 s, plus slack
-        # the proxy heals: new connections through it work again
-        valve.sides.clear()
-        await client.wait_for("tunnel session open", nth=2, timeout=15)
-        result = await exchange(exposed, iter([b"healed"]))
-        self.assertEqual(bytes(result.received), b"healed")
-
-
 class Floods(TestCase):
     timeout = 180
 
@@ -185,50 +143,6 @@ class Floods(TestCase):
         self.assertLess((rss_kib(server.pid) - before_rss) / 1024, 32)
         # the handshake timeout (10 s) closes every one of them (the pool may move by a few)
         await eventually(lambda: fds(server.pid) <= before_fds + 20, timeout=20)
-
-    async def test_ten_thousand_wrong_keys_are_refused_and_logged_sparingly(self):
-        backend = await echo_backend(self)
-        server, _, exposed = await tunnel_pair(self, backend)
-        port = tunnel_port_of(server)
-        refused = await wrong_keys(port, 10_000, batch=200)
-        self.assertEqual(refused, 10_000)
-        lines = server.count("authentication failed from")
-        self.assertLessEqual(lines, 3, "a flood must not fill the log")
-        started = time.monotonic()
-        result = await exchange(exposed, iter([b"live"]), timeout=5)
-        self.assertEqual(bytes(result.received), b"live")
-        self.assertLess(time.monotonic() - started, 1.0)
-
-    async def test_semaphore_limit_is_exact_and_nothing_hangs(self):
-        raise_fd_limit()
-        backend = await echo_backend(self)
-        _, _, exposed = await tunnel_pair(self, backend, SEMAPHORE_LIMIT="50",
-                                          MIN_POOL_CAPACITY="64")
-        await sleep(0.5)
-        held = [await hold(exposed) for _ in range(60)]
-        await sleep(0.5)
-        closed = [h for h in held if h.closed.called]
-        self.assertEqual(len(closed), 10)
-        alive = [h for h in held if not h.closed.called]
-        for h in alive:
-            h.transport.write(b"ping")
-        await eventually(lambda: all(h.got == b"ping" for h in alive), timeout=10)
-        for h in alive:
-            h.transport.loseConnection()
-
-    async def test_two_thousand_concurrent_connections_every_byte_checked(self):
-        raise_fd_limit()
-        backend = await echo_backend(self)
-        server, client, exposed = await tunnel_pair(self, backend, MAX_POOL_CAPACITY="2048",
-                                                    SEMAPHORE_LIMIT="4096")
-        payloads = [b"%05d" % i * 400 for i in range(2000)]
-        results = await gatherResults(
-            [Deferred.fromCoroutine(exchange(exposed, iter([p]), timeout=60))
-             for p in payloads], consumeErrors=True)
-        ok = sum(bytes(r.received) == p for r, p in zip(results, payloads, strict=True))
-        self.assertEqual(ok, 2000)
-        self.assertEqual([line for line in server.lines + client.lines if "WARN" in line], [])
-
 
 class _WrongKey(Protocol):
     """Speaks the handshake with a wrong key; ``done`` fires with True if refused silently."""
@@ -255,19 +169,6 @@ class _WrongKey(Protocol):
         self.done.callback(not self.answered)
 
 
-async def wrong_keys(port, count, batch):
-    """Authenticate ``count`` times with a wrong key; return how many were refused."""
-    refused = 0
-    for start in range(0, count, batch):
-        attempts = []
-        for _ in range(min(batch, count - start)):
-            proto = _WrongKey()
-            await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(_OneShot(proto))
-            attempts.append(proto.done)
-        refused += sum(await gatherResults(attempts))
-    return refused
-
-
 class ClearErrors(TestCase):
     timeout = 60
 
@@ -280,41 +181,84 @@ class ClearErrors(TestCase):
         self.assertEqual(await master.ended.addTimeout(20, reactor), 1)
         await master.wait_for(rf"FATAL  state directory '{blocker}/state' cannot be created")
 
-    async def test_unresolvable_target_is_reported_and_the_tunnel_keeps_working(self):
-        backend = await echo_backend(self)
-        tunnel, exposed = free_port(), free_port()
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}")
-        await server.wait_for("target listening")
-        lost = spawn(self, f"client://k@127.0.0.1:{tunnel}/no-such-host.invalid:80",
-                     name="client")
-        await lost.wait_for("tunnel session open")
-        result = await exchange(exposed, iter([b"anyone?"]), timeout=15)
-        self.assertEqual(bytes(result.received), b"")
-        await lost.wait_for(r"WARN   cannot reach target no-such-host\.invalid:80: ")
-        self.assertTrue(lost.running)
+
+
+class InMemory(SynchronousTestCase):
+    """The real service trees on the memory network (tests/inmemory.py)."""
+
+    def setUp(self):
+        self.net = MemoryNetwork()
+        self.log = LogLines(self, self.net)
+        self.backend = memory_echo_backend(self.net)
+
+    def test_ten_thousand_wrong_keys_are_refused_and_logged_sparingly(self):
+        server, _, target = pair(self, self.net, self.backend)
+        tunnel = server.port("tunnel")
+        attempts = []
+        for _ in range(50):
+            for _n in range(200):
+                attempt = _WrongKey()
+                connect(self.net, tunnel, attempt)
+                attempts.append(attempt)
+            self.net.flush()
+        refused = [self.successResultOf(a.done) for a in attempts]
+        self.assertEqual(refused, [True] * 10_000)  # and not one answered after AUTH
+        self.assertLessEqual(self.log.count("authentication failed from"), 3,
+                             "a flood must not fill the log")
+        user = connect(self.net, target)
+        user.transport.write(b"live")
+        self.net.flush()
+        self.assertEqual(bytes(user.received), b"live")
+
+    def test_semaphore_limit_is_exact_and_nothing_hangs(self):
+        _, _, target = pair(self, self.net, self.backend, SEMAPHORE_LIMIT="50",
+                            MIN_POOL_CAPACITY="64")
+        users = [connect(self.net, target) for _ in range(60)]
+        self.assertEqual(sum(u.eof for u in users), 10)
+        alive = [u for u in users if not u.eof]
+        for user in alive:
+            user.transport.write(b"ping")
+        self.net.flush()
+        self.assertEqual([bytes(u.received) for u in alive], [b"ping"] * 50)
+
+    def test_two_thousand_concurrent_connections_every_byte_checked(self):
+        _, _, target = pair(self, self.net, self.backend, MAX_POOL_CAPACITY="2048",
+                            SEMAPHORE_LIMIT="4096")
+        users = [connect(self.net, target) for _ in range(2000)]
+        payloads = [b"%05d" % i * 400 for i in range(2000)]
+        for user, payload in zip(users, payloads, strict=True):
+            user.transport.write(payload)
+            user.transport.loseWriteConnection()
+        self.net.flush()
+        ok = sum(bytes(u.received) == p for u, p in zip(users, payloads, strict=True))
+        self.assertEqual(ok, 2000)
+        self.assertEqual(self.log.matching("WARN"), [])
+
+    def test_an_unresolvable_target_is_reported_and_the_tunnel_keeps_working(self):
+        server = Running(self, self.net, "server://k@127.0.0.1:0/127.0.0.1:0")
+        lost = Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/"
+                                       "no-such-host.invalid:80?mode=2")
+        user = connect(self.net, server.port("target"))
+        user.transport.write(b"anyone?")
+        self.net.flush()
+        self.assertEqual((bytes(user.received), user.eof), (b"", True))
+        self.assertEqual(self.log.count("cannot reach target no-such-host.invalid:80: "), 1)
+        self.assertEqual(lost.tunnel.report().state, "connected")
         # the same server serves the next client, whose target resolves
-        await lost.stop()
-        good = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}",
-                     name="client-2")
-        await good.wait_for("tunnel session open")
-        result = await exchange(exposed, iter([b"here"]), timeout=10)
-        self.assertEqual(bytes(result.received), b"here")
+        lost.stop()
+        Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/127.0.0.1:"
+                                f"{self.backend}?mode=2")
+        user = connect(self.net, server.port("target"))
+        user.transport.write(b"here")
+        self.net.flush()
+        self.assertEqual(bytes(user.received), b"here")
 
-
-class ApiKeyFlood(TestCase):
-    timeout = 120
-
-    async def test_wrong_api_keys_in_bulk_are_refused_and_logged_sparingly(self):
-        from tests.test_master_api import Api, start_master
-
-        master = await start_master(self)
-        wrong = Api(master.base, key="not-the-key")
-        codes = []
-        for _ in range(30):
-            batch = await gatherResults([Deferred.fromCoroutine(wrong.call("GET", "/instances"))
-                                         for _ in range(100)])
-            codes.extend(code for code, _, _ in batch)
+    def test_wrong_api_keys_in_bulk_are_refused_and_logged_sparingly(self):
+        master = MemoryMaster(self)
+        codes = [self.successResultOf(ensureDeferred(master.call(
+            "GET", master.seed + "/instances", key="not-the-key")))[0] for _ in range(3000)]
         self.assertEqual(codes, [401] * 3000)
-        self.assertLessEqual(master.count("refused an API request without a valid key"), 3)
-        right = await Api(master.base).ok("GET", "/instances")
-        self.assertEqual(right["instances"], [])
+        self.assertLessEqual(self.log.count("refused an API request without a valid key"), 3)
+        code, envelope, _ = self.successResultOf(ensureDeferred(master.call(
+            "GET", master.seed + "/instances")))
+        self.assertEqual((code, envelope["data"]), (200, {"instances": []}))

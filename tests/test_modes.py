@@ -1,13 +1,16 @@
-"""Run modes end to end with real processes: server reverse/forward (and mode=0
-choosing), client single-end (and mode=0 choosing), TCP and UDP each."""
+"""Run modes: server reverse/forward (and mode=0 choosing), client single-end (and
+mode=0 choosing), TCP and UDP each.  The memory network runs what needs no kernel
+(InMemory); real processes show exits, TLS, real addresses and descriptors."""
 
 import os
 import signal
 
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.inmemory import LogLines, Running, UdpPeer, ask, connect, udp_peer
+from tests.inmemory import echo_backend as memory_echo_backend
 from tests.integration import (
     Echo,
     echo_backend,
@@ -21,6 +24,7 @@ from tests.integration import (
     spawn,
     tcp_and_udp_echo,
 )
+from tests.memnet import MemoryNetwork
 
 UDP_ENV = {"UDP_READ_TIMEOUT": "2s", "REPORT_INTERVAL": "200ms"}
 
@@ -35,21 +39,96 @@ async def check_tcp_and_udp(case, port, size=256 * 1024):
         case.assertEqual(reply, b"datagram %d" % n)
 
 
+class InMemory(SynchronousTestCase):
+    """The real service trees on the memory network (tests/inmemory.py)."""
+
+    def setUp(self):
+        self.net = MemoryNetwork()
+        self.log = LogLines(self, self.net)
+        self.backend = memory_echo_backend(self.net)
+        self.net.listenUDP(self.backend, UdpPeer(echo=True), interface="127.0.0.1")
+
+    def check_tcp_and_udp(self, port, size=256 * 1024):
+        payload = bytes(range(256)) * (size // 256)
+        user = connect(self.net, port)
+        user.transport.write(payload)
+        user.transport.loseWriteConnection()
+        self.net.flush()
+        self.assertEqual(bytes(user.received), payload)
+        peer, _ = udp_peer(self.net)
+        for n in range(20):
+            self.assertEqual(ask(self.net, peer, port, b"datagram %d" % n),
+                             [b"datagram %d" % n])
+
+    def test_forward_mode_client_listens_and_server_dials(self):
+        server = Running(self, self.net, f"server://k@127.0.0.1:0/127.0.0.1:{self.backend}"
+                                         "?mode=2", **UDP_ENV)
+        self.assertEqual(self.log.count("forward mode: users connect to the client's target "
+                                        "address"), 1)
+        self.assertEqual(self.log.count("target listening"), 0)
+        client = Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/"
+                                         "127.0.0.1:0?mode=2", **UDP_ENV)
+        self.assertEqual(self.log.count("server is in forward mode"), 1)
+        self.check_tcp_and_udp(client.port("target"))
+        self.assertEqual(server.tunnel.report().mode, "forward")
+
+    def test_mode_0_is_forward_when_the_target_is_taken_here(self):
+        server = Running(self, self.net, f"server://k@127.0.0.1:0/127.0.0.1:{self.backend}",
+                         **UDP_ENV)
+        self.assertEqual(self.log.count(f"mode=0: cannot listen for target on 127.0.0.1:"
+                                        f"{self.backend}: Address already in use: so forward "
+                                        "mode"), 1)
+        client = Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/"
+                                         "127.0.0.1:0?mode=2", **UDP_ENV)
+        self.check_tcp_and_udp(client.port("target"))
+
+    def test_mode_0_is_reverse_when_the_target_is_free(self):
+        server = Running(self, self.net, "server://k@127.0.0.1:0/127.0.0.1:0", **UDP_ENV)
+        target = server.port("target")
+        self.assertEqual(self.log.count(f"reverse mode: users connect to 127.0.0.1:{target} "
+                                        "here"), 1)
+        Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/127.0.0.1:"
+                                f"{self.backend}?mode=2", **UDP_ENV)
+        self.check_tcp_and_udp(target)
+        self.assertEqual(self.log.count("forward mode"), 0)
+
+    def test_single_end_forwards_tcp_and_udp_without_a_server(self):
+        client = Running(self, self.net, f"client://127.0.0.1:0/127.0.0.1:{self.backend}"
+                                         "?mode=1", **UDP_ENV)
+        self.assertEqual(self.log.count("single-end mode: forwarding"), 1)
+        self.check_tcp_and_udp(client.port("single-end"))
+        self.assertEqual(client.tunnel.report().mode, "single-end")
+
+    def test_single_end_opens_target_connections_ahead_of_users(self):
+        factory = Factory.forProtocol(_Greeting)
+        factory.accepted = 0
+        backend = self.net.listenTCP(0, factory, interface="127.0.0.1").getHost().port
+        client = Running(self, self.net, f"client://127.0.0.1:0/127.0.0.1:{backend}?mode=1",
+                         MIN_POOL_CAPACITY="4")
+        self.assertEqual(factory.accepted, 4)  # before any user arrived
+        # A user gets a pre-opened connection, greeting included, and it is replaced.
+        user = connect(self.net, client.port("single-end"))
+        user.transport.write(b"ping")
+        self.net.flush()
+        self.assertEqual(bytes(user.received), b"hello\nping")
+        self.assertEqual(factory.accepted, 5)
+
+    def test_mode_2_always_dials_a_server(self):
+        Running(self, self.net, f"client://k@127.0.0.1:20000/127.0.0.1:{self.backend}?mode=2")
+        self.assertEqual(self.log.count("cannot connect to server 127.0.0.1:20000"), 1)
+        self.assertEqual(self.log.count("single-end"), 0)
+
+
+class _Greeting(Echo):
+    """An echo backend that counts its connections and greets each one first."""
+
+    def connectionMade(self):
+        self.factory.accepted += 1
+        self.transport.write(b"hello\n")
+
+
 class ServerModes(TestCase):
     timeout = 60
-
-    async def test_forward_mode_client_listens_and_server_dials(self):
-        backend = await tcp_and_udp_echo(self)
-        tunnel, exposed = free_port(), free_port()
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"
-                             "?mode=2&log=debug", **UDP_ENV)
-        await server.wait_for("forward mode: users connect to the client's target address")
-        self.assertEqual(server.count("target listening"), 0)
-        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
-        await client.wait_for(f"target receiving UDP on 127.0.0.1:{exposed}")  # last to start
-        self.assertEqual(client.count("server is in forward mode"), 1)
-        await check_tcp_and_udp(self, exposed)
-        await server.wait_for("mode=forward")  # its reports say so too
 
     async def test_forward_mode_server_vanishing_mid_stream_closes_the_user(self):
         backend = await echo_backend(self)
@@ -66,17 +145,6 @@ class ServerModes(TestCase):
         await client.wait_for("closed; reconnecting")
         self.assertTrue(client.running)
 
-    async def test_mode_0_is_forward_when_the_target_is_taken_here(self):
-        backend = await tcp_and_udp_echo(self)  # holds the target port
-        tunnel, exposed = free_port(), free_port()
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}", **UDP_ENV)
-        await server.wait_for(f"mode=0: cannot listen for target on 127.0.0.1:{backend}: "
-                              "Address already in use: so forward mode")
-        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
-        await client.wait_for(f"target receiving UDP on 127.0.0.1:{exposed}")  # last to start
-        self.assertEqual(client.count("server is in forward mode"), 1)
-        await check_tcp_and_udp(self, exposed)
-
     async def test_mode_0_is_forward_when_the_target_is_not_an_address_here(self):
         # 192.0.2.1 (TEST-NET-1) is on no interface: nothing is ever sent to it here.
         server = spawn(self, f"server://k@127.0.0.1:{free_port()}/192.0.2.1:5432")
@@ -84,16 +152,6 @@ class ServerModes(TestCase):
                               "assign requested address: so forward mode")
         await server.wait_for("forward mode: users connect to the client's target address; "
                               "this server dials 192.0.2.1:5432")
-
-    async def test_mode_0_is_reverse_when_the_target_is_free(self):
-        backend = await tcp_and_udp_echo(self)
-        tunnel, exposed = free_port(), free_port()
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
-        await server.wait_for(f"reverse mode: users connect to 127.0.0.1:{exposed} here")
-        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}", **UDP_ENV)
-        await client.wait_for("tunnel session open")
-        await check_tcp_and_udp(self, exposed)
-        self.assertEqual(client.count("forward mode"), 0)
 
     async def test_mode_1_refuses_to_start_when_the_target_is_taken(self):
         backend = await echo_backend(self)
@@ -155,29 +213,6 @@ class _ClosesIdle(_Counting):
 class ClientModes(TestCase):
     timeout = 60
 
-    async def test_single_end_forwards_tcp_and_udp_without_a_server(self):
-        backend = await tcp_and_udp_echo(self)
-        listen_port = free_port()
-        client = spawn(self, f"client://127.0.0.1:{listen_port}/127.0.0.1:{backend}"
-                             "?mode=1&log=debug", **UDP_ENV)
-        await client.wait_for("single-end mode: forwarding")
-        await client.wait_for(f"single-end receiving UDP on 127.0.0.1:{listen_port}")
-        await check_tcp_and_udp(self, listen_port)
-        await client.wait_for("mode=single-end")
-
-    async def test_single_end_opens_target_connections_ahead_of_users(self):
-        factory = Factory.forProtocol(_Counting)
-        factory.accepted = 0
-        backend = await listen(self, factory)
-        listen_port = free_port()
-        spawn(self, f"client://127.0.0.1:{listen_port}/127.0.0.1:{backend}?mode=1&notcp=0",
-              MIN_POOL_CAPACITY="4")
-        await eventually(lambda: factory.accepted == 4)  # before any user arrived
-        # A user gets a pre-opened connection, greeting included, and it is replaced.
-        result = await exchange(listen_port, iter([b"ping"]))
-        self.assertEqual(bytes(result.received), b"hello\nping")
-        await eventually(lambda: factory.accepted == 5)
-
     async def test_target_connections_closed_while_waiting_are_let_go(self):
         factory = Factory.forProtocol(_ClosesIdle)
         factory.accepted = 0
@@ -203,9 +238,3 @@ class ClientModes(TestCase):
         result = await exchange(listen_port, iter([b"direct"]))
         self.assertEqual(bytes(result.received), b"direct")
 
-    async def test_mode_2_always_dials_a_server(self):
-        backend = await echo_backend(self)
-        tunnel = free_port()
-        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}?mode=2")
-        await client.wait_for(f"cannot connect to server 127.0.0.1:{tunnel}")
-        self.assertEqual(client.count("single-end"), 0)

@@ -173,6 +173,8 @@ class Faults(Case):
         self.assertEqual(self.log.count("authentication failed at server 127.0.0.1:"), 1)
         self.assertEqual((server.tunnel.report().state, client.tunnel.report().state),
                          ("waiting", "connecting"))
+        self.assertEqual([line for _, line in self.log.lines if "wrong" in line or
+                          "right" in line], [])  # neither key is ever logged
 
     def test_without_a_client_users_are_closed_at_once(self):
         server = Running(self, self.net, "server://k@127.0.0.1:0/127.0.0.1:0")
@@ -180,6 +182,40 @@ class Faults(Case):
         self.assertTrue(user.eof)
         self.assertEqual(self.log.count("no client is connected to the tunnel"), 1)
         self.assertEqual(server.tunnel.report().refused, 0)  # not a refusal: nobody to serve
+
+    def test_two_hundred_concurrent_users_each_get_their_own_bytes(self):
+        _, _, target = pair(self, self.net, self.backend)
+        users = [connect(self.net, target) for _ in range(200)]
+        payloads = [hashlib.sha256(str(i).encode()).digest() * 512 for i in range(200)]
+        for user, payload in zip(users, payloads, strict=True):
+            user.transport.write(payload)
+            user.transport.loseWriteConnection()
+        self.net.flush()
+        self.assertEqual([bytes(u.received) for u in users], payloads)
+        self.assertTrue(all(u.eof for u in users))
+
+    def test_a_refusing_target_closes_the_user_at_once(self):
+        nobody = self.net.ephemeral()  # nothing listens there
+        _, _, target = pair(self, self.net, nobody)
+        user = connect(self.net, target)
+        user.transport.write(b"hello?")
+        self.net.flush()
+        self.assertEqual((bytes(user.received), user.eof), (b"", True))
+        self.assertEqual(self.log.count(f"cannot reach target 127.0.0.1:{nobody}: "
+                                        "Connection was refused by other side"), 1)
+
+    def test_a_restarted_server_is_found_again(self):
+        server, client, _ = pair(self, self.net, self.backend)
+        tunnel = server.port("tunnel")
+        server.stop()
+        self.assertEqual(self.log.count("closed; reconnecting"), 1)
+        again = Running(self, self.net, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:0")
+        self.net.run(2.0)
+        self.assertEqual(client.tunnel.report().state, "connected")
+        user = connect(self.net, again.port("target"))
+        user.transport.write(b"reconnected")
+        self.net.flush()
+        self.assertEqual(bytes(user.received), b"reconnected")
 
     def test_the_server_stopping_says_goodbye(self):
         server, client, _ = pair(self, self.net, self.backend)

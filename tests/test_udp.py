@@ -1,12 +1,10 @@
 """UDP through the tunnel: sessions in memory on a Clock, then end to end."""
 
-import os
 import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import fail, succeed
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.names import client as dns_client
@@ -17,7 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from nodepass.tunnel import wire
 from nodepass.tunnel.udp import UdpCounters
 from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder, Type
-from tests.integration import UdpEcho, free_port, peer, sleep, tunnel_pair, udp_backend
+from tests.inmemory import LogLines, ask, pair, udp_peer
+from tests.integration import free_port, peer, sleep, tunnel_pair
+from tests.memnet import MemoryNetwork
 from tests.memory import udp_over_connection
 
 
@@ -122,103 +122,98 @@ class _OneName(ResolverBase):
         return succeed(([answer], [], []))
 
 
-async def udp_echo_on_both_loopbacks(case):
-    """A UDP echo on 127.0.0.1 and ::1 with one port number: whichever "localhost" is."""
-    for _ in range(20):
-        port = await udp_backend(case, UdpEcho())
-        try:
-            listening = reactor.listenUDP(port, UdpEcho(), interface="::1")
-        except OSError:
-            continue
-        case.addCleanup(listening.stopListening)
-        return port
-    raise AssertionError("no UDP port free on both loopbacks")
-
-
 UDP_ENV = {"UDP_READ_TIMEOUT": "1s", "REPORT_INTERVAL": "200ms"}
 
 
-class EndToEnd(TestCase):
-    timeout = 120
+class EndToEnd(SynchronousTestCase):
+    """The real server and client on the memory network (tests/inmemory.py)."""
 
-    async def test_many_sources_many_datagrams_each_reply_home(self):
-        backend = await udp_backend(self, UdpEcho())
-        _, _, exposed = await tunnel_pair(self, backend, **{**UDP_ENV, "UDP_READ_TIMEOUT": "10s"})
-        peers = [await peer(self, exposed) for _ in range(20)]
+    def setUp(self):
+        self.net = MemoryNetwork()
+        self.log = LogLines(self, self.net)
+
+    def tunnel(self, backend_protocol=None, **kwargs):
+        _, backend = udp_peer(self.net, echo=backend_protocol is None,
+                              protocol=backend_protocol)
+        server, client, exposed = pair(self, self.net, backend, **{**UDP_ENV, **kwargs})
+        user, _ = udp_peer(self.net)
+        return server, client, exposed, user
+
+    def test_many_sources_many_datagrams_each_reply_home(self):
+        _, _, exposed, _ = self.tunnel(UDP_READ_TIMEOUT="10s")
+        peers = [udp_peer(self.net)[0] for _ in range(20)]
         rng = random.Random(7)
+        for n in range(100):
+            for index, p in enumerate(peers):
+                size = rng.randint(8, 8192)
+                payload = (b"%02d:%03d:" % (index, n)) + rng.randbytes(size - 7)
+                p.transport.write(payload, ("127.0.0.1", exposed))
+                p.sent = [*getattr(p, "sent", []), payload]
+            self.net.flush()
+        for p in peers:
+            self.assertEqual([d for d, _ in p.received], p.sent)
 
-        async def converse(index, p):
-            for n in range(500):
-                size = rng.randint(1, 8192)
-                payload = (b"%02d:%03d:" % (index, n)) + os.urandom(max(0, size - 7))[: size - 7]
-                (reply,) = await p.ask(payload)
-                self.assertEqual(reply, payload)
+    def test_one_request_many_answers(self):
+        _, _, exposed, user = self.tunnel(Triple())
+        self.assertEqual(ask(self.net, user, exposed, b"hi"), [b"0:hi", b"1:hi", b"2:hi"])
 
-        await gatherResults([Deferred.fromCoroutine(converse(i, p))
-                             for i, p in enumerate(peers)])
+    def test_idle_session_closes_on_both_sides_and_a_new_one_opens(self):
+        server, client, exposed, user = self.tunnel()
+        self.assertEqual(ask(self.net, user, exposed, b"one"), [b"one"])
+        self.assertEqual((server.tunnel.report().udp_sessions,
+                          client.tunnel.report().udp_sessions), (1, 1))
+        self.net.run(1.5)  # UDP_READ_TIMEOUT is 1 s
+        self.assertEqual((server.tunnel.report().udp_sessions,
+                          client.tunnel.report().udp_sessions), (0, 0))
+        self.assertEqual(ask(self.net, user, exposed, b"two"), [b"two"])
+        self.assertEqual(client.tunnel.report().udp_sessions, 1)
 
-    async def test_one_request_many_answers(self):
-        backend = await udp_backend(self, Triple())
-        _, _, exposed = await tunnel_pair(self, backend, **UDP_ENV)
-        p = await peer(self, exposed)
-        answers = await p.ask(b"hi", answers=3)
-        self.assertEqual(answers, [b"0:hi", b"1:hi", b"2:hi"])
+    def test_oversize_datagram_is_counted_and_the_next_flows(self):
+        server, _, exposed, user = self.tunnel(UDP_DATA_BUF_SIZE="1000")
+        self.assertEqual(ask(self.net, user, exposed, b"x" * 1001), [])
+        self.assertEqual(ask(self.net, user, exposed, b"fine"), [b"fine"])
+        self.assertEqual(self.log.count("dropped a 1001-byte datagram from 127.0.0.1:"), 1)
+        self.assertEqual(server.tunnel.report().udp_dropped, 1)
 
-    async def test_idle_session_closes_on_both_sides_and_a_new_one_opens(self):
-        backend = await udp_backend(self, UdpEcho())
-        server, client, exposed = await tunnel_pair(self, backend, server_query="?log=debug",
-                                                    client_query="?log=debug", **UDP_ENV)
-        p = await peer(self, exposed)
-        self.assertEqual(await p.ask(b"one"), [b"one"])
-        for end in (server, client):
-            await end.wait_for("udp_sessions=1")
-        await sleep(1.5)  # UDP_READ_TIMEOUT is 1 s
-        marks = {end.name: len(end.lines) for end in (server, client)}
-        await sleep(0.5)
-        for end in (server, client):
-            recent = [line for line in end.lines[marks[end.name]:] if "report:" in line]
-            self.assertTrue(recent and all("udp_sessions=0" in line for line in recent),
-                            recent)
-        self.assertEqual(await p.ask(b"two"), [b"two"])
-        await client.wait_for("UDP session for", nth=2)
-
-    async def test_oversize_datagram_is_counted_and_the_next_flows(self):
-        backend = await udp_backend(self, UdpEcho())
-        server, _, exposed = await tunnel_pair(self, backend, server_query="?log=debug",
-                                               UDP_DATA_BUF_SIZE="1000", **UDP_ENV)
-        p = await peer(self, exposed)
-        p.transport.write(b"x" * 1001)
-        self.assertEqual(await p.ask(b"fine"), [b"fine"])
-        await server.wait_for(r"dropped a 1001-byte datagram from 127\.0\.0\.1:\d+: over "
-                              r"UDP_DATA_BUF_SIZE \(1000\)")
-        await server.wait_for("udp_dropped=1")
-
-    async def test_dns_query_through_the_tunnel(self):
+    def test_dns_query_through_the_tunnel(self):
         factory = server.DNSServerFactory(clients=[_OneName()])
-        backend = await udp_backend(self, dns.DNSDatagramProtocol(factory))
-        _, _, exposed = await tunnel_pair(self, backend, **UDP_ENV)
-        resolver = dns_client.Resolver(servers=[("127.0.0.1", exposed)])
-        answers, _, _ = await resolver.lookupAddress("host.example.test", timeout=[3, 5])
+        _, _, exposed, _ = self.tunnel(dns.DNSDatagramProtocol(factory))
+        resolver = dns_client.Resolver(servers=[("127.0.0.1", exposed)], reactor=self.net)
+        asked = resolver.lookupAddress("host.example.test", timeout=[3, 5])
+        self.net.flush()
+        answers, _, _ = self.successResultOf(asked)
         self.assertEqual([a.payload.dottedQuad() for a in answers], ["192.0.2.7"])
 
-    async def test_a_target_given_by_name(self):
-        backend = await udp_echo_on_both_loopbacks(self)
-        _, _, exposed = await tunnel_pair(self, 0, client_target=f"localhost:{backend}",
-                                          **UDP_ENV)
-        p = await peer(self, exposed)
+    def test_a_target_given_by_name(self):
+        _, backend = udp_peer(self.net, echo=True)
+        self.net.names.names["echo.test"] = ["127.0.0.1"]
+        _, _, exposed = pair(self, self.net, 0, client_target=f"echo.test:{backend}",
+                             **UDP_ENV)
+        user, _ = udp_peer(self.net)
         for n in range(5):
-            self.assertEqual(await p.ask(b"by name %d" % n), [b"by name %d" % n])
+            self.assertEqual(ask(self.net, user, exposed, b"by name %d" % n),
+                             [b"by name %d" % n])
+        self.assertEqual(self.net.names.lookups, ["echo.test"])  # kept for dns=5m
 
-    async def test_a_name_that_does_not_resolve_ends_the_session_only(self):
-        backend = await udp_backend(self, UdpEcho())
-        _, client, exposed = await tunnel_pair(
-            self, 0, client_target=f"no-such-host.invalid:53,127.0.0.1:{backend}", **UDP_ENV)
-        first = await peer(self, exposed)
-        first.transport.write(b"to the name")  # the first session goes to the first target
-        await client.wait_for("cannot reach UDP target no-such-host.invalid:53")
-        other = await peer(self, exposed)  # a new source: a new session, the next target
-        self.assertEqual(await other.ask(b"next"), [b"next"])
-        self.assertTrue(client.running)
+    def test_a_name_that_does_not_resolve_ends_the_session_only(self):
+        _, backend = udp_peer(self.net, echo=True)
+        _, client, exposed = pair(self, self.net, 0, client_target="no-such-host.invalid:53,"
+                                                                    f"127.0.0.1:{backend}",
+                                  **UDP_ENV)
+        first, _ = udp_peer(self.net)
+        self.assertEqual(ask(self.net, first, exposed, b"to the name"), [])
+        self.assertEqual(self.log.count("cannot reach UDP target no-such-host.invalid:53: DNS "
+                                        "lookup failed: no-such-host.invalid has no address"),
+                         1)
+        other, _ = udp_peer(self.net)  # a new source: a new session, the next target
+        self.assertEqual(ask(self.net, other, exposed, b"next"), [b"next"])
+        self.assertEqual(client.tunnel.report().state, "connected")
+
+
+class OnRealSockets(TestCase):
+    """What only the kernel can show: an ICMP port unreachable."""
+
+    timeout = 60
 
     async def test_icmp_unreachable_does_not_kill_the_client(self):
         nobody = free_port()

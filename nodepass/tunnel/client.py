@@ -231,13 +231,15 @@ class ClientTunnel(MultiService):
             return
         self.log.info("server is in forward mode: users connect to {target} here",
                       target=self.config.target)
+        tcp = None
         if not self.config.notcp:
-            self.listeners.append(ListenerService(self.clock, self.config.target,
-                                                  self.ingress.user_factory(), "target",
-                                                  self._fatal))
+            tcp = ListenerService(self.clock, self.config.target, self.ingress.user_factory(),
+                                  "target", self._fatal)
+            self.listeners.append(tcp)
         if not self.config.noudp:
             self.listeners.append(UdpListenerService(self.clock, self.config.target,
-                                                     self.ingress.udp, "target", self._fatal))
+                                                     self.ingress.udp, "target", self._fatal,
+                                                     same_port_as=tcp))
         for listener in self.listeners:
             listener.setServiceParent(self)
 

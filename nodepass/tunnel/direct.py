@@ -234,6 +234,7 @@ def single_end(root: Any, config: ClientConfig,
     forwarder = DirectForwarder(root.reactor, config, tunables)
     forwarder.setServiceParent(root)
     ready = []
+    listener = None
     if not config.notcp:
         listener = ListenerService(root.reactor, config.tunnel, forwarder.user_factory(),
                                    "single-end", root.fail)
@@ -241,7 +242,8 @@ def single_end(root: Any, config: ClientConfig,
         ready.append(listener.listening)
     if not config.noudp:
         UdpListenerService(root.reactor, config.tunnel, forwarder.udp, "single-end",
-                           root.fail, only_if=lambda: not root.exit_status).setServiceParent(root)
+                           root.fail, only_if=lambda: not root.exit_status,
+                           same_port_as=listener).setServiceParent(root)
     reporter(root.reactor, forwarder.report, tunables.report_interval).setServiceParent(root)
     listening = gatherResults(ready, consumeErrors=True) if ready else succeed([])
     return forwarder.report, listening.addCallbacks(lambda _: True, lambda _: False)
