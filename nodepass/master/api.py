@@ -8,6 +8,7 @@ dialect (npapi.py) serves the same registry beside it.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 from collections.abc import Awaitable, Callable, Mapping
@@ -16,6 +17,7 @@ from typing import Any
 from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from nodepass import __version__, logs
 from nodepass.master import metadata
@@ -27,7 +29,8 @@ from nodepass.master.web import (
     BodyError,
     KeyCheck,
     SwaggerUI,
-    preflight,
+    add_preflight,
+    allowed_methods,
     read_json,
     set_cors,
 )
@@ -45,69 +48,59 @@ class ApiError(Exception):
         self.code, self.status, self.message = code, status, message
 
 
+def _enveloped(handler: Callable[..., Awaitable[tuple[int, Any]]]) -> Callable[..., Any]:
+    """Authenticate, run the handler, and wrap what it returns in the envelope."""
+
+    @functools.wraps(handler)
+    async def guarded(self: MasterAPI, request: IRequest, **kwargs: Any) -> bytes:
+        try:
+            self._authenticate(request)
+            status, data = await handler(self, request, **kwargs)
+        except (ApiError, InstanceError, BodyError) as e:
+            return self._error(request, e)
+        except Exception:
+            self.log.failure("internal error serving {path}", Failure(),
+                             path=request.path.decode("utf-8", "replace"))
+            return self._reply(request, 500, None, {"code": "INTERNAL",
+                                                    "message": "internal error; see the "
+                                                               "master's log"})
+        return self._reply(request, status, data, None)
+
+    return guarded
+
+
+def _keyed(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """Authenticate a route that answers in its own format (not the envelope)."""
+
+    @functools.wraps(handler)
+    def guarded(self: MasterAPI, request: IRequest, **kwargs: Any) -> Any:
+        try:
+            self._authenticate(request)
+        except ApiError as e:
+            return self._error(request, e)
+        return handler(self, request, **kwargs)
+
+    return guarded
+
+
 class MasterAPI:
+    """Routes relative to ``{prefix}/v1``, where web.mount puts them."""
+
+    app = Klein()
     log = logs.logger("nodepass.master")
 
-    def __init__(self, app: Klein, registry: Registry, prefix: str, keys: KeyCheck,
+    def __init__(self, registry: Registry, prefix: str, keys: KeyCheck,
                  state_dir: str | None = None, np_base: str | None = None) -> None:
-        self.app = app
         self.registry = registry
-        self.prefix = prefix
         self.base = f"{prefix}/v1"
         self.keys = keys
         self.state_dir = state_dir
         self.np_base = np_base
         self.openapi = json.dumps(document(prefix), indent=1).encode()
-        self._routes()
+        self.docs = SwaggerUI("nodepass master API")
         registry.hub.add_dialect(DIALECT, self.render_event)
 
     # -- plumbing ----------------------------------------------------------
-
-    def _routes(self) -> None:
-        base, route = self.base, self.app.route
-        table: list[tuple[str, str, Callable[..., Any]]] = [
-            ("instances", "GET", self._guard(self.list_instances)),
-            ("instances", "POST", self._guard(self.create_instance)),
-            ("instances/<string:instance_id>", "GET", self._guard(self.get_instance)),
-            ("instances/<string:instance_id>", "PUT", self._guard(self.control_instance)),
-            ("instances/<string:instance_id>", "DELETE", self._guard(self.delete_instance)),
-            ("instances/<string:instance_id>/traffic", "GET",
-             self._guard(self.instance_traffic)),
-            ("info", "GET", self._guard(self.info)),
-            ("metrics", "GET", self._raw_guard(self.metrics)),
-            ("events", "GET", self._raw_guard(self.events)),
-        ]
-        for path, method, handler in table:
-            route(f"{base}/{path}", methods=[method], strict_slashes=False,
-                  endpoint=f"seed {method} {path}")(handler)
-        route(f"{base}/openapi.json", methods=["GET"], endpoint="seed openapi")(
-            self.openapi_json)
-        SwaggerUI(self.app, base, "nodepass master API")
-        for path in ("instances", "instances/<string:instance_id>",
-                     "instances/<string:instance_id>/traffic", "info", "metrics", "events",
-                     "openapi.json", "docs"):
-            route(f"{base}/{path}", methods=["OPTIONS"], strict_slashes=False,
-                  endpoint=f"seed preflight {path}")(preflight)
-
-    def _guard(self, handler: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
-        """Authenticate, run the handler, and wrap what it returns in the envelope."""
-
-        async def guarded(request: IRequest, **kwargs: Any) -> bytes:
-            try:
-                self._authenticate(request)
-                status, data = await handler(request, **kwargs)
-            except (ApiError, InstanceError, BodyError) as e:
-                return self._error(request, e)
-            except Exception:
-                self.log.failure("internal error serving {path}", Failure(),
-                                 path=request.path.decode("utf-8", "replace"))
-                return self._reply(request, 500, None, {"code": "INTERNAL",
-                                                        "message": "internal error; see the "
-                                                                   "master's log"})
-            return self._reply(request, status, data, None)
-
-        guarded.__name__ = handler.__name__
-        return guarded
 
     def _reply(self, request: IRequest, status: int, data: Any, error: Any) -> bytes:
         request.setResponseCode(status)
@@ -147,13 +140,16 @@ class MasterAPI:
         except metadata.MetadataError as e:
             raise ApiError("INVALID_REQUEST", 400, str(e)) from None
 
-    def not_found(self, request: IRequest) -> bytes:
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
         return self._reply(request, 404, None, {
             "code": "NOT_FOUND",
             "message": f"no route {request.path.decode('utf-8', 'replace')} "
                        f"(the API lives under {self.base})"})
 
-    def not_allowed(self, request: IRequest, allowed: list[str]) -> bytes:
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = allowed_methods(request, failure)
         return self._reply(request, 405, None, {
             "code": "METHOD_NOT_ALLOWED",
             "message": f"{request.method.decode()} is not allowed here "
@@ -175,11 +171,26 @@ class MasterAPI:
 
     # -- routes ------------------------------------------------------------
 
+    @app.route("/docs", methods=["GET"])
+    def docs_page(self, request: IRequest) -> bytes:
+        return self.docs.page(request)
+
+    @app.route("/docs/start.js", methods=["GET"])
+    def docs_start(self, request: IRequest) -> bytes:
+        return self.docs.start(request)
+
+    @app.route("/docs/", branch=True, methods=["GET"])
+    def docs_assets(self, request: IRequest) -> Any:
+        return self.docs.assets()
+
+    @app.route("/openapi.json", methods=["GET"])
     def openapi_json(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Access-Control-Allow-Origin", b"*")
         return self.openapi
 
+    @app.route("/instances", methods=["GET"], strict_slashes=False)
+    @_enveloped
     async def list_instances(self, request: IRequest) -> tuple[int, Any]:
         wanted = []
         for raw in request.args.get(b"tag", []):
@@ -191,6 +202,8 @@ class MasterAPI:
                      if all(i.tags.get(k) == v for k, v in wanted)]
         return 200, {"instances": instances}
 
+    @app.route("/instances", methods=["POST"], strict_slashes=False)
+    @_enveloped
     async def create_instance(self, request: IRequest) -> tuple[int, Any]:
         body = self._json_object(request)
         if not isinstance(body.get("url"), str):
@@ -202,9 +215,13 @@ class MasterAPI:
                                               bool(given["restart"]), given["peer"])
         return 201, self.registry.describe(instance)
 
+    @app.route("/instances/<string:instance_id>", methods=["GET"], strict_slashes=False)
+    @_enveloped
     async def get_instance(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
         return 200, self.registry.describe(self.registry.get(instance_id))
 
+    @app.route("/instances/<string:instance_id>", methods=["PUT"], strict_slashes=False)
+    @_enveloped
     async def control_instance(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
         instance = self.registry.get(instance_id)
         body = self._json_object(request)
@@ -241,6 +258,9 @@ class MasterAPI:
         data[stamp] = iso(getattr(instance, stamp))
         return 200, data
 
+    @app.route("/instances/<string:instance_id>/traffic", methods=["GET"],
+               strict_slashes=False)
+    @_enveloped
     async def instance_traffic(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
         instance = self.registry.get(instance_id)
         raw = request.args.get(b"window", [b"3600"])[0]
@@ -254,6 +274,8 @@ class MasterAPI:
         return 200, {"id": instance.id, "interval": self.registry.tunables.report_interval,
                      "window": window, "samples": self.registry.traffic(instance, window)}
 
+    @app.route("/info", methods=["GET"], strict_slashes=False)
+    @_enveloped
     async def info(self, request: IRequest) -> tuple[int, Any]:
         registry = self.registry
         return 200, {
@@ -271,27 +293,18 @@ class MasterAPI:
             "bases": {"seed": self.base, "nodepass": self.np_base},
         }
 
-    def _raw_guard(self, handler: Callable[[IRequest], Any]) -> Callable[[IRequest], Any]:
-        """Authenticate a route that answers in its own format (not the envelope)."""
-
-        def guarded(request: IRequest) -> Any:
-            try:
-                self._authenticate(request)
-            except ApiError as e:
-                return self._error(request, e)
-            return handler(request)
-
-        guarded.__name__ = handler.__name__
-        return guarded
-
     def _error(self, request: IRequest, e: ApiError | InstanceError | BodyError) -> bytes:
         return self._reply(request, e.status, None, {"code": e.code, "message": e.message})
 
+    @app.route("/metrics", methods=["GET"], strict_slashes=False)
+    @_keyed
     def metrics(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
         request.setHeader(b"Access-Control-Allow-Origin", b"*")
         return exposition(self.registry)
 
+    @app.route("/events", methods=["GET"], strict_slashes=False)
+    @_keyed
     def events(self, request: IRequest) -> Any:
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
@@ -306,10 +319,15 @@ class MasterAPI:
         subscriber = registry.hub.subscribe(request, DIALECT, last_event_id(request), snapshot)
         return subscriber.finished
 
+    @app.route("/instances/<string:instance_id>", methods=["DELETE"], strict_slashes=False)
+    @_enveloped
     async def delete_instance(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
         instance = self.registry.get(instance_id)
         await self.registry.delete(instance)
         return 200, {"id": instance.id, "deleted": True}
+
+
+add_preflight(MasterAPI.app)
 
 
 def last_event_id(request: IRequest) -> int | None:

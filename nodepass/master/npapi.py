@@ -10,6 +10,7 @@ same registry, key and events as the seed dialect, under ``{np}/v1``.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from nodepass import __version__, logs
 from nodepass.master import metadata, sysinfo
@@ -37,7 +39,8 @@ from nodepass.master.web import (
     BodyError,
     KeyCheck,
     SwaggerUI,
-    preflight,
+    add_preflight,
+    allowed_methods,
     read_json,
     set_cors,
 )
@@ -58,71 +61,50 @@ class NpError(Exception):
         self.status, self.message = status, message
 
 
+def _answered(handler: Callable[..., Awaitable[tuple[int, Any]]]) -> Callable[..., Any]:
+    """Authenticate, run the handler, and answer what it returns as NodePass does."""
+
+    @functools.wraps(handler)
+    async def guarded(self: NodePassAPI, request: IRequest, **kwargs: Any) -> bytes:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        try:
+            status, data = await handler(self, request, **kwargs)
+        except NpError as e:
+            return self._fail(request, e.status, e.message)
+        except InstanceError as e:
+            prefix = _PREFIXES.get(e.code)
+            return self._fail(request, e.status,
+                              f"{prefix}: {e.message}" if prefix else e.message)
+        except BodyError as e:
+            return self._fail(request, e.status, f"Invalid request body: {e.message}")
+        except Exception:
+            self.log.failure("internal error serving {path}", Failure(),
+                             path=request.path.decode("utf-8", "replace"))
+            return self._fail(request, 500, "Internal error; see the master's log")
+        return self._answer(request, status, data)
+
+    return guarded
+
+
 class NodePassAPI:
+    """Routes relative to ``{np}/v1``, where web.mount puts them."""
+
+    app = Klein()
     log = logs.logger("nodepass.master")
 
-    def __init__(self, app: Klein, registry: Registry, prefix: str, keys: KeyCheck,
+    def __init__(self, registry: Registry, prefix: str, keys: KeyCheck,
                  tcping: TcpPing) -> None:
-        self.app = app
         self.registry = registry
         self.base = f"{prefix}/v1"
         self.keys = keys
         self.tcping = tcping
         self.openapi = json.dumps(document(prefix), indent=1).encode()
-        self._routes()
+        self.docs = SwaggerUI("nodepass master API (NodePass dialect)")
         registry.hub.add_dialect(DIALECT, self.render_event)
 
     # -- plumbing ----------------------------------------------------------
-
-    def _routes(self) -> None:
-        base, route = self.base, self.app.route
-        one = "instances/<string:instance_id>"
-        table: list[tuple[str, str, Callable[..., Any]]] = [
-            ("instances", "GET", self.list_instances),
-            ("instances", "POST", self.create_instance),
-            (one, "GET", self.get_instance),
-            (one, "PATCH", self.patch_instance),
-            (one, "PUT", self.put_instance),
-            (one, "DELETE", self.delete_instance),
-            ("info", "GET", self.info),
-            ("info", "POST", self.set_info),
-            ("tcping", "GET", self.tcp_ping),
-        ]
-        for path, method, handler in table:
-            route(f"{base}/{path}", methods=[method], strict_slashes=False,
-                  endpoint=f"np {method} {path}")(self._guard(handler))
-        route(f"{base}/events", methods=["GET"], strict_slashes=False,
-              endpoint="np events")(self.events)
-        route(f"{base}/openapi.json", methods=["GET"], endpoint="np openapi")(
-            self.openapi_json)
-        SwaggerUI(self.app, base, "nodepass master API (NodePass dialect)")
-        for path in ("instances", one, "info", "tcping", "events", "openapi.json", "docs"):
-            route(f"{base}/{path}", methods=["OPTIONS"], strict_slashes=False,
-                  endpoint=f"np preflight {path}")(preflight)
-
-    def _guard(self, handler: Callable[..., Awaitable[tuple[int, Any]]]) -> Callable[..., Any]:
-        async def guarded(request: IRequest, **kwargs: Any) -> bytes:
-            refused = self._refused(request)
-            if refused is not None:
-                return refused
-            try:
-                status, data = await handler(request, **kwargs)
-            except NpError as e:
-                return self._fail(request, e.status, e.message)
-            except InstanceError as e:
-                prefix = _PREFIXES.get(e.code)
-                return self._fail(request, e.status,
-                                  f"{prefix}: {e.message}" if prefix else e.message)
-            except BodyError as e:
-                return self._fail(request, e.status, f"Invalid request body: {e.message}")
-            except Exception:
-                self.log.failure("internal error serving {path}", Failure(),
-                                 path=request.path.decode("utf-8", "replace"))
-                return self._fail(request, 500, "Internal error; see the master's log")
-            return self._answer(request, status, data)
-
-        guarded.__name__ = handler.__name__
-        return guarded
 
     def _refused(self, request: IRequest) -> bytes | None:
         refusal = self.keys.refusal(request)
@@ -142,12 +124,15 @@ class NodePassAPI:
     def _fail(self, request: IRequest, status: int, message: str) -> bytes:
         return self._answer(request, status, {"error": message, "message": message})
 
-    def not_found(self, request: IRequest) -> bytes:
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
         return self._fail(request, 404, f"Not found: no route "
                                         f"{request.path.decode('utf-8', 'replace')} (this API "
                                         f"lives under {self.base})")
 
-    def not_allowed(self, request: IRequest, allowed: list[str]) -> bytes:
+    @app.handle_errors(MethodNotAllowed)
+    def not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = allowed_methods(request, failure)
         return self._fail(request, 405, f"Method not allowed: {request.method.decode()} "
                                         f"(allowed: {', '.join(allowed)})")
 
@@ -203,15 +188,32 @@ class NodePassAPI:
 
     # -- routes ------------------------------------------------------------
 
+    @app.route("/docs", methods=["GET"])
+    def docs_page(self, request: IRequest) -> bytes:
+        return self.docs.page(request)
+
+    @app.route("/docs/start.js", methods=["GET"])
+    def docs_start(self, request: IRequest) -> bytes:
+        return self.docs.start(request)
+
+    @app.route("/docs/", branch=True, methods=["GET"])
+    def docs_assets(self, request: IRequest) -> Any:
+        return self.docs.assets()
+
+    @app.route("/openapi.json", methods=["GET"])
     def openapi_json(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
         set_cors(request)
         return self.openapi
 
+    @app.route("/instances", methods=["GET"], strict_slashes=False)
+    @_answered
     async def list_instances(self, request: IRequest) -> tuple[int, Any]:
         return 200, [self._key_record(),
                      *(self._view(i) for i in self.registry.instances.values())]
 
+    @app.route("/instances", methods=["POST"], strict_slashes=False)
+    @_answered
     async def create_instance(self, request: IRequest) -> tuple[int, Any]:
         body = self._object(request, POST_FIELDS)
         if not isinstance(body.get("url"), str) or not body["url"]:
@@ -222,11 +224,15 @@ class NodePassAPI:
                                               restart, given["peer"])
         return 201, self._view(instance)
 
+    @app.route("/instances/<string:instance_id>", methods=["GET"], strict_slashes=False)
+    @_answered
     async def get_instance(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
         if instance_id == KEY_RECORD_ID:
             return 200, self._key_record()
         return 200, self._view(self._instance(instance_id))
 
+    @app.route("/instances/<string:instance_id>", methods=["PATCH"], strict_slashes=False)
+    @_answered
     async def patch_instance(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
         if instance_id == KEY_RECORD_ID:
             return await self._patch_key(request)
@@ -260,6 +266,8 @@ class NodePassAPI:
             self.registry.hub.close_all()  # streams opened with the old key end now
         return 200, self._key_record()
 
+    @app.route("/instances/<string:instance_id>", methods=["PUT"], strict_slashes=False)
+    @_answered
     async def put_instance(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
         if instance_id == KEY_RECORD_ID:
             raise NpError(403, 'Forbidden: API Key (the key record cannot be replaced; '
@@ -271,6 +279,8 @@ class NodePassAPI:
         await self.registry.replace_url(instance, body["url"])
         return 200, self._view(instance)
 
+    @app.route("/instances/<string:instance_id>", methods=["DELETE"], strict_slashes=False)
+    @_answered
     async def delete_instance(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
         if instance_id == KEY_RECORD_ID:
             raise NpError(403, "Forbidden: API Key (the key record cannot be deleted)")
@@ -294,9 +304,13 @@ class NodePassAPI:
             "mid": registry.master_id,
         }
 
+    @app.route("/info", methods=["GET"], strict_slashes=False)
+    @_answered
     async def info(self, request: IRequest) -> tuple[int, Any]:
         return 200, self._info()
 
+    @app.route("/info", methods=["POST"], strict_slashes=False)
+    @_answered
     async def set_info(self, request: IRequest) -> tuple[int, Any]:
         body = self._object(request, ("alias",))
         try:
@@ -306,6 +320,8 @@ class NodePassAPI:
         self.registry.set_alias(alias)
         return 200, self._info()
 
+    @app.route("/tcping", methods=["GET"], strict_slashes=False)
+    @_answered
     async def tcp_ping(self, request: IRequest) -> tuple[int, Any]:
         raw = request.args.get(b"target", [b""])[0].decode("utf-8", "replace")
         if not raw:
@@ -320,6 +336,7 @@ class NodePassAPI:
             raise NpError(429, str(e)) from None
         return 200, {"target": raw, **result}
 
+    @app.route("/events", methods=["GET"], strict_slashes=False)
     def events(self, request: IRequest) -> Any:
         refused = self._refused(request)
         if refused is not None:
@@ -338,3 +355,6 @@ class NodePassAPI:
         subscriber = registry.hub.subscribe(request, DIALECT, last_event_id(request), snapshot,
                                             opening())
         return subscriber.finished
+
+
+add_preflight(NodePassAPI.app)

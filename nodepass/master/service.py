@@ -23,7 +23,7 @@ from nodepass.master.npapi import NodePassAPI
 from nodepass.master.state import KEY_FILE, ApiKey, StateError, api_key, ensure_dir, state_dir
 from nodepass.master.store import SCHEMA_VERSION, Store, StoreError
 from nodepass.master.tcping import TcpPing
-from nodepass.master.web import Dialects, KeyCheck
+from nodepass.master.web import KeyCheck, mount
 from nodepass.root import RootService
 from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
@@ -127,15 +127,11 @@ class ApiApp:
 
 
 def api_app(registry: Registry, config: MasterConfig, key: ApiKey, folder: str) -> ApiApp:
-    app = Klein()
     keys = KeyCheck(key, registry.reactor)
-    dialects = Dialects(app)
-    seed = MasterAPI(app, registry, config.prefix, keys, folder, f"{config.np_prefix}/v1")
-    dialects.add(seed.base, seed)
-    nodepass = NodePassAPI(app, registry, config.np_prefix, keys, TcpPing(registry.reactor))
-    dialects.add(nodepass.base, nodepass)
+    seed = MasterAPI(registry, config.prefix, keys, folder, f"{config.np_prefix}/v1")
+    nodepass = NodePassAPI(registry, config.np_prefix, keys, TcpPing(registry.reactor))
     sysinfo.prime()
-    return ApiApp(app, seed, nodepass)
+    return ApiApp(mount(seed, nodepass), seed, nodepass)
 
 
 def build_master(root: RootService, config: MasterConfig, tunables: Tunables,

@@ -11,7 +11,7 @@ from klein import Klein
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.static import File
-from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.exceptions import NotFound
 
 from nodepass import logs
 from nodepass.master.state import ApiKey
@@ -109,56 +109,54 @@ def swagger_assets() -> str:
 
 
 class SwaggerUI:
-    """``docs`` (the page), ``docs/start.js`` and ``docs/*`` (Swagger UI's own files,
-    from the swagger-ui-py package: no CDN, works offline) for one dialect's base."""
+    """One dialect's ``docs`` (the page), ``docs/start.js`` and ``docs/*`` (Swagger UI's
+    own files, from the swagger-ui-py package: no CDN, works offline)."""
 
-    def __init__(self, app: Klein, base: str, title: str) -> None:
-        self.page = _DOCS_PAGE.format(title=title).encode()
-        app.route(f"{base}/docs", methods=["GET"], endpoint=f"{base} docs")(self.docs_page)
-        app.route(f"{base}/docs/start.js", methods=["GET"],
-                  endpoint=f"{base} docs start")(self.docs_start)
-        app.route(f"{base}/docs/", methods=["GET"], branch=True,
-                  endpoint=f"{base} docs assets")(self.docs_assets)
+    def __init__(self, title: str) -> None:
+        self._page = _DOCS_PAGE.format(title=title).encode()
 
-    def docs_page(self, request: IRequest) -> bytes:
+    def page(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
-        return self.page
+        return self._page
 
-    def docs_start(self, request: IRequest) -> bytes:
+    def start(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/javascript; charset=utf-8")
         return _DOCS_START
 
-    def docs_assets(self, request: IRequest) -> File:
+    def assets(self) -> File:
         return File(swagger_assets())
 
 
-class Dialects:
-    """Routes both dialects' unknown paths and wrong methods to the dialect whose base
-    the path is under (the longest base wins: ``/api/np`` is under ``/api``)."""
+def add_preflight(app: Klein) -> None:
+    """A CORS preflight route (answered before authentication) for the path of every
+    route ``app`` has, so the two cannot drift apart."""
+    seen = set()
+    for rule in list(app.url_map.iter_rules()):
+        if rule.rule not in seen:
+            seen.add(rule.rule)
+            app.route(rule.rule, methods=["OPTIONS"], strict_slashes=False,
+                      endpoint=f"preflight {rule.rule}")(
+                lambda self, request, **kwargs: preflight(request))
 
-    def __init__(self, app: Klein) -> None:
-        self._bases: list[tuple[str, Any]] = []
-        self._first: Any = None
-        app.handle_errors(NotFound)(self._not_found)
-        app.handle_errors(MethodNotAllowed)(self._not_allowed)
 
-    def add(self, base: str, dialect: Any) -> None:
-        self._first = self._first or dialect
-        self._bases.append((base, dialect))
-        self._bases.sort(key=lambda entry: -len(entry[0]))
+def allowed_methods(request: IRequest, failure: Failure) -> list[str]:
+    """The methods a route takes, also put in the Allow header of a 405."""
+    allowed = getattr(failure.value, "valid_methods", None) or []
+    request.setHeader(b"Allow", ", ".join(allowed).encode())
+    return list(allowed)
 
-    def _owner(self, request: IRequest) -> Any:
-        path = request.path.decode("utf-8", "replace")
-        for base, dialect in self._bases:
-            if path == base or path.startswith(base + "/"):
-                return dialect
-        return self._first  # the seed's, whose message says where the API lives
 
-    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
-        return self._owner(request).not_found(request)
+def mount(seed: Any, nodepass: Any) -> Klein:
+    """One Klein app serving each dialect's routes under its base (``{prefix}/v1``,
+    ``{np}/v1``); a path under neither gets the seed dialect's 404."""
+    root = Klein()
+    for dialect in (seed, nodepass):
+        root.route(f"{dialect.base}/", branch=True, endpoint=dialect.base)(
+            lambda request, dialect=dialect: dialect.app.resource())
 
-    def _not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        allowed = getattr(failure.value, "valid_methods", None) or []
-        request.setHeader(b"Allow", ", ".join(allowed).encode())
-        return self._owner(request).not_allowed(request, allowed)
+    @root.handle_errors(NotFound)
+    def elsewhere(request: IRequest, failure: Failure) -> bytes:
+        return seed.not_found(request, failure)
+
+    return root
