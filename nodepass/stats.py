@@ -50,9 +50,12 @@ class Report:
         return asdict(self)
 
 
-def snapshot(state: str, pool: int, ping_ms: float | None, flows: Any, mode: str) -> Report:
-    """A report from an instance's :class:`~nodepass.tunnel.flows.Flows`."""
+def snapshot(unconnected: str, pool: int, control: Any, flows: Any, mode: str) -> Report:
+    """A report from an instance's :class:`~nodepass.tunnel.flows.Flows`: ``connected``
+    with the ping while ``control`` (its session's ControlSession) is up, else
+    ``unconnected`` (waiting, connecting, forwarding)."""
     traffic = flows.traffic
-    return Report(state, pool, len(flows.relays), ping_ms, traffic.tcp_in, traffic.tcp_out,
+    state, ping = ("connected", control.rtt_ms) if control is not None else (unconnected, None)
+    return Report(state, pool, len(flows.relays), ping, traffic.tcp_in, traffic.tcp_out,
                   traffic.udp_in, traffic.udp_out, len(flows.udp_sessions), flows.udp_dropped(),
                   flows.refused, mode)

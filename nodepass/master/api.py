@@ -97,7 +97,7 @@ class MasterAPI:
         self.state_dir = state_dir
         self.np_base = np_base
         self.openapi = json.dumps(document(prefix), indent=1).encode()
-        self.docs = SwaggerUI("nodepass master API")
+        self.docs = SwaggerUI("nodepass master API", self.openapi)
         registry.hub.add_dialect(DIALECT, self.render_event)
 
     # -- plumbing ----------------------------------------------------------
@@ -170,24 +170,6 @@ class MasterAPI:
         return encode(event_id, kind, data)
 
     # -- routes ------------------------------------------------------------
-
-    @app.route("/docs", methods=["GET"])
-    def docs_page(self, request: IRequest) -> bytes:
-        return self.docs.page(request)
-
-    @app.route("/docs/start.js", methods=["GET"])
-    def docs_start(self, request: IRequest) -> bytes:
-        return self.docs.start(request)
-
-    @app.route("/docs/", branch=True, methods=["GET"])
-    def docs_assets(self, request: IRequest) -> Any:
-        return self.docs.assets()
-
-    @app.route("/openapi.json", methods=["GET"])
-    def openapi_json(self, request: IRequest) -> bytes:
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Access-Control-Allow-Origin", b"*")
-        return self.openapi
 
     @app.route("/instances", methods=["GET"], strict_slashes=False)
     @_enveloped

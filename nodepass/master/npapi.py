@@ -21,7 +21,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from nodepass import __version__, logs
-from nodepass.master import metadata, sysinfo
+from nodepass.master import metadata, sysinfo, web
 from nodepass.master.api import last_event_id
 from nodepass.master.instances import Instance, InstanceError, Registry
 from nodepass.master.npopenapi import document
@@ -35,15 +35,6 @@ from nodepass.master.npview import (
 )
 from nodepass.master.state import StateError
 from nodepass.master.tcping import TcpPing, TooManyPingsError
-from nodepass.master.web import (
-    BodyError,
-    KeyCheck,
-    SwaggerUI,
-    add_preflight,
-    allowed_methods,
-    read_json,
-    set_cors,
-)
 from nodepass.url import URLError, parse_address
 
 DIALECT = "nodepass"
@@ -77,7 +68,7 @@ def _answered(handler: Callable[..., Awaitable[tuple[int, Any]]]) -> Callable[..
             prefix = _PREFIXES.get(e.code)
             return self._fail(request, e.status,
                               f"{prefix}: {e.message}" if prefix else e.message)
-        except BodyError as e:
+        except web.BodyError as e:
             return self._fail(request, e.status, f"Invalid request body: {e.message}")
         except Exception:
             self.log.failure("internal error serving {path}", Failure(),
@@ -94,14 +85,14 @@ class NodePassAPI:
     app = Klein()
     log = logs.logger("nodepass.master")
 
-    def __init__(self, registry: Registry, prefix: str, keys: KeyCheck,
+    def __init__(self, registry: Registry, prefix: str, keys: web.KeyCheck,
                  tcping: TcpPing) -> None:
         self.registry = registry
         self.base = f"{prefix}/v1"
         self.keys = keys
         self.tcping = tcping
         self.openapi = json.dumps(document(prefix), indent=1).encode()
-        self.docs = SwaggerUI("nodepass master API (NodePass dialect)")
+        self.docs = web.SwaggerUI("nodepass master API (NodePass dialect)", self.openapi)
         registry.hub.add_dialect(DIALECT, self.render_event)
 
     # -- plumbing ----------------------------------------------------------
@@ -115,7 +106,7 @@ class NodePassAPI:
 
     def _answer(self, request: IRequest, status: int, data: Any) -> bytes:
         request.setResponseCode(status)
-        set_cors(request)
+        web.set_cors(request)
         if data is None:
             return b""
         request.setHeader(b"Content-Type", b"application/json")
@@ -132,7 +123,7 @@ class NodePassAPI:
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        allowed = allowed_methods(request, failure)
+        allowed = web.allowed_methods(request, failure)
         return self._fail(request, 405, f"Method not allowed: {request.method.decode()} "
                                         f"(allowed: {', '.join(allowed)})")
 
@@ -141,7 +132,7 @@ class NodePassAPI:
         """The JSON object in the body (any Content-Type, as NodePass reads it); a field
         NodePass does not define here is refused, so a typo is never ignored; ``null``
         means "not given", as Go reads it."""
-        body = read_json(request, require_type=False)
+        body = web.read_json(request, require_type=False)
         if not isinstance(body, dict):
             raise NpError(400, "Invalid request body: a JSON object is expected")
         unknown = sorted(set(body) - set(fields))
@@ -187,24 +178,6 @@ class NodePassAPI:
                                                 fields.get("line", "")))
 
     # -- routes ------------------------------------------------------------
-
-    @app.route("/docs", methods=["GET"])
-    def docs_page(self, request: IRequest) -> bytes:
-        return self.docs.page(request)
-
-    @app.route("/docs/start.js", methods=["GET"])
-    def docs_start(self, request: IRequest) -> bytes:
-        return self.docs.start(request)
-
-    @app.route("/docs/", branch=True, methods=["GET"])
-    def docs_assets(self, request: IRequest) -> Any:
-        return self.docs.assets()
-
-    @app.route("/openapi.json", methods=["GET"])
-    def openapi_json(self, request: IRequest) -> bytes:
-        request.setHeader(b"Content-Type", b"application/json")
-        set_cors(request)
-        return self.openapi
 
     @app.route("/instances", methods=["GET"], strict_slashes=False)
     @_answered
@@ -344,7 +317,7 @@ class NodePassAPI:
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")
-        set_cors(request)
+        web.set_cors(request)
         registry = self.registry
 
         def snapshot(last_id: int) -> list[bytes]:
@@ -357,4 +330,4 @@ class NodePassAPI:
         return subscriber.finished
 
 
-add_preflight(NodePassAPI.app)
+web.add_preflight(NodePassAPI.app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nodepass import __version__
+from nodepass.master.openapi import documentation_paths, plain
 
 _COUNTS = ("mode", "ping", "pool", "tcps", "udps", "tcprx", "tcptx", "udprx", "udptx")
 _PEER = {
@@ -180,22 +181,10 @@ def document(prefix: str) -> dict[str, Any]:
                 "get": {"summary": "Server-Sent Events, each named 'instance': "
                                    "{type, time, instance, logs}",
                         "operationId": "npEvents",
-                        "responses": {"200": {"description": "An event stream",
-                                              "content": {"text/event-stream": {}}},
+                        "responses": {"200": plain("An event stream", "text/event-stream"),
                                       **_errors(401)}},
             },
-            f"{base}/openapi.json": {
-                "get": {"summary": "This document", "operationId": "npOpenapi",
-                        "security": [],
-                        "responses": {"200": {"description": "The OpenAPI document",
-                                              "content": {"application/json": {}}}}},
-            },
-            f"{base}/docs": {
-                "get": {"summary": "Swagger UI, served offline", "operationId": "npDocs",
-                        "security": [],
-                        "responses": {"200": {"description": "An HTML page",
-                                              "content": {"text/html": {}}}}},
-            },
+            **documentation_paths(base, "np"),
         },
         "components": {
             "securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header",

@@ -114,6 +114,28 @@ _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"
        "example": "ins_3f9a1c2e"}
 
 
+def plain(description: str, content_type: str) -> dict[str, Any]:
+    """A response that is not JSON."""
+    return {"description": description, "content": {content_type: {}}}
+
+
+def documentation_paths(base: str, operation_prefix: str = "") -> dict[str, Any]:
+    """``openapi.json`` and ``docs`` under ``base``: the same in both dialects, public."""
+
+    def public(summary: str, operation: str, response: dict[str, Any]) -> dict[str, Any]:
+        if operation_prefix:  # npOpenapi, npDocs
+            operation = operation_prefix + operation.capitalize()
+        return {"get": {"summary": summary, "operationId": operation, "security": [],
+                        "responses": {"200": response}}}
+
+    return {
+        f"{base}/openapi.json": public("This document", "openapi",
+                                       plain("The OpenAPI document", "application/json")),
+        f"{base}/docs": public("Swagger UI, served offline", "docs",
+                               plain("An HTML page", "text/html")),
+    }
+
+
 def document(prefix: str) -> dict[str, Any]:
     """The OpenAPI 3.0 description of every route under ``prefix``/v1 (3.0, not 3.1:
     the bundled Swagger UI renders 3.0)."""
@@ -248,8 +270,7 @@ def document(prefix: str) -> dict[str, Any]:
                     "parameters": [{"name": "Last-Event-ID", "in": "header", "required": False,
                                     "schema": {"type": "integer"},
                                     "description": "resume after this event"}],
-                    "responses": {"200": {"description": "An event stream",
-                                          "content": {"text/event-stream": {}}},
+                    "responses": {"200": plain("An event stream", "text/event-stream"),
                                   **_errors(401)},
                 },
             },
@@ -257,9 +278,7 @@ def document(prefix: str) -> dict[str, Any]:
                 "get": {
                     "summary": "Prometheus text exposition",
                     "operationId": "metrics",
-                    "responses": {"200": {"description": "Metrics",
-                                          "content": {"text/plain": {}}},
-                                  **_errors(401)},
+                    "responses": {"200": plain("Metrics", "text/plain"), **_errors(401)},
                 },
             },
             f"{base}/info": {
@@ -292,17 +311,7 @@ def document(prefix: str) -> dict[str, Any]:
                     },
                 },
             },
-            f"{base}/openapi.json": {
-                "get": {"summary": "This document", "operationId": "openapi", "security": [],
-                        "responses": {"200": {"description": "The OpenAPI document",
-                                              "content": {"application/json": {}}}}},
-            },
-            f"{base}/docs": {
-                "get": {"summary": "Swagger UI, served offline", "operationId": "docs",
-                        "security": [],
-                        "responses": {"200": {"description": "An HTML page",
-                                              "content": {"text/html": {}}}}},
-            },
+            **documentation_paths(base),
         },
         "components": {
             "securitySchemes": {

@@ -109,11 +109,27 @@ def swagger_assets() -> str:
 
 
 class SwaggerUI:
-    """One dialect's ``docs`` (the page), ``docs/start.js`` and ``docs/*`` (Swagger UI's
-    own files, from the swagger-ui-py package: no CDN, works offline)."""
+    """One dialect's documentation, public: ``openapi.json``, and Swagger UI at ``docs``
+    (the page, ``docs/start.js``, and Swagger UI's own files from the swagger-ui-py
+    package under ``docs/``: no CDN, works offline)."""
 
-    def __init__(self, title: str) -> None:
+    def __init__(self, title: str, openapi: bytes) -> None:
         self._page = _DOCS_PAGE.format(title=title).encode()
+        self._openapi = openapi
+
+    def route(self, app: Klein, base: str) -> None:
+        app.route(f"{base}/openapi.json", methods=["GET"], endpoint=f"{base} openapi")(
+            self.openapi)
+        app.route(f"{base}/docs", methods=["GET"], endpoint=f"{base} docs")(self.page)
+        app.route(f"{base}/docs/start.js", methods=["GET"], endpoint=f"{base} start")(
+            self.start)
+        app.route(f"{base}/docs/", branch=True, methods=["GET"],
+                  endpoint=f"{base} assets")(self.assets)
+
+    def openapi(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        set_cors(request)
+        return self._openapi
 
     def page(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
@@ -124,7 +140,7 @@ class SwaggerUI:
         request.setHeader(b"Content-Type", b"text/javascript; charset=utf-8")
         return _DOCS_START
 
-    def assets(self) -> File:
+    def assets(self, request: IRequest) -> File:
         return File(swagger_assets())
 
 
@@ -152,6 +168,7 @@ def mount(seed: Any, nodepass: Any) -> Klein:
     ``{np}/v1``); a path under neither gets the seed dialect's 404."""
     root = Klein()
     for dialect in (seed, nodepass):
+        dialect.docs.route(root, dialect.base)
         root.route(f"{dialect.base}/", branch=True, endpoint=dialect.base)(
             lambda request, dialect=dialect: dialect.app.resource())
 

@@ -252,10 +252,7 @@ class ClientTunnel(MultiService):
     # -- reporting and lifecycle -----------------------------------------
 
     def report(self) -> Report:
-        control = self.control
-        return snapshot("connected" if control is not None else "connecting", len(self.pool.idle),
-                        control.rtt_ms if control is not None else None, self.flows,
-                        self.mode)
+        return snapshot("connecting", len(self.pool.idle), self.control, self.flows, self.mode)
 
     def startService(self) -> None:
         if self.config.tunnel_key is None:

@@ -172,10 +172,7 @@ class ServerTunnel(Service):
     # -- reporting and lifecycle -----------------------------------------
 
     def report(self) -> Report:
-        control = self.control
-        return snapshot("connected" if control is not None else "waiting", len(self.pool.idle),
-                        control.rtt_ms if control is not None else None, self.flows,
-                        self.mode)
+        return snapshot("waiting", len(self.pool.idle), self.control, self.flows, self.mode)
 
     def startService(self) -> None:
         super().startService()

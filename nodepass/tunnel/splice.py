@@ -200,17 +200,13 @@ class SpliceRelay:
             self.close()
 
     def _want_read(self, side: _Socket, on: bool) -> None:
-        if on and not side.reading:
-            self.reactor.addReader(side)
-        elif not on and side.reading:
-            self.reactor.removeReader(side)
+        if on != side.reading:
+            (self.reactor.addReader if on else self.reactor.removeReader)(side)
         side.reading = on
 
     def _want_write(self, side: _Socket, on: bool) -> None:
-        if on and not side.writing:
-            self.reactor.addWriter(side)
-        elif not on and side.writing:
-            self.reactor.removeWriter(side)
+        if on != side.writing:
+            (self.reactor.addWriter if on else self.reactor.removeWriter)(side)
         side.writing = on
 
     def _detach(self) -> None:
