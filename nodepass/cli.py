@@ -51,8 +51,8 @@ def run(options: tap.Options, stream: IO[str]) -> int:
     """Start the service tree on the global reactor until SIGTERM/SIGINT or failure."""
     from twisted.internet import reactor
 
-    logs.start_logging(options["config"].log, stream)
     root = tap.makeService(options)
+    logs.start_logging(options["config"].log, stream, root.log_sink)
     reactor.callWhenRunning(root.startService)
     reactor.addSystemEventTrigger("before", "shutdown", root.stopService)
     reactor.run()

@@ -73,11 +73,8 @@ def format_line(event: dict[str, Any]) -> str:
     """``YYYY-MM-DD hh:mm:ss.mmm  LEVEL  [instance] message`` in UTC, one line."""
     when = datetime.fromtimestamp(event.get("log_time", 0), UTC)
     stamp = when.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-    label = _LABELS.get(event.get("log_level", LogLevel.info), "INFO")
-    text = formatEvent(event).replace("\n", " | ")
-    failure = event.get("log_failure")
-    if failure is not None:
-        text = f"{text}: {failure.getErrorMessage()}"
+    label = level_label(event)
+    text = message_text(event)
     instance = event.get("instance_id")
     if instance:
         text = f"[{instance}] {text}"
@@ -105,13 +102,26 @@ def quiet_twisted(event: dict[str, Any]) -> PredicateResult:
     return PredicateResult.maybe
 
 
-def start_logging(level: str, stream: IO[str]) -> None:
-    """Begin process-wide logging for the ``nodepass`` command."""
+def start_logging(level: str, stream: IO[str], sink: ILogObserver | None = None) -> None:
+    """Begin process-wide logging for the ``nodepass`` command: lines to ``stream``, or,
+    when the process reports to a master, each event to ``sink`` instead."""
     gate.set_level(level)
+    observer = sink if sink is not None else line_observer(stream)
     globalLogBeginner.beginLoggingTo(
-        [FilteringLogObserver(line_observer(stream), [gate, quiet_twisted])],
+        [FilteringLogObserver(observer, [gate, quiet_twisted])],
         redirectStandardIO=False,
     )
+
+
+def message_text(event: dict[str, Any]) -> str:
+    """An event's message on one line, with its failure's reason (no stamp, no level)."""
+    text = formatEvent(event).replace("\n", " | ")
+    failure = event.get("log_failure")
+    return f"{text}: {failure.getErrorMessage()}" if failure is not None else text
+
+
+def level_label(event: dict[str, Any]) -> str:
+    return _LABELS.get(event.get("log_level", LogLevel.info), "INFO")
 
 
 class Throttle:

@@ -40,6 +40,7 @@ class RootService(MultiService):
         self.reactor = reactor
         self.exit_status = 0
         self.on_fail: list[Callable[[str], None]] = []
+        self.log_sink: Callable[[dict[str, Any]], None] | None = None  # see statuschannel
 
     def startService(self) -> None:
         self.log.info("nodepass {version} starting", version=__version__)

@@ -6,7 +6,10 @@ in ``NODEPASS_STATUS_FD``.  The instance writes one JSON object per line:
 - ``{"type": "ready"}`` once it listens (server) or has started dialing (client);
 - ``{"type": "report", "state": ..., "pool": ..., "connections": ..., "ping_ms": ...,
   "tcp_in": ..., "tcp_out": ..., "udp_in": ..., "udp_out": ...}`` every REPORT_INTERVAL;
-- ``{"type": "fatal", "message": ...}`` when it cannot go on.
+- ``{"type": "fatal", "message": ...}`` when it cannot go on;
+- ``{"type": "log", "level": "INFO", "text": ..., "line": ...}`` for each log event (the
+  master re-emits it with the instance id; ``line`` is it as the instance would print
+  it).  A line the socket has no room for is dropped and counted, never waited for.
 
 When the master goes away (the socket closes), the instance stops: no orphans.
 """
@@ -29,11 +32,13 @@ from nodepass import logs
 from nodepass.stats import Report
 
 ENV = "NODEPASS_STATUS_FD"
+MAX_RECORD = 4096  # the master reads lines up to this length
+TEXT_LIMIT = 1800  # of a log record's text and line, so that both fit
 
 
 class _Channel(LineOnlyReceiver):
     delimiter = b"\n"
-    MAX_LENGTH = 4096
+    MAX_LENGTH = MAX_RECORD
 
     def __init__(self, on_lost: Callable[[], None]) -> None:
         self.on_lost = on_lost
@@ -59,6 +64,8 @@ class StatusChannel(Service):
         self._loop = LoopingCall(self.report)
         self._loop.clock = reactor
         self._stopping = False
+        self.dropped_logs = 0
+        self._unsent = b""
 
     def startService(self) -> None:
         super().startService()
@@ -69,14 +76,38 @@ class StatusChannel(Service):
         self.reactor.adoptStreamConnection(self.fd, socket.AF_UNIX, factory)
         self._loop.start(self.interval, now=False)
 
-    def send(self, **event: Any) -> None:
+    def send(self, **event: Any) -> bool:
+        """Write one record now; False when it was dropped.  What the socket takes only
+        in part is finished before the next record (at most one record waits)."""
         line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        if len(line) > MAX_RECORD:
+            return False
+        if self._unsent:
+            self._unsent = self._write(self._unsent)
+            if self._unsent:
+                return False  # the master is not reading: dropped, not queued
+        self._unsent = self._write(line)
+        return True
+
+    def _write(self, data: bytes) -> bytes:
+        """What of ``data`` the socket did not take."""
         try:
-            os.write(self.fd, line)
+            return data[os.write(self.fd, data):]
         except BlockingIOError:
-            pass  # the master is not reading: a report can be dropped, the next one follows
+            return data
         except OSError:
-            pass  # the master is gone; _lost stops us
+            return b""  # the master is gone; _lost stops us
+
+    def log_record(self, event: dict[str, Any]) -> None:
+        """A log observer: each event, as a structured record."""
+        if self.dropped_logs:
+            dropped, self.dropped_logs = self.dropped_logs, 0
+            self.send(type="log", level="WARN", text=f"{dropped} log lines were dropped "
+                      "(the master was not reading)", line="")
+        if not self.send(type="log", level=logs.level_label(event),
+                         text=logs.message_text(event)[:TEXT_LIMIT],
+                         line=logs.format_line(event)[:TEXT_LIMIT]):
+            self.dropped_logs += 1
 
     def ready(self) -> None:
         self.send(type="ready")

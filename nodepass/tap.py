@@ -135,6 +135,7 @@ def _report_to_master(root: RootService, fd: int, snapshot: Callable[[], Report]
                       ready: Deferred[Any], tunables: Tunables) -> None:
     channel = StatusChannel(root.reactor, fd, snapshot, tunables.report_interval, root.stop)
     channel.setServiceParent(root)
+    root.log_sink = channel.log_record  # the logs go to the master, as records
     root.on_fail.append(channel.fatal)
     ready.addCallback(lambda ok: channel.ready() if ok else None)
 

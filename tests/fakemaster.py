@@ -100,8 +100,12 @@ class Children:
     def report(self, instance_id: str, **values: Any) -> None:
         self.latest(instance_id)[1].on_event({**READY_REPORT, **values})
 
-    def say(self, instance_id: str, line: str) -> None:
-        self.latest(instance_id)[1].childDataReceived(1, line.encode() + b"\n")
+    def say(self, instance_id: str, text: str, level: str = "INFO") -> str:
+        """The child logs ``text``: a record on its status channel; returns its line."""
+        line = f"2026-01-01 10:00:00.000  {level:<5}  {text}"
+        self.latest(instance_id)[1].log_record({"type": "log", "level": level, "text": text,
+                                                "line": line})
+        return line
 
 
 class MemoryMaster:

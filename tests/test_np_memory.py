@@ -414,8 +414,7 @@ class Events(Case):
                          [("initial", "********"), ("initial", kinds[1]["instance"]["id"])])
         self.assertEqual([e["event"] for e in self.events(seed_stream)], ["initial"])
         made = self.create(CLIENT)
-        self.master.children.say(f"ins_{made['id']}",
-                                 "2026-01-01 10:00:00.000  INFO   tunnel session open")
+        self.master.children.say(f"ins_{made['id']}", "tunnel session open")
         self.ok("DELETE", f"/instances/{made['id']}", status=204)
         np_events = [json.loads(e["data"]) for e in self.events(np_stream)[3:]]
         self.assertEqual([e["type"] for e in np_events],

@@ -149,7 +149,10 @@ class MasterAPI:
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        allowed = allowed_methods(request, failure)
+        return self.wrong_method(request, allowed_methods(request, failure))
+
+    def wrong_method(self, request: IRequest, allowed: list[str]) -> bytes:
+        """405, in this dialect's words (the Allow header is already set)."""
         return self._reply(request, 405, None, {
             "code": "METHOD_NOT_ALLOWED",
             "message": f"{request.method.decode()} is not allowed here "

@@ -123,7 +123,10 @@ class NodePassAPI:
 
     @app.handle_errors(MethodNotAllowed)
     def not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        allowed = web.allowed_methods(request, failure)
+        return self.wrong_method(request, web.allowed_methods(request, failure))
+
+    def wrong_method(self, request: IRequest, allowed: list[str]) -> bytes:
+        """405, in this dialect's words (the Allow header is already set)."""
         return self._fail(request, 405, f"Method not allowed: {request.method.decode()} "
                                         f"(allowed: {', '.join(allowed)})")
 

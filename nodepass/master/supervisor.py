@@ -22,16 +22,15 @@ from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
 from nodepass import logs
-from nodepass.statuschannel import ENV
+from nodepass.statuschannel import ENV, MAX_RECORD
 
 _LEVELS = {"DEBUG": LogLevel.debug, "INFO": LogLevel.info, "WARN": LogLevel.warn,
            "ERROR": LogLevel.error, "FATAL": LogLevel.critical}
-MAX_EVENT = 4096
 
 
 class _StatusReceiver(LineOnlyReceiver):
     delimiter = b"\n"
-    MAX_LENGTH = MAX_EVENT
+    MAX_LENGTH = MAX_RECORD
 
     def __init__(self, child: ChildProcess) -> None:
         self.child = child
@@ -41,7 +40,11 @@ class _StatusReceiver(LineOnlyReceiver):
             event = json.loads(line)
         except ValueError:
             return
-        if isinstance(event, dict) and isinstance(event.get("type"), str):
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            return
+        if event["type"] == "log":
+            self.child.log_record(event)
+        else:
             self.child.on_event(event)
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -86,14 +89,19 @@ class ChildProcess(ProcessProtocol):
             self._relay_line(fd, raw.decode("utf-8", "replace"))
 
     def _relay_line(self, fd: int, line: str) -> None:
+        """What the child printed outside its log (its logs come as records): stderr
+        (a Python crash, say) at error level, stdout at info."""
         if fd == 2:
             self.stderr_tail.append(line)
-            level, text = LogLevel.error, line
-        else:
-            # "YYYY-MM-DD hh:mm:ss.mmm  LEVEL  message": the child's own line format
-            parts = line.split(None, 3)
-            parsed = _LEVELS.get(parts[2]) if len(parts) == 4 else None
-            level, text = parsed or LogLevel.info, parts[3] if parsed else line
+        self._relay(LogLevel.error if fd == 2 else LogLevel.info, line, line)
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """One of the child's log events, as it sent it on the status channel."""
+        text, line = record.get("text"), record.get("line")
+        if isinstance(text, str) and isinstance(line, str):
+            self._relay(_LEVELS.get(str(record.get("level")), LogLevel.info), text, line)
+
+    def _relay(self, level: LogLevel, text: str, line: str) -> None:
         self.log.emit(level, "{text}", text=text, instance_id=self.instance_id)
         if self.on_log is not None:
             self.on_log("fatal" if level is LogLevel.critical else level.name, text, line)

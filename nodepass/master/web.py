@@ -117,14 +117,21 @@ class SwaggerUI:
         self._page = _DOCS_PAGE.format(title=title).encode()
         self._openapi = openapi
 
-    def route(self, app: Klein, base: str) -> None:
-        app.route(f"{base}/openapi.json", methods=["GET"], endpoint=f"{base} openapi")(
-            self.openapi)
-        app.route(f"{base}/docs", methods=["GET"], endpoint=f"{base} docs")(self.page)
-        app.route(f"{base}/docs/start.js", methods=["GET"], endpoint=f"{base} start")(
-            self.start)
-        app.route(f"{base}/docs/", branch=True, methods=["GET"],
-                  endpoint=f"{base} assets")(self.assets)
+    def route(self, app: Klein, base: str, dialect: Any) -> None:
+        """GET each document under ``base``; OPTIONS is a preflight; any other method is
+        ``dialect``'s 405."""
+        for path, handler, branch in (("openapi.json", self.openapi, False),
+                                      ("docs", self.page, False),
+                                      ("docs/start.js", self.start, False),
+                                      ("docs/", self.assets, True)):
+            app.route(f"{base}/{path}", methods=["GET"], branch=branch,
+                      endpoint=f"{base} {path}")(handler)
+            app.route(f"{base}/{path}", methods=["OPTIONS"], branch=branch,
+                      endpoint=f"{base} {path} preflight")(preflight)
+            app.route(f"{base}/{path}", branch=branch,  # any other method, even QUERY
+                      endpoint=f"{base} {path} refused")(
+                lambda request, dialect=dialect: dialect.wrong_method(
+                    request, _allow(request, ["GET", "OPTIONS"])))
 
     def openapi(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
@@ -156,11 +163,14 @@ def add_preflight(app: Klein) -> None:
                 lambda self, request, **kwargs: preflight(request))
 
 
+def _allow(request: IRequest, allowed: list[str]) -> list[str]:
+    request.setHeader(b"Allow", ", ".join(allowed).encode())
+    return allowed
+
+
 def allowed_methods(request: IRequest, failure: Failure) -> list[str]:
     """The methods a route takes, also put in the Allow header of a 405."""
-    allowed = getattr(failure.value, "valid_methods", None) or []
-    request.setHeader(b"Allow", ", ".join(allowed).encode())
-    return list(allowed)
+    return _allow(request, list(getattr(failure.value, "valid_methods", None) or []))
 
 
 def mount(seed: Any, nodepass: Any) -> Klein:
@@ -168,7 +178,7 @@ def mount(seed: Any, nodepass: Any) -> Klein:
     ``{np}/v1``); a path under neither gets the seed dialect's 404."""
     root = Klein()
     for dialect in (seed, nodepass):
-        dialect.docs.route(root, dialect.base)
+        dialect.docs.route(root, dialect.base, dialect)
         root.route(f"{dialect.base}/", branch=True, endpoint=dialect.base)(
             lambda request, dialect=dialect: dialect.app.resource())
 
