@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from nodepass.master.events import EventHub
-from nodepass.master.instances import Registry
+from nodepass.master.registry import Registry
 from nodepass.master.service import api_app
 from nodepass.master.state import KEY_FILE, ApiKey
 from nodepass.master.store import Store
@@ -43,11 +43,16 @@ class FakeProcess:
         self.signals: list[int] = []
         self.ended = False
 
+    stubborn = False  # ignores SIGTERM
+
     def signalProcess(self, sig: int) -> None:
         if self.ended:
             raise ProcessExitedAlready()
         self.signals.append(sig)
-        self.exit(None, sig) if sig == signal.SIGKILL else self.exit(0)
+        if sig == signal.SIGKILL:
+            self.exit(None, sig)
+        elif not self.stubborn:
+            self.exit(0)
 
     def exit(self, code: int | None, sig: int | None = None) -> None:
         self.ended = True
@@ -65,11 +70,14 @@ class Children:
         self.environ: list[Any] = []
         self.refuse_start = False
         self.failing: list[str] = []  # fatal messages the next children die with
+        self.silent = False  # the next children never say they are ready
+        self.stubborn = False  # the next children ignore SIGTERM
 
     def __call__(self, reactor: Any, url: str, environ: Any, child: Any) -> Any:
         if self.refuse_start:
             raise OSError("cannot fork")
         process = FakeProcess(child, 4000 + len(self.spawned))
+        process.stubborn = self.stubborn
         child.makeConnection(process)
         self.spawned.append((url, child, process))
         self.times.append(reactor.seconds())
@@ -83,8 +91,9 @@ class Children:
 
             reactor.callLater(0, die)
             return child
-        child.on_event({"type": "ready"})
-        child.on_event(dict(READY_REPORT))
+        if not self.silent:
+            child.on_event({"type": "ready"})
+            child.on_event(dict(READY_REPORT))
         return child
 
     def running(self) -> list[tuple[str, Any, FakeProcess]]:

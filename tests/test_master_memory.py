@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 import sqlite3
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
 
 from nodepass.master.events import EventHub
-from nodepass.master.instances import Registry
+from nodepass.master.registry import Registry
 from nodepass.master.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 from nodepass.tunables import Tunables
 from nodepass.url import MasterConfig
@@ -130,6 +131,34 @@ class SeedFlows(Case):
                                                            "restart": False})
         self.assertEqual((changed["tags"], changed["restart"]), ({"site": "nice"}, False))
         self.error(400, "INVALID_REQUEST", "GET", "/instances?tag=nocolon", "key:value")
+
+
+class Lifecycle(Case):
+    def test_a_child_that_never_says_ready_is_answered_for_after_five_seconds(self):
+        self.master.children.silent = True
+        pending = ensureDeferred(self.master.call("POST", self.master.seed + "/instances",
+                                                  {"url": SERVER}))
+        self.master.clock.advance(4.9)
+        self.master.http.flush()
+        self.assertNoResult(pending)
+        self.master.clock.advance(0.1)
+        self.master.http.flush()
+        code, envelope, _ = self.successResultOf(pending)
+        self.assertEqual((code, envelope["data"]["status"]), (201, "running"))
+
+    def test_a_child_that_ignores_sigterm_is_killed_after_the_grace(self):
+        created = self.create()
+        self.master.children.latest(created["id"])[2].stubborn = True
+        pending = ensureDeferred(self.master.call(
+            "PUT", self.master.seed + f"/instances/{created['id']}", {"action": "stop"}))
+        self.master.clock.advance(5.0 + 2.0 - 0.1)  # SHUTDOWN_TIMEOUT + 2 s
+        self.master.http.flush()
+        self.assertNoResult(pending)
+        self.master.clock.advance(0.1)
+        self.master.http.flush()
+        self.assertEqual(self.successResultOf(pending)[1]["data"]["status"], "stopped")
+        self.assertEqual(self.master.children.latest(created["id"])[2].signals,
+                         [signal.SIGTERM, signal.SIGKILL])
 
 
 class Errors(Case):
@@ -367,7 +396,7 @@ class Durable(SynchronousTestCase):
         back = again.instances[running.id]
         self.assertEqual((back.url, back.alias, back.tags, back.auto_restart, back.status),
                          (running.url, "edge", {"site": "paris"}, True, "running"))
-        self.assertEqual(again.counters(back)["tcp_out"], 4242)
+        self.assertEqual(back.counters()["tcp_out"], 4242)
         self.assertEqual(again.instances[stopped.id].status, "stopped")
         self.assertEqual(len(children.spawned), 1)  # only what was meant to run
 

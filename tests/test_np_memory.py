@@ -12,8 +12,8 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nodepass.master.instances import Registry
 from nodepass.master.npview import config_url, short_id
+from nodepass.master.registry import Registry
 from nodepass.master.store import Store
 from nodepass.master.tcping import TcpPing, TooManyPingsError
 from nodepass.tunables import Tunables, go_duration, parse_duration

@@ -22,9 +22,10 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from nodepass import __version__, logs
 from nodepass.master import metadata
 from nodepass.master.events import encode
-from nodepass.master.instances import Instance, InstanceError, Registry, iso
+from nodepass.master.instances import Instance, InstanceError, iso
 from nodepass.master.metrics import exposition
 from nodepass.master.openapi import document
+from nodepass.master.registry import Registry
 from nodepass.master.web import (
     BodyError,
     KeyCheck,

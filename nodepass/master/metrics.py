@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from nodepass import __version__
-from nodepass.master.instances import COUNTERS, Registry
+from nodepass.master.instances import COUNTERS
+from nodepass.master.registry import Registry
 
 STATUSES = ("running", "stopped", "error")
 

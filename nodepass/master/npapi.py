@@ -23,7 +23,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from nodepass import __version__, logs
 from nodepass.master import metadata, sysinfo, web
 from nodepass.master.api import last_event_id
-from nodepass.master.instances import Instance, InstanceError, Registry
+from nodepass.master.instances import Instance, InstanceError
 from nodepass.master.npopenapi import document
 from nodepass.master.npview import (
     KEY_RECORD_ID,
@@ -33,6 +33,7 @@ from nodepass.master.npview import (
     np_instance,
     opening,
 )
+from nodepass.master.registry import Registry
 from nodepass.master.state import StateError
 from nodepass.master.tcping import TcpPing, TooManyPingsError
 from nodepass.url import URLError, parse_address

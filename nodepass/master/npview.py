@@ -14,7 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from nodepass.master.instances import PEER_FIELDS, Instance, Registry
+from nodepass.master.instances import PEER_FIELDS, Instance
+from nodepass.master.registry import Registry
 from nodepass.tunables import Tunables, go_duration
 from nodepass.url import ClientConfig, ServerConfig, format_url
 
@@ -76,7 +77,7 @@ def run_mode(instance: Instance) -> int:
 def np_instance(registry: Registry, instance: Instance) -> dict[str, Any]:
     running = instance.status == "running"
     report = instance.report if running else {}
-    counters = registry.counters(instance)
+    counters = instance.counters()
     ping = report.get("ping_ms")
     return {
         "id": short_id(instance.id),

@@ -18,8 +18,8 @@ from nodepass.endpoints import ListenerService
 from nodepass.master import sysinfo
 from nodepass.master.api import MasterAPI
 from nodepass.master.events import EventHub
-from nodepass.master.instances import Registry
 from nodepass.master.npapi import NodePassAPI
+from nodepass.master.registry import Registry
 from nodepass.master.state import KEY_FILE, ApiKey, StateError, api_key, ensure_dir, state_dir
 from nodepass.master.store import SCHEMA_VERSION, Store, StoreError
 from nodepass.master.tcping import TcpPing

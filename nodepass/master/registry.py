@@ -1,0 +1,266 @@
+"""The master's instances together: ids, what the API asks of them, what is kept in the
+state database, and what every REPORT_INTERVAL brings.  Each instance's process is the
+lifecycle's, its restarts the restart policy's, its traffic over time the history's."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import LoopingCall
+
+from nodepass import logs
+from nodepass.master.events import EventHub
+from nodepass.master.history import TrafficHistory
+from nodepass.master.instances import (
+    COUNTERS,
+    PEER_FIELDS,
+    Instance,
+    InstanceError,
+    parse_instance_url,
+)
+from nodepass.master.lifecycle import Lifecycle
+from nodepass.master.restarts import RestartPolicy
+from nodepass.master.store import Store, StoredInstance
+from nodepass.master.supervisor import Spawner, spawn_child
+from nodepass.master.views import count_by_status, describe
+from nodepass.tunables import Tunables
+from nodepass.url import ClientConfig, MasterConfig, ServerConfig, format_url
+
+
+class Registry:
+    log = logs.logger("nodepass.master")
+
+    def __init__(self, reactor: Any, master: MasterConfig, tunables: Tunables,
+                 environ: Mapping[str, str], store: Store, hub: EventHub,
+                 spawn: Spawner = spawn_child) -> None:
+        self.reactor = reactor
+        self.master = master
+        self.tunables = tunables
+        self.store = store
+        self.hub = hub
+        self.instances: dict[str, Instance] = {}
+        self._issued: set[str] = store.issued()
+        self.started_at = reactor.seconds()
+        self.master_id = store.setting("mid") or self._new_master_id()
+        self.alias = store.setting("alias") or ""
+        self.history = TrafficHistory(reactor)
+        self.restarts = RestartPolicy(reactor, tunables.service_cooldown, self._restart_again,
+                                      self._still_wanted)
+        environ = {k: v for k, v in environ.items() if k != "NODEPASS_API_KEY"}
+        self.lifecycle = Lifecycle(reactor, tunables, environ, spawn, self._changed,
+                                   self._save, self.restarts.exited, self._logged)
+        self._tick = LoopingCall(self.tick)
+        self._tick.clock = reactor
+
+    # -- identity ----------------------------------------------------------
+
+    def new_id(self) -> str:
+        while True:
+            candidate = "ins_" + secrets.token_hex(4)
+            if candidate not in self._issued:
+                self._issued.add(candidate)
+                return candidate
+
+    def _new_master_id(self) -> str:
+        """16 hex digits, made once and kept in the state (NodePass's ``mid``)."""
+        master_id = secrets.token_hex(8)
+        self.store.set_setting("mid", master_id)
+        return master_id
+
+    def set_alias(self, alias: str) -> None:
+        """The master's own name, shown to panels."""
+        self.alias = alias
+        self.store.set_setting("alias", alias)
+
+    def get(self, instance_id: str) -> Instance:
+        try:
+            return self.instances[instance_id]
+        except KeyError:
+            raise InstanceError("INSTANCE_NOT_FOUND", 404,
+                                f"no instance with id {instance_id!r}") from None
+
+    # -- what is kept and told -------------------------------------------------
+
+    def _changed(self, kind: str, instance: Instance) -> None:
+        self.hub.publish(kind, instance)
+
+    def _logged(self, instance: Instance, level: str, text: str, line: str) -> None:
+        self.hub.publish("log", instance, level=level, message=text, line=line)
+
+    def _save(self, instance: Instance) -> None:
+        """Commit what must survive a restart (before the API confirms a change)."""
+        self.store.save(StoredInstance(
+            id=instance.id, url=instance.url, created_at=instance.created_at,
+            desired=instance.desired, alias=instance.alias, tags=dict(instance.tags),
+            restart=instance.auto_restart, restarts=instance.restarts,
+            counters=instance.counters(), peer=dict(instance.peer)))
+
+    def restore(self) -> list[Instance]:
+        """Bring back the stored instances; start those that were meant to run."""
+        to_start = []
+        for stored in self.store.load():
+            try:
+                config = parse_instance_url(stored.url, self.master)
+            except InstanceError as e:
+                self.log.error("stored instance {id} has an unusable URL, left out: {why}",
+                               id=stored.id, why=e.message)
+                continue
+            instance = Instance(stored.id, config, stored.created_at, alias=stored.alias,
+                                tags=stored.tags, auto_restart=stored.restart,
+                                restarts=stored.restarts, desired=stored.desired)
+            instance.base.update({k: int(stored.counters.get(k, 0)) for k in COUNTERS})
+            instance.peer.update({k: str(stored.peer.get(k, "")) for k in PEER_FIELDS})
+            self.instances[instance.id] = instance
+            if stored.desired == "running":
+                to_start.append(instance)
+        if self.instances:
+            self.log.info("restored {n} instances from the state database",
+                          n=len(self.instances))
+        self._tick.start(self.tunables.report_interval, now=False)
+        for instance in to_start:
+            Deferred.fromCoroutine(self.start(instance))
+        return to_start
+
+    # -- what the API asks ---------------------------------------------------
+
+    def parse_instance_url(self, text: str) -> ServerConfig | ClientConfig:
+        return parse_instance_url(text, self.master)
+
+    async def create(self, url: str, alias: str | None = None,
+                     tags: dict[str, str] | None = None, restart: bool = False,
+                     peer: dict[str, str] | None = None) -> Instance:
+        config = self.parse_instance_url(url)
+        instance = Instance(self.new_id(), config, self.reactor.seconds(), alias=alias or None,
+                            tags=dict(tags or {}), auto_restart=restart)
+        instance.peer.update(peer or {})
+        self._save(instance)
+        self.instances[instance.id] = instance
+        self.log.info("instance {id} created: {url}", id=instance.id, url=instance.url)
+        self._changed("create", instance)
+        await self.start(instance)
+        return instance
+
+    def update(self, instance: Instance, alias: Any = None, tags: Any = None,
+               restart: Any = None, peer: Any = None) -> None:
+        """Change metadata or the restart flag; None leaves a field as it is (and a peer
+        field left out of ``peer`` keeps its value)."""
+        if alias is not None:
+            instance.alias = alias or None
+        if tags is not None:
+            instance.tags = dict(tags)
+        if peer is not None:
+            instance.peer.update(peer)
+        if restart is not None:
+            instance.auto_restart = restart
+            if not restart:
+                self.restarts.cancel(instance)
+        self._save(instance)
+        self._changed("update", instance)
+
+    def vet_url(self, instance: Instance, url: str) -> ServerConfig | ClientConfig:
+        """The config a new URL for ``instance`` gives, or the InstanceError it earns."""
+        config = self.parse_instance_url(url)
+        if format_url(config) == instance.url:
+            raise InstanceError("CONFLICT", 409, f"instance {instance.id} already runs this URL "
+                                                 f"({instance.url})")
+        return config
+
+    async def replace_url(self, instance: Instance, url: str) -> None:
+        """Run ``instance`` with another URL under the same id: checked first (a bad URL
+        leaves it as it is), then stopped, changed, saved and started."""
+        config = self.vet_url(instance, url)
+
+        async def swap() -> None:
+            await self.lifecycle.stop_now(instance)
+            instance.config = config
+            instance.desired = "running"
+            self._save(instance)
+            self.log.info("instance {id} URL replaced: {url}", id=instance.id, url=instance.url)
+            await self.lifecycle.start_now(instance)
+
+        self.restarts.cancel(instance)
+        await self.lifecycle.exclusively(instance, swap)
+
+    def reset(self, instance: Instance) -> None:
+        """Zero the traffic counters, durably, without touching the process."""
+        instance.reset_counters()
+        self.history.restart_from_here(instance)
+        self._save(instance)
+        self.log.info("instance {id}: traffic counters reset", id=instance.id)
+        self._changed("update", instance)
+
+    async def start(self, instance: Instance) -> None:
+        await self.lifecycle.start(instance)
+
+    async def stop(self, instance: Instance, keep_desired: bool = False) -> None:
+        if not keep_desired:
+            instance.desired = "stopped"
+            self.restarts.cancel(instance)
+            self._save(instance)
+        await self.lifecycle.stop(instance)
+
+    async def restart(self, instance: Instance) -> None:
+        self.restarts.cancel(instance)
+        await self.lifecycle.restart(instance)
+
+    async def delete(self, instance: Instance) -> None:
+        async def gone() -> None:
+            await self.lifecycle.stop_now(instance)
+            self.store.delete(instance.id)
+            self.instances.pop(instance.id, None)
+            self.history.forget(instance)
+            self.log.info("instance {id} deleted", id=instance.id)
+            self._changed("delete", instance)
+
+        self.restarts.cancel(instance)
+        instance.desired = "stopped"
+        await self.lifecycle.exclusively(instance, gone)
+
+    def _still_wanted(self, instance: Instance) -> bool:
+        return instance.id in self.instances and instance.desired == "running"
+
+    def _restart_again(self, instance: Instance) -> None:
+        instance.restarts += 1
+        self._save(instance)
+        Deferred.fromCoroutine(self.start(instance))
+
+    # -- every REPORT_INTERVAL ---------------------------------------------
+
+    def tick(self) -> None:
+        """Sample traffic rates, persist counters, tell subscribers how instances are."""
+        now = self.reactor.seconds()
+        counters = {}
+        for instance in self.instances.values():
+            current = instance.counters()
+            counters[instance.id] = current
+            self.history.sample(instance, now, current)
+            if instance.running:
+                self._changed("update", instance)
+        self.store.save_counters(counters)
+
+    # -- views -------------------------------------------------------------
+
+    def traffic(self, instance: Instance, window: float) -> list[dict[str, Any]]:
+        return self.history.window(instance, window)
+
+    def describe(self, instance: Instance) -> dict[str, Any]:
+        return describe(instance, self.reactor.seconds())
+
+    def count_by_status(self) -> dict[str, int]:
+        return count_by_status(self.instances.values())
+
+    async def shutdown(self) -> None:
+        """Stop every instance at once (SIGTERM, then SIGKILL after the grace); what
+        they were meant to be doing is kept, so the next start brings them back."""
+        if self._tick.running:
+            self._tick.stop()
+        self.tick()
+        for instance in self.instances.values():
+            self.restarts.cancel(instance)
+        await gatherResults([Deferred.fromCoroutine(self.stop(instance, keep_desired=True))
+                             for instance in list(self.instances.values())])
+        for instance in self.instances.values():
+            self._save(instance)
