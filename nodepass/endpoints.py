@@ -180,3 +180,19 @@ class UdpListenerService(Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+
+def listeners(reactor: Any, address: Address, role: str, on_failure: Callable[[str], None],
+              tcp: Factory | None = None, udp: Any = None,
+              udp_only_if: Callable[[], bool] = lambda: True) -> list[Service]:
+    """The services listening for ``role`` on ``address``: TCP with ``tcp`` (a factory),
+    UDP with ``udp`` (a protocol) on the same port (the one TCP took, for port 0)."""
+    services: list[Service] = []
+    tcp_listener = None
+    if tcp is not None:
+        tcp_listener = ListenerService(reactor, address, tcp, role, on_failure)
+        services.append(tcp_listener)
+    if udp is not None:
+        services.append(UdpListenerService(reactor, address, udp, role, on_failure,
+                                           only_if=udp_only_if, same_port_as=tcp_listener))
+    return services

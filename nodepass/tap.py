@@ -1,7 +1,12 @@
-"""twistd's entry: the Options and the one makeService that assembles a service tree.
+"""twistd's entry: the Options and the one makeService that assembles every service
+tree (server, client, single-end, master), handing each piece its endpoints.
 
 ``nodepass URL``, ``python -m nodepass URL`` and ``twistd -n nodepass URL`` all
-come through here.
+come through here.  One rule for what goes wrong at start: whatever the user gave
+that cannot be used — the URL, the environment, TLS files, a dial address, the
+master's state directory and database — is a usage error, found while the options
+are parsed (exit 2, one line naming it); a service that fails once started (a port
+taken) stops the process through ``RootService.fail`` (exit 1).
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python import usage
 
 from nodepass import logs
@@ -56,11 +61,25 @@ class Options(usage.Options):
         except TLSConfigError as e:
             raise usage.UsageError(str(e)) from None
         _check_dial(self["config"])
+        if isinstance(self["config"], MasterConfig):
+            _check_state(self["config"], self.environ)
 
     def postOptions(self) -> None:
         scheme = self["config"].scheme
         if scheme not in BUILT_MODES:
             raise usage.UsageError(f"{scheme} mode is not built yet in this version")
+
+
+def _check_state(config: MasterConfig, environ: Mapping[str, str]) -> None:
+    """The state directory, key file and database, checked like TLS files: before
+    anything starts, a problem is a usage error (exit 2) naming it."""
+    from nodepass.master.state import StateError, check_state
+    from nodepass.master.store import StoreError
+
+    try:
+        check_state(config, environ)
+    except (StateError, StoreError) as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def _check_dial(config: Config) -> None:
@@ -142,10 +161,32 @@ def _report_to_master(root: RootService, fd: int, snapshot: Callable[[], Report]
 
 def _master(root: RootService, config: MasterConfig, tunables: Tunables,
             loaded: Credentials | None, environ: Mapping[str, str]) -> None:
-    from nodepass.master.service import build_master
+    from nodepass.endpoints import ListenerService
+    from nodepass.master.events import EventHub
+    from nodepass.master.registry import Registry
+    from nodepass.master.service import RegistryService, announce, api_site, open_state
+    from nodepass.master.state import StateError
+    from nodepass.master.store import StoreError
+    from nodepass.tls import fingerprint_text
 
     credentials = server_credentials(root, config, loaded, tunables)
-    build_master(root, config, tunables, credentials, environ)
+    try:
+        store, key, folder = open_state(config, environ)
+    except (StateError, StoreError) as e:  # changed since it was checked at parse time
+        root.reactor.callWhenRunning(root.fail, str(e))
+        return
+    hub = EventHub(root.reactor, keepalive=max(1.0, min(15.0, 3 * tunables.report_interval)))
+    registry = Registry(root.reactor, config, tunables, environ, store, hub)
+    RegistryService(registry).setServiceParent(root)
+    if credentials is not None:
+        root.log.info("tls={mode}: API certificate fingerprint {fp}", mode=config.tls,
+                      fp=fingerprint_text(credentials.credentials.fingerprint))
+    listener = ListenerService(root.reactor, config.api,
+                               api_site(root.reactor, registry, config, key, folder), "API",
+                               root.fail, credentials)
+    listener.setServiceParent(root)
+    listener.listening.addCallbacks(lambda port: announce(config, credentials, port),
+                                    lambda _: None)
 
 
 Built = tuple[Callable[[], Report], Deferred[Any]]
@@ -153,40 +194,44 @@ Built = tuple[Callable[[], Report], Deferred[Any]]
 
 def _server(root: RootService, config: ServerConfig, tunables: Tunables,
             loaded: Credentials | None) -> Built:
-    from nodepass.endpoints import ListenerService, UdpListenerService
+    from nodepass.endpoints import ListenerService, listeners
     from nodepass.tunnel.server import REVERSE, ServerTunnel
+    from nodepass.tunnel.targets import TargetDialer
 
     credentials = server_credentials(root, config, loaded, tunables)
-    tunnel = ServerTunnel(root.reactor, config, tunables, credentials)
+    tunnel = ServerTunnel(root.reactor, config, tunables, credentials,
+                          TargetDialer.for_config(root.reactor, config, tunables))
     tunnel.setServiceParent(root)
     ready = []
-    target_listener = None
+    target: list[Any] = []
     if config.mode != 2 and not config.more_targets:
         # The target listeners start first, and listening on TCP (or UDP) answers at
         # once, so with mode=0 the mode is settled before the tunnel takes a client.
         settle = root.fail if config.mode == 1 else tunnel.cannot_bind_target
-        reverse = lambda: tunnel.mode == REVERSE and not root.exit_status  # noqa: E731
-        if not config.notcp:
-            target_listener = ListenerService(root.reactor, config.target,
-                                              tunnel.target_factory(), "target", settle)
-            target_listener.setServiceParent(root)
-            if config.mode == 1:
-                ready.append(target_listener.listening)
-            settle = root.fail
-        if not config.noudp:
-            UdpListenerService(root.reactor, config.target, tunnel.udp, "target", settle,
-                               only_if=reverse,
-                               same_port_as=target_listener).setServiceParent(root)
+        target = listeners(root.reactor, config.target, "target", settle,
+                           None if config.notcp else tunnel.target_factory(),
+                           None if config.noudp else tunnel.udp,
+                           udp_only_if=lambda: tunnel.mode == REVERSE and not root.exit_status)
+        for service in target:
+            service.setServiceParent(root)
+        if config.mode == 1 and not config.notcp:
+            ready.append(target[0].listening)
     listener = ListenerService(root.reactor, config.tunnel, tunnel.tunnel_factory(), "tunnel",
                                root.fail)
     listener.setServiceParent(root)
     ready.append(listener.listening)
     listener.listening.addCallback(lambda port: tunnel.announce_mode(
-        _listening_on(target_listener, config.target)))
-    reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
-    # True once every listener listens; False when one failed (root.fail reported it).
-    listening = gatherResults(ready, consumeErrors=True)
-    return tunnel.report, listening.addCallbacks(lambda _: True, lambda _: False)
+        _listening_on(target[0] if target and not config.notcp else None, config.target)))
+    return _reported(root, tunnel.report, tunables, ready)
+
+
+def _reported(root: RootService, report: Callable[[], Report], tunables: Tunables,
+              ready: list[Deferred[Any]]) -> Built:
+    """The debug report line every REPORT_INTERVAL; (report, ready) where ready is True
+    once every listener listens, False when one failed (root.fail has said why)."""
+    reporter(root.reactor, report, tunables.report_interval).setServiceParent(root)
+    listening = gatherResults(ready, consumeErrors=True) if ready else succeed([])
+    return report, listening.addCallbacks(lambda _: True, lambda _: False)
 
 
 def _listening_on(listener: Any, address: Any) -> Any:
@@ -200,14 +245,42 @@ def _listening_on(listener: Any, address: Any) -> Any:
 
 def _client(root: RootService, config: ClientConfig, tunables: Tunables,
             loaded: Credentials | None) -> Built:
+    from nodepass.endpoints import dial_endpoint, listeners
     from nodepass.tunnel.client import ClientTunnel
-    from nodepass.tunnel.direct import bindable, single_end
+    from nodepass.tunnel.direct import bindable
+    from nodepass.tunnel.targets import TargetDialer
 
+    dialer = TargetDialer.for_config(root.reactor, config, tunables)
     if config.mode == 1 or (config.mode == 0 and bindable(config.tunnel)):
-        return single_end(root, config, tunables)
-    tunnel = ClientTunnel(root.reactor, config, tunables, on_fatal=root.fail)
+        return _single_end(root, config, tunables, dialer)
+
+    def forward_listeners(tunnel: ClientTunnel) -> list[Any]:
+        """Forward mode: users connect to this client's target address, TCP and UDP."""
+        return listeners(root.reactor, config.target, "target", root.fail,
+                         None if config.notcp else tunnel.ingress.user_factory(),
+                         None if config.noudp else tunnel.ingress.udp)
+
+    tunnel = ClientTunnel(root.reactor, config, tunables, on_fatal=root.fail,
+                          server=dial_endpoint(root.reactor, config.tunnel), dialer=dialer,
+                          forward_listeners=forward_listeners)
     tunnel.setServiceParent(root)
-    reporter(root.reactor, tunnel.report, tunables.report_interval).setServiceParent(root)
     started: Deferred[Any] = Deferred()
     root.reactor.callWhenRunning(started.callback, True)
-    return tunnel.report, started
+    return _reported(root, tunnel.report, tunables, [started])
+
+
+def _single_end(root: RootService, config: ClientConfig, tunables: Tunables,
+                dialer: Any) -> Built:
+    from nodepass.endpoints import listeners
+    from nodepass.tunnel.direct import DirectForwarder
+
+    forwarder = DirectForwarder(root.reactor, config, tunables, dialer)
+    forwarder.setServiceParent(root)
+    services = listeners(root.reactor, config.tunnel, "single-end", root.fail,
+                         None if config.notcp else forwarder.user_factory(),
+                         None if config.noudp else forwarder.udp,
+                         udp_only_if=lambda: not root.exit_status)
+    for service in services:
+        service.setServiceParent(root)
+    ready = [] if config.notcp else [services[0].listening]
+    return _reported(root, forwarder.report, tunables, ready)

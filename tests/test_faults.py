@@ -178,8 +178,9 @@ class ClearErrors(TestCase):
             f.write("a file where a directory should be")
         master = spawn(self, f"master://127.0.0.1:{free_port()}?state={blocker}/state",
                        name="master")
-        self.assertEqual(await master.ended.addTimeout(20, reactor), 1)
-        await master.wait_for(rf"FATAL  state directory '{blocker}/state' cannot be created")
+        self.assertEqual(await master.ended.addTimeout(20, reactor), 2)  # like a bad TLS file
+        await master.wait_for(rf"nodepass: error: state directory '{blocker}/state' cannot be "
+                              "created")
 
 
 

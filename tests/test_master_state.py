@@ -79,7 +79,7 @@ class Durable(TestCase):
         content = db.read_bytes()
         again = spawn(self, f"master://127.0.0.1:{master.port}", name="master-2",
                       NODEPASS_STATE_DIR=str(master.state), NODEPASS_API_KEY=KEY)
-        self.assertEqual(await again.ended.addTimeout(20, reactor), 1)
+        self.assertEqual(await again.ended.addTimeout(20, reactor), 2)  # refused before start
         await again.wait_for(fragment)
         self.assertEqual(db.read_bytes(), content, "the database must not be touched")
 
@@ -89,7 +89,7 @@ class Durable(TestCase):
                 db.with_name(db.name + extra).unlink(missing_ok=True)
             db.write_bytes(b"this is not a database at all" * 100)
 
-        await self.refused(corrupt, "FATAL .*unreadable or corrupt")
+        await self.refused(corrupt, "nodepass: error: state database .*unreadable or corrupt")
 
 
 async def _until_status(api, instance_id, status, timeout=10.0):

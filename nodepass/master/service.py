@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from klein import Klein
@@ -14,19 +15,15 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
 from nodepass import logs
-from nodepass.endpoints import ListenerService
 from nodepass.master import sysinfo
 from nodepass.master.api import MasterAPI
-from nodepass.master.events import EventHub
 from nodepass.master.npapi import NodePassAPI
 from nodepass.master.registry import Registry
-from nodepass.master.state import KEY_FILE, ApiKey, StateError, api_key, ensure_dir, state_dir
-from nodepass.master.store import SCHEMA_VERSION, Store, StoreError
+from nodepass.master.state import KEY_FILE, ApiKey, api_key, ensure_dir, state_dir
+from nodepass.master.store import SCHEMA_VERSION, Store
 from nodepass.master.tcping import TcpPing
 from nodepass.master.web import KeyCheck, mount
-from nodepass.root import RootService
-from nodepass.tls import ServerCredentials, fingerprint_text
-from nodepass.tunables import Tunables
+from nodepass.tls import ServerCredentials
 from nodepass.url import Address, MasterConfig
 
 log = logs.logger("nodepass.master")
@@ -134,47 +131,41 @@ def api_app(registry: Registry, config: MasterConfig, key: ApiKey, folder: str) 
     return ApiApp(mount(seed, nodepass), seed, nodepass)
 
 
-def build_master(root: RootService, config: MasterConfig, tunables: Tunables,
-                 credentials: ServerCredentials | None, environ: Mapping[str, str]) -> None:
-    key, origin = None, "none"
+def open_state(config: MasterConfig, environ: Mapping[str, str]
+               ) -> tuple[Store, ApiKey, Path]:
+    """The master's state directory, key and database, each said in the log."""
     folder = state_dir(config, environ)
-    try:
-        if config.auth or config.persist:
-            ensure_dir(folder)
-        if config.auth:
-            key, origin = api_key(folder, environ)
-        store = Store.open(folder if config.persist else None)
-    except (StateError, StoreError) as e:
-        root.reactor.callWhenRunning(root.fail, str(e))
-        return
+    key, origin = None, "none"
+    if config.auth or config.persist:
+        ensure_dir(folder)
+    if config.auth:
+        key, origin = api_key(folder, environ)
+    store = Store.open(folder if config.persist else None)
     if config.persist:
         log.info("state in {path} (schema version {v})", path=str(store.path), v=SCHEMA_VERSION)
     else:
         log.warn("persist=0: instances live in memory and are forgotten when the master stops")
-    if config.auth:
-        if origin == "new":
-            log.warn("API key generated and saved in {path}: {key}",
-                     path=str(folder / "api.key"), key=key)
-        else:
-            log.info("API key from {origin}", origin="NODEPASS_API_KEY" if origin == "env"
-                     else str(folder / "api.key"))
-    else:
+    if not config.auth:
         log.warn("auth=0: the API accepts requests without a key; put an authenticating "
                  "proxy in front of it")
-    hub = EventHub(root.reactor, keepalive=max(1.0, min(15.0, 3 * tunables.report_interval)))
-    registry = Registry(root.reactor, config, tunables, environ, store, hub)
-    RegistryService(registry).setServiceParent(root)
-    site = ApiSite(api_app(registry, config, ApiKey(key, origin, folder / KEY_FILE),
-                           str(folder)).app.resource(), timeout=60, reactor=root.reactor)
+    elif origin == "new":
+        log.warn("API key generated and saved in {path}: {key}", path=str(folder / KEY_FILE),
+                 key=key)
+    else:
+        log.info("API key from {origin}", origin="NODEPASS_API_KEY" if origin == "env"
+                 else str(folder / KEY_FILE))
+    return store, ApiKey(key, origin, folder / KEY_FILE), folder
+
+
+def api_site(reactor: Any, registry: Registry, config: MasterConfig, key: ApiKey,
+             folder: Path) -> ApiSite:
+    return ApiSite(api_app(registry, config, key, str(folder)).app.resource(), timeout=60,
+                   reactor=reactor)
+
+
+def announce(config: MasterConfig, credentials: ServerCredentials | None, port: Any) -> None:
     scheme = "https" if credentials is not None else "http"
-    if credentials is not None:
-        log.info("tls={mode}: API certificate fingerprint {fp}", mode=config.tls,
-                 fp=fingerprint_text(credentials.credentials.fingerprint))
-    listener = ListenerService(root.reactor, config.api, site, "API", root.fail, credentials)
-    listener.setServiceParent(root)
-    listener.listening.addCallback(lambda port: log.info(
-        "master API at {scheme}://{address}{prefix}/v1/ (NodePass dialect at "
-        "{scheme}://{address}{np}/v1/)", scheme=scheme,
-        address=str(Address(config.api.host, port.getHost().port)), prefix=config.prefix,
-        np=config.np_prefix))
-    listener.listening.addErrback(lambda _: None)
+    log.info("master API at {scheme}://{address}{prefix}/v1/ (NodePass dialect at "
+             "{scheme}://{address}{np}/v1/)", scheme=scheme,
+             address=str(Address(config.api.host, port.getHost().port)), prefix=config.prefix,
+             np=config.np_prefix)

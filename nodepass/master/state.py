@@ -31,6 +31,28 @@ def state_dir(config: MasterConfig, environ: Mapping[str, str]) -> Path:
     return Path(base) / "nodepass"
 
 
+def check_state(config: MasterConfig, environ: Mapping[str, str]) -> None:
+    """What the master will need of its state directory, checked before anything starts:
+    the directory usable, the key file readable, the database one this nodepass can use
+    (raises StateError or StoreError, with one line for the user)."""
+    from nodepass.master.store import Store
+
+    folder = state_dir(config, environ)
+    if config.auth or config.persist:
+        ensure_dir(folder)
+    if config.auth and not environ.get("NODEPASS_API_KEY"):
+        path = folder / KEY_FILE
+        try:
+            path.read_text()
+        except FileNotFoundError:
+            pass  # made at start, and said in the log
+        except OSError as e:
+            raise StateError(f"API key file {str(path)!r} cannot be read ({e.strerror})") \
+                from None
+    if config.persist:
+        Store.open(folder).close()
+
+
 def ensure_dir(path: Path) -> Path:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -19,12 +19,7 @@ from zope.interface import implementer
 
 from nodepass import logs
 from nodepass.backoff import backoff
-from nodepass.endpoints import (
-    ListenerService,
-    UdpListenerService,
-    describe_failure,
-    dial_endpoint,
-)
+from nodepass.endpoints import describe_failure, dial_endpoint
 from nodepass.stats import Report, snapshot
 from nodepass.tls import (
     VerifyingCreator,
@@ -73,14 +68,18 @@ class ClientTunnel(MultiService):
 
     def __init__(self, reactor: Any, config: ClientConfig, tunables: Tunables,
                  rand: Callable[[], float] = random.random,
-                 on_fatal: Callable[[str], None] | None = None) -> None:
+                 on_fatal: Callable[[str], None] | None = None,
+                 server: IStreamClientEndpoint | None = None,
+                 dialer: TargetDialer | None = None,
+                 forward_listeners: Callable[[ClientTunnel], list[Service]] | None = None
+                 ) -> None:
         super().__init__()
         self.clock = reactor
         self.config = config
         self.tunables = tunables
         self.on_fatal = on_fatal
         self.key = derived_key(config).encode()
-        self.endpoint = dial_endpoint(reactor, config.tunnel)
+        self.endpoint = server or dial_endpoint(reactor, config.tunnel)
         control_factory = QuietFactory(TunnelConnection, reactor, dialed(self, Kind.CONTROL))
         self.control_service = ClientService(
             _ReportingEndpoint(self.endpoint, self._dial_failed), control_factory, clock=reactor,
@@ -97,10 +96,12 @@ class ClientTunnel(MultiService):
                                config.max or tunables.max_pool_capacity,
                                tunables.min_pool_interval, tunables.max_pool_interval)
         self.flows = Flows.for_config(reactor, tunables, config)
-        dialer = TargetDialer.for_config(reactor, config, tunables)
+        dialer = dialer or TargetDialer.for_config(reactor, config, tunables)
         self.egress = Egress(self.flows, dialer, config.proxy, config.notcp, config.noudp)
         self.ingress = Ingress(self.flows, self.pool, self._unavailable, config.proxy)
         self.mode = ""  # the server's mode, reverse or forward, once a session said which
+        # what listens on the target address in forward mode (tap says what; made then)
+        self.forward_listeners = forward_listeners or (lambda tunnel: [])
         self.listeners: list[Service] = []
         self.stopping = False
         self._auth_throttle = logs.Throttle(reactor, 60.0)
@@ -226,24 +227,16 @@ class ClientTunnel(MultiService):
             self.listeners = []
             return
         if self.config.more_targets:
-            self._fatal("the server is in forward mode, where the client listens on its "
+            self.fatal("the server is in forward mode, where the client listens on its "
                         "target address: give one address, not a list")
             return
         self.log.info("server is in forward mode: users connect to {target} here",
                       target=self.config.target)
-        tcp = None
-        if not self.config.notcp:
-            tcp = ListenerService(self.clock, self.config.target, self.ingress.user_factory(),
-                                  "target", self._fatal)
-            self.listeners.append(tcp)
-        if not self.config.noudp:
-            self.listeners.append(UdpListenerService(self.clock, self.config.target,
-                                                     self.ingress.udp, "target", self._fatal,
-                                                     same_port_as=tcp))
+        self.listeners = self.forward_listeners(self)
         for listener in self.listeners:
             listener.setServiceParent(self)
 
-    def _fatal(self, message: str) -> None:
+    def fatal(self, message: str) -> None:
         if self.on_fatal is not None:
             self.on_fatal(message)
         else:

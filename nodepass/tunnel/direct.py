@@ -20,8 +20,6 @@ from twisted.python.failure import Failure
 
 from nodepass import logs
 from nodepass.endpoints import (
-    ListenerService,
-    UdpListenerService,
     bind_problem,
     describe_failure,
     is_ip,
@@ -190,11 +188,12 @@ class DirectForwarder(Service):
 
     log = logs.logger("nodepass")
 
-    def __init__(self, reactor: Any, config: ClientConfig, tunables: Tunables) -> None:
+    def __init__(self, reactor: Any, config: ClientConfig, tunables: Tunables,
+                 dialer: TargetDialer | None = None) -> None:
         self.clock = reactor
         self.config = config
         self.flows = Flows.for_config(reactor, tunables, config)
-        self.dialer = TargetDialer.for_config(reactor, config, tunables)
+        self.dialer = dialer or TargetDialer.for_config(reactor, config, tunables)
         capacity = 0 if config.proxy or config.notcp else tunables.min_pool_capacity
         self.pool = TargetPool(reactor, self.flows, self.dialer, capacity,
                                tunables.min_pool_interval)
@@ -222,28 +221,3 @@ class DirectForwarder(Service):
         self.pool.stop()
         self.ingress.close_all()
         return self.flows.close_all()
-
-
-def single_end(root: Any, config: ClientConfig,
-               tunables: Tunables) -> tuple[Callable[[], Report], Deferred[Any]]:
-    """Assemble single-end mode under ``root``; (report, ready) as tap expects."""
-    from twisted.internet.defer import gatherResults
-
-    from nodepass.report import reporter
-
-    forwarder = DirectForwarder(root.reactor, config, tunables)
-    forwarder.setServiceParent(root)
-    ready = []
-    listener = None
-    if not config.notcp:
-        listener = ListenerService(root.reactor, config.tunnel, forwarder.user_factory(),
-                                   "single-end", root.fail)
-        listener.setServiceParent(root)
-        ready.append(listener.listening)
-    if not config.noudp:
-        UdpListenerService(root.reactor, config.tunnel, forwarder.udp, "single-end",
-                           root.fail, only_if=lambda: not root.exit_status,
-                           same_port_as=listener).setServiceParent(root)
-    reporter(root.reactor, forwarder.report, tunables.report_interval).setServiceParent(root)
-    listening = gatherResults(ready, consumeErrors=True) if ready else succeed([])
-    return forwarder.report, listening.addCallbacks(lambda _: True, lambda _: False)

@@ -43,7 +43,8 @@ class ServerTunnel(Service):
     log = logs.logger("nodepass")
 
     def __init__(self, reactor: Any, config: ServerConfig, tunables: Tunables,
-                 credentials: ServerCredentials | None = None) -> None:
+                 credentials: ServerCredentials | None = None,
+                 dialer: TargetDialer | None = None) -> None:
         self.clock = reactor
         self.config = config
         self.tunables = tunables
@@ -57,7 +58,7 @@ class ServerTunnel(Service):
         self.pool = IdlePool(reactor, self.max_pool, POOL_WAIT_TIMEOUT, self._request_more)
         self.flows = Flows.for_config(reactor, tunables, config)
         self.ingress = Ingress(self.flows, self.pool, self._unavailable, config.proxy)
-        dialer = TargetDialer.for_config(reactor, config, tunables)
+        dialer = dialer or TargetDialer.for_config(reactor, config, tunables)
         self.egress = Egress(self.flows, dialer, config.proxy, config.notcp, config.noudp)
         # mode=0 starts as reverse and turns forward if the target cannot be bound (a
         # list of targets is only ever dialed).
