@@ -73,7 +73,7 @@ class Running:
                 found.extend(self._services(service))
         return found
 
-    def port(self, role: str) -> int:
+    def listening_port(self, role: str) -> int:
         """The TCP port the listener for ``role`` (tunnel, target, single-end) took."""
         for service in self._services():
             if isinstance(service, ListenerService) and service.role == role and service.port:
@@ -108,11 +108,11 @@ def pair(case: Any, net: MemoryNetwork, backend: int, key: str = "k", server_que
     the server's target port (TCP and UDP take the same number there)."""
     server = Running(case, net, f"server://{key}@127.0.0.1:0/127.0.0.1:0{server_query}", **env)
     target = client_target or f"127.0.0.1:{backend}"
-    client = Running(case, net, f"client://{key}@127.0.0.1:{server.port('tunnel')}/"
+    client = Running(case, net, f"client://{key}@127.0.0.1:{server.listening_port('tunnel')}/"
                                 f"{target}{client_query or '?mode=2'}", **env)
     net.flush()
     try:
-        return server, client, server.port("target")
+        return server, client, server.listening_port("target")
     except AssertionError:  # notcp=1: only UDP listens there
         return server, client, server.udp_port("target")
 

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -33,11 +34,23 @@ FAST_ENV = {
 }
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that the OS just handed out and nobody holds."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def closed_port(case: TestCase) -> int:
+    """A TCP port on 127.0.0.1 where nothing accepts: bound and held by this test, never
+    listened on, so a connection to it is refused and nobody else can take it meanwhile."""
+    held = socket.socket()
+    case.addCleanup(held.close)
+    held.bind(("127.0.0.1", 0))
+    return held.getsockname()[1]
+
+
+def unreachable_udp_port(case: TestCase) -> int:
+    """A UDP port on 127.0.0.1 that answers ICMP port unreachable: held by this test with a
+    socket connected elsewhere, which the kernel does not deliver other senders' datagrams to."""
+    held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    case.addCleanup(held.close)
+    held.bind(("127.0.0.1", 0))
+    held.connect(("127.0.0.1", 9))
+    return held.getsockname()[1]
 
 
 def rss_kib(pid: int) -> int:
@@ -89,6 +102,16 @@ class Daemon(ProcessProtocol):
 
         return d.addTimeout(timeout, reactor).addErrback(explain)
 
+    async def listening_port(self, role: str, instance: str | None = None, udp: bool = False,
+                   timeout: float = WAIT) -> int:
+        """The port the OS gave this process's ``role`` listener (``tunnel``, ``target``,
+        ``single-end``; ``udp`` for its UDP socket), read from the line announcing it; a
+        master's child ``instance`` is named by its id."""
+        what = "receiving UDP" if udp else "listening"
+        prefix = rf"\[{re.escape(instance)}\] .*" if instance else ""
+        line = await self.wait_for(rf"{prefix}\b{role} {what} on \S+:\d+$", timeout=timeout)
+        return int(line.rsplit(":", 1)[1])
+
     def count(self, text: str) -> int:
         return sum(1 for line in self.lines if re.search(text, line))
 
@@ -126,17 +149,21 @@ def spawn(case: TestCase, url: str, name: str | None = None, **env: str) -> Daem
     return daemon
 
 
+async def reverse_server(case: TestCase, key: str = "k", query: str = "",
+                         **env: str) -> tuple[Daemon, int, int]:
+    """A reverse-mode server on ports the OS chose: it, its tunnel port, its target port."""
+    server = spawn(case, f"server://{key}@127.0.0.1:0/127.0.0.1:0{query}", **env)
+    return server, await server.listening_port("tunnel"), await server.listening_port("target")
+
+
 async def tunnel_pair(case: TestCase, target_port: int, key: str = "secret",
                       server_query: str = "", client_query: str = "",
                       client_target: str | None = None,
                       **env: str) -> tuple[Daemon, Daemon, int]:
     """A server and a client on fresh ports; returns them and the server's target port.
     ``client_target`` replaces 127.0.0.1:target_port (a list of targets, say)."""
-    tunnel_port, exposed = free_port(), free_port()
     client_target = client_target or f"127.0.0.1:{target_port}"
-    server = spawn(case, f"server://{key}@127.0.0.1:{tunnel_port}/127.0.0.1:{exposed}"
-                         f"{server_query}", **env)
-    await server.wait_for("target listening")
+    server, tunnel_port, exposed = await reverse_server(case, key, server_query, **env)
     client = spawn(case, f"client://{key}@127.0.0.1:{tunnel_port}/{client_target}"
                          f"{client_query}", **env)
     await client.wait_for("tunnel session open")
@@ -381,14 +408,16 @@ def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 
 
-async def eventually(check, timeout: float = WAIT, step: float = 0.05) -> None:
-    """Poll ``check()`` until it is true; fail after ``timeout`` seconds."""
+async def eventually(check, timeout: float = WAIT, step: float = 0.05) -> Any:
+    """Poll ``check()`` until it is true and return what it gave; fail after ``timeout``
+    seconds."""
     waited = 0.0
-    while not check():
+    while not (result := check()):
         if waited >= timeout:
             raise AssertionError(f"condition not met within {timeout}s")
         await sleep(step)
         waited += step
+    return result
 
 
 # ---------------------------------------------------------------------------

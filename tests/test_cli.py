@@ -7,7 +7,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nodepass import __version__
-from tests.integration import WAIT, free_port, spawn
+from tests.integration import WAIT, spawn
 from tests.procs import clean_env, run_nodepass
 
 
@@ -83,8 +83,7 @@ class Lifecycle(TestCase):
 
     async def test_sigterm_and_sigint_stop_cleanly(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
-            port = free_port()
-            daemon = spawn(self, f"server://k@127.0.0.1:{port}/127.0.0.1:{free_port()}")
+            daemon = spawn(self, "server://k@127.0.0.1:0/127.0.0.1:0")
             await daemon.wait_for("target listening")
             self.assertEqual(await daemon.stop(sig), 0)
             self.assertTrue(daemon.lines[-1].endswith("INFO   stopped"), daemon.lines[-1])
@@ -94,7 +93,7 @@ class Lifecycle(TestCase):
             taken.bind(("127.0.0.1", 0))
             taken.listen()
             port = taken.getsockname()[1]
-            daemon = spawn(self, f"server://k@127.0.0.1:{port}/127.0.0.1:{free_port()}")
+            daemon = spawn(self, f"server://k@127.0.0.1:{port}/127.0.0.1:0")
             code = await daemon.ended.addTimeout(WAIT, reactor)
         self.assertEqual(code, 1)
         self.assertEqual(daemon.count(

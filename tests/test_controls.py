@@ -187,7 +187,7 @@ class ProxyProtocol(Case):
     def test_v2_in_single_end_mode(self):
         forwarder = Running(self, self.net, f"client://127.0.0.1:0/127.0.0.1:"
                                             f"{self.proxy_backend()}?mode=1&proxy=2")
-        seen, me = self.ask_who(forwarder.port("single-end"))
+        seen, me = self.ask_who(forwarder.listening_port("single-end"))
         self.assertEqual(seen, me)
 
     def test_without_proxy_the_backend_sees_the_daemon(self):

@@ -23,7 +23,6 @@ from tests.integration import (
     echo_backend,
     eventually,
     exchange,
-    free_port,
     hold,
     rss_kib,
     sleep,
@@ -53,8 +52,8 @@ class PeersKilled(TestCase):
     timeout = 120
 
     async def transfer_then_kill(self, victim_of, restart):
-        backend_port = free_port()
-        backend = await listen_echo(self, backend_port)
+        backend = await listen_echo(self, 0)
+        backend_port = backend.getHost().port
         server, client, exposed = await tunnel_pair(self, backend_port)
         await sleep(0.5)
         baseline = {d.name: fds(d.pid) for d in (server, client)}
@@ -176,7 +175,7 @@ class ClearErrors(TestCase):
         blocker = os.path.abspath(self.mktemp())
         with open(blocker, "w") as f:
             f.write("a file where a directory should be")
-        master = spawn(self, f"master://127.0.0.1:{free_port()}?state={blocker}/state",
+        master = spawn(self, f"master://127.0.0.1:0?state={blocker}/state",
                        name="master")
         self.assertEqual(await master.ended.addTimeout(20, reactor), 2)  # like a bad TLS file
         await master.wait_for(rf"nodepass: error: state directory '{blocker}/state' cannot be "
@@ -194,7 +193,7 @@ class InMemory(SynchronousTestCase):
 
     def test_ten_thousand_wrong_keys_are_refused_and_logged_sparingly(self):
         server, _, target = pair(self, self.net, self.backend)
-        tunnel = server.port("tunnel")
+        tunnel = server.listening_port("tunnel")
         attempts = []
         for _ in range(50):
             for _n in range(200):
@@ -237,9 +236,9 @@ class InMemory(SynchronousTestCase):
 
     def test_an_unresolvable_target_is_reported_and_the_tunnel_keeps_working(self):
         server = Running(self, self.net, "server://k@127.0.0.1:0/127.0.0.1:0")
-        lost = Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/"
+        lost = Running(self, self.net, f"client://k@127.0.0.1:{server.listening_port('tunnel')}/"
                                        "no-such-host.invalid:80?mode=2")
-        user = connect(self.net, server.port("target"))
+        user = connect(self.net, server.listening_port("target"))
         user.transport.write(b"anyone?")
         self.net.flush()
         self.assertEqual((bytes(user.received), user.eof), (b"", True))
@@ -247,9 +246,9 @@ class InMemory(SynchronousTestCase):
         self.assertEqual(lost.tunnel.report().state, "connected")
         # the same server serves the next client, whose target resolves
         lost.stop()
-        Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/127.0.0.1:"
+        Running(self, self.net, f"client://k@127.0.0.1:{server.listening_port('tunnel')}/127.0.0.1:"
                                 f"{self.backend}?mode=2")
-        user = connect(self.net, server.port("target"))
+        user = connect(self.net, server.listening_port("target"))
         user.transport.write(b"here")
         self.net.flush()
         self.assertEqual(bytes(user.received), b"here")

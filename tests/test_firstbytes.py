@@ -7,7 +7,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from nodepass.tunnel.firstbytes import HEAD_LIMIT, FirstBytes, judge
-from tests.integration import echo_backend, exchange, free_port, need, spawn
+from tests.integration import echo_backend, exchange, need, spawn
 from tests.memory import add_data, connect_user, open_session, server_tunnel
 
 SOCKS4 = b"\x04\x01\x00\x50\x7f\x00\x00\x01user\x00"
@@ -129,10 +129,9 @@ class SingleEnd(TestCase):
     async def test_curl_is_refused_and_other_traffic_passes(self):
         curl = need("curl", "curl")
         backend = await echo_backend(self)
-        port = free_port()
-        client = spawn(self, f"client://127.0.0.1:{port}/127.0.0.1:{backend}?mode=1&block=2"
+        client = spawn(self, f"client://127.0.0.1:0/127.0.0.1:{backend}?mode=1&block=2"
                              "&log=debug")
-        await client.wait_for("single-end listening")
+        port = await client.listening_port("single-end")
         out, _, code = await getProcessOutputAndValue(
             curl, ["-sS", "--max-time", "10", f"http://127.0.0.1:{port}/"])
         self.assertNotEqual(code, 0)  # the connection closed before any answer

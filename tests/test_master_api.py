@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -17,7 +19,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
 from tests import certs
-from tests.integration import eventually, free_port, http_backend, need, sleep, spawn
+from tests.integration import eventually, http_backend, need, sleep, spawn
 
 KEY = "test-key-0123456789"
 
@@ -25,16 +27,21 @@ KEY = "test-key-0123456789"
 async def start_master(case, query="", prefix="", key=KEY, **env):
     state = Path(tempfile.mkdtemp())
     case.addCleanup(shutil.rmtree, state, True)
-    port = free_port()
     if key is not None:
         env["NODEPASS_API_KEY"] = key
-    master = spawn(case, f"master://127.0.0.1:{port}{prefix}{query}", name="master",
+    master = spawn(case, f"master://127.0.0.1:0{prefix}{query}", name="master",
                    NODEPASS_STATE_DIR=str(state), REPORT_INTERVAL="500ms", **env)
-    await master.wait_for("master API at")
-    master.base = f"http://127.0.0.1:{port}{prefix or '/api'}/v1"
+    await api_port(master, prefix)
     master.state = state
-    master.port = port
     return master
+
+
+async def api_port(master, prefix=""):
+    """Read the port the OS gave the master's API from its announcement; set its base URL."""
+    line = await master.wait_for(r"master API at https?://127\.0\.0\.1:\d+/")
+    master.port = int(re.search(r"127\.0\.0\.1:(\d+)/", line).group(1))
+    master.base = f"http://127.0.0.1:{master.port}{prefix or '/api'}/v1"
+    return master.port
 
 
 class Api:
@@ -74,11 +81,14 @@ class SeedFlows(TestCase):
         self.api = Api(self.master.base)
 
     def server_url(self):
-        return f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}?tls=1"
+        return "server://k@127.0.0.1:0/127.0.0.1:0?tls=1"
 
     async def test_port_taken_shows_error_with_the_reason(self):
-        url = self.server_url()
-        await self.api.ok("POST", "/instances", {"url": url}, status=201)
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        url = f"server://k@127.0.0.1:{taken.getsockname()[1]}/127.0.0.1:0?tls=1"
         second = await self.api.ok("POST", "/instances", {"url": url}, status=201)
         self.assertEqual(second["status"], "error")
         self.assertIn("Address already in use", second["error"])
@@ -130,8 +140,7 @@ class MasterSettings(TestCase):
         pids = []
         for _ in range(2):
             data = await api.ok("POST", "/instances", {
-                "url": f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}"},
-                status=201)
+                "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201)
             pids.append(data["pid"])
         self.assertEqual(await master.stop(), 0)
         for pid in pids:
@@ -141,7 +150,7 @@ class MasterSettings(TestCase):
     async def test_master_sigkill_children_exit_by_themselves(self):
         master = await start_master(self)
         data = await Api(master.base).ok("POST", "/instances", {
-            "url": f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}"}, status=201)
+            "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201)
         await master.stop(signal.SIGKILL)
 
         def gone():
@@ -155,12 +164,12 @@ class MasterSettings(TestCase):
         await eventually(gone, timeout=15)
 
 
-async def api_tunnel(api, backend, **server_fields):
+async def api_tunnel(master, api, backend, **server_fields):
     """A server and a client instance made through the API, joined: (server, client, port)."""
-    tunnel, exposed = free_port(), free_port()
     server = await api.ok("POST", "/instances", {
-        "url": f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **server_fields},
-        status=201)
+        "url": "server://k@127.0.0.1:0/127.0.0.1:0", **server_fields}, status=201)
+    tunnel = await master.listening_port("tunnel", instance=server["id"])
+    exposed = await master.listening_port("target", instance=server["id"])
     client = await api.ok("POST", "/instances", {
         "url": f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"}, status=201)
     return server, client, exposed
@@ -174,7 +183,7 @@ class EndToEnd(TestCase):
         backend = await http_backend(self, b"hello", b"x" * 100_000)
         master = await start_master(self)
         api = Api(master.base)
-        server, client, exposed = await api_tunnel(api, backend)
+        server, client, exposed = await api_tunnel(master, api, backend)
         await master.wait_for(rf"\[{server['id']}\] client .* connected: tunnel session open")
         out, _, code = await getProcessOutputAndValue(
             curl, ["-sS", "--max-time", "10", f"http://127.0.0.1:{exposed}/hello"])
@@ -222,15 +231,15 @@ class EndToEnd(TestCase):
             "url": "server://k@127.0.0.1:1/127.0.0.1:2?rate=fast"})
         self.assertEqual((code, envelope["error"]["code"]), (400, "INVALID_URL"))
         self.assertIn("bad value 'fast' for 'rate'", envelope["error"]["message"])
-        tunnel, exposed = free_port(), free_port()
         server = await api.ok("POST", "/instances", {
-            "url": f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"
+            "url": f"server://k@127.0.0.1:0/127.0.0.1:{backend}"
                    "?slot=3&read=1m&mode=2&rate=100"}, status=201)
-        self.assertEqual(server["url"], f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"
+        self.assertEqual(server["url"], f"server://k@127.0.0.1:0/127.0.0.1:{backend}"
                                         "?log=info&tls=0&mode=2&read=60s&rate=100&slot=3")
+        tunnel = await master.listening_port("tunnel", instance=server["id"])
         client = await api.ok("POST", "/instances", {
-            "url": f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}"}, status=201)
-        await master.wait_for(rf"\[{client['id']}\] target listening on 127.0.0.1:{exposed}")
+            "url": f"client://k@127.0.0.1:{tunnel}/127.0.0.1:0"}, status=201)
+        exposed = await master.listening_port("target", instance=client["id"])
         out, _, code = await getProcessOutputAndValue(
             curl, ["-sS", "--max-time", "10", f"http://127.0.0.1:{exposed}/hello"])
         self.assertEqual((code, len(out)), (0, 1000))
@@ -264,8 +273,7 @@ class Https(TestCase):
         self.assertNotEqual(code, 0, "curl must refuse an unverifiable certificate")
         created = await self.curl("--insecure", "-H", f"X-API-Key: {KEY}", "-H",
                                   "Content-Type: application/json", "-d", json.dumps({
-                                      "url": f"server://k@127.0.0.1:{free_port()}/"
-                                             f"127.0.0.1:{free_port()}"}), url)
+                                      "url": "server://k@127.0.0.1:0/127.0.0.1:0"}), url)
         self.assertIn("&tls=1", json.loads(created[1])["data"]["url"])
 
     async def test_tls2_given_certificate(self):
@@ -281,6 +289,5 @@ class Https(TestCase):
         self.assertEqual(json.loads(out)["success"], True)
         created = await self.curl("--cacert", ca_file, "-H", f"X-API-Key: {KEY}", "-H",
                                   "Content-Type: application/json", "-d", json.dumps({
-                                      "url": f"server://k@127.0.0.1:{free_port()}/"
-                                             f"127.0.0.1:{free_port()}"}), url)
+                                      "url": "server://k@127.0.0.1:0/127.0.0.1:0"}), url)
         self.assertIn(f"&tls=2&crt={crt}&key={key}", json.loads(created[1])["data"]["url"])

@@ -9,12 +9,12 @@ import socket
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from tests.integration import eventually, free_port, sleep, spawn
-from tests.test_master_api import KEY, Api, start_master
+from tests.integration import eventually, sleep, spawn
+from tests.test_master_api import KEY, Api, api_port, start_master
 
 
 def server_url():
-    return f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{free_port()}"
+    return "server://k@127.0.0.1:0/127.0.0.1:0"
 
 
 def gone(pid):
@@ -26,12 +26,14 @@ def gone(pid):
         return f.read().split()[2] == "Z"
 
 
-async def restart_master(case, master, name="master-2", **env):
-    again = spawn(case, f"master://127.0.0.1:{master.port}", name=name,
-                  NODEPASS_STATE_DIR=str(master.state), NODEPASS_API_KEY=KEY,
-                  REPORT_INTERVAL="500ms", **env)
-    again.base, again.state, again.port = master.base, master.state, master.port
-    await again.wait_for("master API at")
+async def restart_master(case, master, name="master-2", key=KEY, **env):
+    """A new master process on ``master``'s state directory (and a port of its own)."""
+    if key is not None:
+        env["NODEPASS_API_KEY"] = key
+    again = spawn(case, "master://127.0.0.1:0", name=name,
+                  NODEPASS_STATE_DIR=str(master.state), REPORT_INTERVAL="500ms", **env)
+    again.state = master.state
+    await api_port(again)
     return again
 
 
@@ -50,6 +52,7 @@ class Durable(TestCase):
         self.assertEqual(await master.stop(), 0)
 
         again = await restart_master(self, master)
+        api = Api(again.base)
         await _until_status(api, running["id"], "running")
         after = {i["id"]: i for i in (await api.ok("GET", "/instances"))["instances"]}
         self.assertEqual(set(after), set(before))
@@ -65,7 +68,7 @@ class Durable(TestCase):
         created = await api.ok("POST", "/instances", {"url": server_url()}, status=201)
         await master.stop(signal.SIGKILL)
         await eventually(lambda: gone(created["pid"]), timeout=15)
-        await restart_master(self, master)
+        api = Api((await restart_master(self, master)).base)
         await _until_status(api, created["id"], "running")
         got = await api.ok("GET", f"/instances/{created['id']}")
         self.assertEqual((got["url"], got["created_at"], got["status"]),
@@ -77,7 +80,7 @@ class Durable(TestCase):
         db = master.state / "nodepass.db"
         prepare(db)
         content = db.read_bytes()
-        again = spawn(self, f"master://127.0.0.1:{master.port}", name="master-2",
+        again = spawn(self, "master://127.0.0.1:0", name="master-2",
                       NODEPASS_STATE_DIR=str(master.state), NODEPASS_API_KEY=KEY)
         self.assertEqual(await again.ended.addTimeout(20, reactor), 2)  # refused before start
         await again.wait_for(fragment)

@@ -16,7 +16,6 @@ from tests.integration import (
     echo_backend,
     eventually,
     exchange,
-    free_port,
     hold,
     listen,
     peer,
@@ -66,10 +65,10 @@ class InMemory(SynchronousTestCase):
         self.assertEqual(self.log.count("forward mode: users connect to the client's target "
                                         "address"), 1)
         self.assertEqual(self.log.count("target listening"), 0)
-        client = Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/"
+        client = Running(self, self.net, f"client://k@127.0.0.1:{server.listening_port('tunnel')}/"
                                          "127.0.0.1:0?mode=2", **UDP_ENV)
         self.assertEqual(self.log.count("server is in forward mode"), 1)
-        self.check_tcp_and_udp(client.port("target"))
+        self.check_tcp_and_udp(client.listening_port("target"))
         self.assertEqual(server.tunnel.report().mode, "forward")
 
     def test_mode_0_is_forward_when_the_target_is_taken_here(self):
@@ -78,16 +77,16 @@ class InMemory(SynchronousTestCase):
         self.assertEqual(self.log.count(f"mode=0: cannot listen for target on 127.0.0.1:"
                                         f"{self.backend}: Address already in use: so forward "
                                         "mode"), 1)
-        client = Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/"
+        client = Running(self, self.net, f"client://k@127.0.0.1:{server.listening_port('tunnel')}/"
                                          "127.0.0.1:0?mode=2", **UDP_ENV)
-        self.check_tcp_and_udp(client.port("target"))
+        self.check_tcp_and_udp(client.listening_port("target"))
 
     def test_mode_0_is_reverse_when_the_target_is_free(self):
         server = Running(self, self.net, "server://k@127.0.0.1:0/127.0.0.1:0", **UDP_ENV)
-        target = server.port("target")
+        target = server.listening_port("target")
         self.assertEqual(self.log.count(f"reverse mode: users connect to 127.0.0.1:{target} "
                                         "here"), 1)
-        Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/127.0.0.1:"
+        Running(self, self.net, f"client://k@127.0.0.1:{server.listening_port('tunnel')}/127.0.0.1:"
                                 f"{self.backend}?mode=2", **UDP_ENV)
         self.check_tcp_and_udp(target)
         self.assertEqual(self.log.count("forward mode"), 0)
@@ -96,7 +95,7 @@ class InMemory(SynchronousTestCase):
         client = Running(self, self.net, f"client://127.0.0.1:0/127.0.0.1:{self.backend}"
                                          "?mode=1", **UDP_ENV)
         self.assertEqual(self.log.count("single-end mode: forwarding"), 1)
-        self.check_tcp_and_udp(client.port("single-end"))
+        self.check_tcp_and_udp(client.listening_port("single-end"))
         self.assertEqual(client.tunnel.report().mode, "single-end")
 
     def test_single_end_opens_target_connections_ahead_of_users(self):
@@ -107,7 +106,7 @@ class InMemory(SynchronousTestCase):
                          MIN_POOL_CAPACITY="4")
         self.assertEqual(factory.accepted, 4)  # before any user arrived
         # A user gets a pre-opened connection, greeting included, and it is replaced.
-        user = connect(self.net, client.port("single-end"))
+        user = connect(self.net, client.listening_port("single-end"))
         user.transport.write(b"ping")
         self.net.flush()
         self.assertEqual(bytes(user.received), b"hello\nping")
@@ -132,11 +131,11 @@ class ServerModes(TestCase):
 
     async def test_forward_mode_server_vanishing_mid_stream_closes_the_user(self):
         backend = await echo_backend(self)
-        tunnel, exposed = free_port(), free_port()
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}?mode=2")
+        server = spawn(self, f"server://k@127.0.0.1:0/127.0.0.1:{backend}?mode=2")
         await server.wait_for("forward mode")
-        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}")
-        await client.wait_for(f"target receiving UDP on 127.0.0.1:{exposed}")
+        tunnel = await server.listening_port("tunnel")
+        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:0")
+        exposed = await client.listening_port("target", udp=True)
         held = await hold(exposed)
         held.transport.write(b"x" * 100_000)
         await eventually(lambda: len(held.got) == 100_000)
@@ -147,7 +146,7 @@ class ServerModes(TestCase):
 
     async def test_mode_0_is_forward_when_the_target_is_not_an_address_here(self):
         # 192.0.2.1 (TEST-NET-1) is on no interface: nothing is ever sent to it here.
-        server = spawn(self, f"server://k@127.0.0.1:{free_port()}/192.0.2.1:5432")
+        server = spawn(self, "server://k@127.0.0.1:0/192.0.2.1:5432")
         await server.wait_for("mode=0: cannot listen for target on 192.0.2.1:5432: Cannot "
                               "assign requested address: so forward mode")
         await server.wait_for("forward mode: users connect to the client's target address; "
@@ -155,7 +154,7 @@ class ServerModes(TestCase):
 
     async def test_mode_1_refuses_to_start_when_the_target_is_taken(self):
         backend = await echo_backend(self)
-        server = spawn(self, f"server://k@127.0.0.1:{free_port()}/127.0.0.1:{backend}?mode=1")
+        server = spawn(self, f"server://k@127.0.0.1:0/127.0.0.1:{backend}?mode=1")
         code = await server.ended
         self.assertEqual(code, 1)
         self.assertIn(f"cannot listen for target on 127.0.0.1:{backend}: Address already in use",
@@ -163,12 +162,12 @@ class ServerModes(TestCase):
 
     async def test_forward_mode_with_tls(self):
         backend = await tcp_and_udp_echo(self)
-        tunnel, exposed = free_port(), free_port()
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}?mode=2&tls=1",
+        server = spawn(self, f"server://k@127.0.0.1:0/127.0.0.1:{backend}?mode=2&tls=1",
                        **UDP_ENV)
         await server.wait_for("forward mode")  # before the client: else it may go single-end
-        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}", **UDP_ENV)
-        await client.wait_for(f"target receiving UDP on 127.0.0.1:{exposed}")  # last to start
+        tunnel = await server.listening_port("tunnel")
+        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:0", **UDP_ENV)
+        exposed = await client.listening_port("target", udp=True)  # the last listener to start
         self.assertEqual(client.count("server is in forward mode"), 1)
         await check_tcp_and_udp(self, exposed, size=4 * 1024 * 1024)
 
@@ -176,10 +175,10 @@ class ServerModes(TestCase):
     async def test_a_forward_client_that_cannot_listen_stops_with_the_reason(self):
         backend = await echo_backend(self)
         taken = await echo_backend(self)
-        tunnel = free_port()
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}?mode=2")
+        server = spawn(self, f"server://k@127.0.0.1:0/127.0.0.1:{backend}?mode=2")
         await server.wait_for("forward mode")
-        client = spawn(self, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{taken}")
+        client = spawn(self, f"client://k@127.0.0.1:{await server.listening_port('tunnel')}/"
+                             f"127.0.0.1:{taken}")
         self.assertEqual(await client.ended, 1)
         self.assertIn(f"cannot listen for target on 127.0.0.1:{taken}: Address already in use",
                       "\n".join(client.lines))
@@ -217,10 +216,9 @@ class ClientModes(TestCase):
         factory = Factory.forProtocol(_ClosesIdle)
         factory.accepted = 0
         backend = await listen(self, factory)
-        listen_port = free_port()
-        client = spawn(self, f"client://127.0.0.1:{listen_port}/127.0.0.1:{backend}?mode=1",
+        client = spawn(self, f"client://127.0.0.1:0/127.0.0.1:{backend}?mode=1",
                        MIN_POOL_CAPACITY="8", MIN_POOL_INTERVAL="300ms")
-        await client.wait_for("single-end listening")
+        listen_port = await client.listening_port("single-end")
         await eventually(lambda: factory.accepted >= 40, timeout=10)  # five rounds of eight
         await sleep(1.5)  # five more rounds, each closed by the target 0.1 s later
         # Each closed one was closed here too: no descriptor is left behind (the process
@@ -231,10 +229,9 @@ class ClientModes(TestCase):
 
     async def test_mode_0_is_single_end_when_the_tunnel_address_is_free(self):
         backend = await echo_backend(self)
-        listen_port = free_port()
-        client = spawn(self, f"client://127.0.0.1:{listen_port}/127.0.0.1:{backend}")
+        client = spawn(self, f"client://127.0.0.1:0/127.0.0.1:{backend}")
         await client.wait_for("single-end mode: forwarding")
-        await client.wait_for(f"single-end listening on 127.0.0.1:{listen_port}")
+        listen_port = await client.listening_port("single-end")
         result = await exchange(listen_port, iter([b"direct"]))
         self.assertEqual(bytes(result.received), b"direct")
 

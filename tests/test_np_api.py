@@ -12,7 +12,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from tests.integration import echo_backend, exchange, free_port, sleep, spawn
+from tests.integration import closed_port, echo_backend, exchange, sleep
 from tests.sse import EventStream
 from tests.test_master_api import KEY, Api, start_master
 from tests.test_master_state import restart_master
@@ -25,8 +25,8 @@ def np_base(master) -> str:
     return f"http://127.0.0.1:{master.port}/api/np/v1"
 
 
-def server_url(tunnel=None, target=None) -> str:
-    return f"server://k@127.0.0.1:{tunnel or free_port()}/127.0.0.1:{target or free_port()}"
+def server_url(key: str = "k") -> str:
+    return f"server://{key}@127.0.0.1:0/127.0.0.1:0"
 
 
 class NpApi:
@@ -103,7 +103,7 @@ class Contract(TestCase):
         self.assertEqual(code, 400)
         self.assertIn("Invalid URL: query: bad value '7' for 'mode'", error["error"])
         self.assertEqual(await self.pid_of(created["id"]), pid)  # left running, untouched
-        new_url = server_url()
+        new_url = server_url(key="k2")
         replaced = await np.ok("PUT", path, {"url": new_url})
         self.assertEqual((replaced["id"], replaced["status"], replaced["url"]),
                          (created["id"], "running", new_url + "?log=info&tls=0"))
@@ -142,7 +142,7 @@ class Contract(TestCase):
         self.assertEqual((open_port["target"], open_port["connected"], open_port["error"]),
                          (f"127.0.0.1:{self.master.port}", True, None))
         self.assertIs(type(open_port["latency"]), int)
-        closed = await np.ok("GET", f"/tcping?target=127.0.0.1:{free_port()}")
+        closed = await np.ok("GET", f"/tcping?target=127.0.0.1:{closed_port(self)}")
         self.assertEqual((closed["connected"], closed["error"]),
                          (False, "Connection refused"))
         for query, fragment in (("", "Target address required"),
@@ -227,16 +227,8 @@ class KeyOnDisk(TestCase):
         self.assertEqual(code, 401)
         self.assertEqual((await Api(master.base, new).ok("GET", "/instances"))["instances"], [])
         await master.stop()
-        again = await restart_master_with_file(self, master)
+        again = await restart_master(self, master, key=None)
         self.assertEqual(len(await NpApi(np_base(again), key=new).ok("GET", "/instances")), 1)
-
-
-async def restart_master_with_file(case, master):
-    again = spawn(case, f"master://127.0.0.1:{master.port}", name="master-2",
-                  NODEPASS_STATE_DIR=str(master.state), REPORT_INTERVAL="500ms")
-    again.port, again.state = master.port, master.state
-    await again.wait_for("master API at")
-    return again
 
 
 class ResetAcrossRestart(TestCase):
@@ -246,9 +238,9 @@ class ResetAcrossRestart(TestCase):
         backend = await echo_backend(self)
         master = await start_master(self)
         np = NpApi(np_base(master))
-        tunnel, exposed = free_port(), free_port()
-        server = await np.ok("POST", "/instances",
-                             {"url": f"server://k@127.0.0.1:{tunnel}/127.0.0.1:{exposed}"}, 201)
+        server = await np.ok("POST", "/instances", {"url": server_url()}, 201)
+        tunnel = await master.listening_port("tunnel", instance=f"ins_{server['id']}")
+        exposed = await master.listening_port("target", instance=f"ins_{server['id']}")
         await np.ok("POST", "/instances",
                     {"url": f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{backend}"}, 201)
         await master.wait_for(rf"\[ins_{server['id']}\] client .* tunnel session open")
@@ -269,8 +261,7 @@ class ResetAcrossRestart(TestCase):
         self.assertEqual((reset["tcprx"], reset["tcptx"], reset["status"]), (0, 0, "running"))
         await master.stop()
         again = await restart_master(self, master)
-        self.assertEqual(again.port, master.port)
-        after = await np.ok("GET", path)
+        after = await NpApi(np_base(again)).ok("GET", path)
         self.assertEqual((after["tcprx"], after["tcptx"]), (0, 0))
-        seed = await Api(master.base).ok("GET", f"/instances/ins_{server['id']}")
+        seed = await Api(again.base).ok("GET", f"/instances/ins_{server['id']}")
         self.assertEqual((seed["tcp_in"], seed["tcp_out"]), (0, 0))

@@ -103,9 +103,9 @@ class Session(Case):
     def test_forward_mode_the_client_listens_and_the_server_dials(self):
         server = Running(self, self.net, f"server://k@127.0.0.1:0/127.0.0.1:{self.backend}"
                                          "?mode=2")
-        client = Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/"
+        client = Running(self, self.net, f"client://k@127.0.0.1:{server.listening_port('tunnel')}/"
                                          "127.0.0.1:0?mode=2")
-        user = connect(self.net, client.port("target"))
+        user = connect(self.net, client.listening_port("target"))
         user.transport.write(b"forward")
         self.net.flush()
         self.assertEqual(bytes(user.received), b"forward")
@@ -116,7 +116,7 @@ class Session(Case):
         forwarder = Running(self, self.net, f"client://127.0.0.1:0/127.0.0.1:{self.backend}"
                                             "?mode=1")
         self.assertEqual(forwarder.tunnel.report().pool, 4)  # target connections ahead
-        user = connect(self.net, forwarder.port("single-end"))
+        user = connect(self.net, forwarder.listening_port("single-end"))
         user.transport.write(b"direct")
         user.transport.loseWriteConnection()
         self.net.flush()
@@ -159,7 +159,7 @@ class Faults(Case):
 
     def test_a_second_client_is_told_the_server_is_busy(self):
         server, _, _ = pair(self, self.net, self.backend)
-        Running(self, self.net, f"client://k@127.0.0.1:{server.port('tunnel')}/127.0.0.1:9"
+        Running(self, self.net, f"client://k@127.0.0.1:{server.listening_port('tunnel')}/127.0.0.1:9"
                                 "?mode=2")
         self.assertEqual(self.log.count("is busy: another client holds the tunnel; retrying"), 1)
         self.assertEqual(self.log.count("refused client 127.0.0.1:"), 1)
@@ -167,7 +167,7 @@ class Faults(Case):
 
     def test_a_wrong_key_is_refused_and_each_end_says_why(self):
         server = Running(self, self.net, "server://right@127.0.0.1:0/127.0.0.1:0")
-        client = Running(self, self.net, f"client://wrong@127.0.0.1:{server.port('tunnel')}/"
+        client = Running(self, self.net, f"client://wrong@127.0.0.1:{server.listening_port('tunnel')}/"
                                          "127.0.0.1:9?mode=2")
         self.assertEqual(self.log.count("authentication failed from 127.0.0.1:"), 1)
         self.assertEqual(self.log.count("authentication failed at server 127.0.0.1:"), 1)
@@ -178,7 +178,7 @@ class Faults(Case):
 
     def test_without_a_client_users_are_closed_at_once(self):
         server = Running(self, self.net, "server://k@127.0.0.1:0/127.0.0.1:0")
-        user = connect(self.net, server.port("target"))
+        user = connect(self.net, server.listening_port("target"))
         self.assertTrue(user.eof)
         self.assertEqual(self.log.count("no client is connected to the tunnel"), 1)
         self.assertEqual(server.tunnel.report().refused, 0)  # not a refusal: nobody to serve
@@ -206,13 +206,13 @@ class Faults(Case):
 
     def test_a_restarted_server_is_found_again(self):
         server, client, _ = pair(self, self.net, self.backend)
-        tunnel = server.port("tunnel")
+        tunnel = server.listening_port("tunnel")
         server.stop()
         self.assertEqual(self.log.count("closed; reconnecting"), 1)
         again = Running(self, self.net, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:0")
         self.net.run(2.0)
         self.assertEqual(client.tunnel.report().state, "connected")
-        user = connect(self.net, again.port("target"))
+        user = connect(self.net, again.listening_port("target"))
         user.transport.write(b"reconnected")
         self.net.flush()
         self.assertEqual(bytes(user.received), b"reconnected")

@@ -23,10 +23,10 @@ from tests.integration import (
     _OneShot,
     echo_backend,
     exchange,
-    free_port,
     listen,
     pattern_bytes,
     recording_proxy,
+    reverse_server,
     sleep,
     spawn,
     tunnel_pair,
@@ -73,9 +73,7 @@ class SelfSigned(TestCase):
 
     async def tunnel_bytes_seen(self, query):
         backend = await echo_backend(self)
-        tunnel_port, exposed = free_port(), free_port()
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel_port}/127.0.0.1:{exposed}{query}")
-        await server.wait_for("target listening")
+        _server, tunnel_port, exposed = await reverse_server(self, query=query)
         proxy, record = await recording_proxy(self, tunnel_port)
         client = spawn(self, f"client://k@127.0.0.1:{proxy}/127.0.0.1:{backend}")
         await client.wait_for("tunnel session open")
@@ -93,9 +91,7 @@ class SelfSigned(TestCase):
         self.assertIn(SECRET, seen)
 
     async def test_man_in_the_middle_is_refused(self):
-        tunnel_port, exposed = free_port(), free_port()
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel_port}/127.0.0.1:{exposed}?tls=1")
-        await server.wait_for("target listening")
+        server, tunnel_port, _exposed = await reverse_server(self, query="?tls=1")
         mitm = await listen(self, _MitmFactory(tunnel_port))
         client = spawn(self, f"client://k@127.0.0.1:{mitm}/127.0.0.1:1")
         await client.wait_for(r"ERROR .*refusing server 127.0.0.1:\d+: its certificate "
@@ -184,9 +180,7 @@ class Verified(TestCase):
 
     async def refused(self, issued, reason, client_query=None):
         query, _, _ = self.server_query(issued)
-        tunnel_port, exposed = free_port(), free_port()
-        server = spawn(self, f"server://k@127.0.0.1:{tunnel_port}/127.0.0.1:{exposed}{query}")
-        await server.wait_for("target listening")
+        server, tunnel_port, _exposed = await reverse_server(self, query=query)
         if client_query is None:
             client_query = f"?ca={self.ca_file}"
         client = spawn(self, f"client://k@127.0.0.1:{tunnel_port}/127.0.0.1:1{client_query}")
@@ -333,7 +327,7 @@ class StartupRefusals(TestCase):
              f"does not match the certificate in '{good_crt}'"),
         ]
         for query, part, reason in cases:
-            result = run_nodepass(f"server://k@127.0.0.1:{free_port()}/127.0.0.1:1?tls=2&{query}")
+            result = run_nodepass(f"server://k@127.0.0.1:0/127.0.0.1:1?tls=2&{query}")
             self.assertEqual(result.returncode, 2, (query, result.stderr))
             self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
             self.assertIn(part, result.stderr)

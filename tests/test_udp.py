@@ -16,7 +16,7 @@ from nodepass.tunnel import wire
 from nodepass.tunnel.udp import UdpCounters
 from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder, Type
 from tests.inmemory import LogLines, ask, pair, udp_peer
-from tests.integration import free_port, peer, sleep, tunnel_pair
+from tests.integration import peer, sleep, tunnel_pair, unreachable_udp_port
 from tests.memnet import MemoryNetwork
 from tests.memory import udp_over_connection
 
@@ -216,7 +216,7 @@ class OnRealSockets(TestCase):
     timeout = 60
 
     async def test_icmp_unreachable_does_not_kill_the_client(self):
-        nobody = free_port()
+        nobody = unreachable_udp_port(self)
         _, client, exposed = await tunnel_pair(self, nobody, **UDP_ENV)
         p = await peer(self, exposed)
         p.transport.write(b"anyone?")
