@@ -1,8 +1,10 @@
 """Instance processes: ``python -m nodepass URL`` children of the master.
 
 Each child gets one end of a Unix socket pair as fd 3 (``NODEPASS_STATUS_FD``)
-and reports its state and counters there as JSON lines; its log lines (stdout)
-are re-emitted by the master with the instance id, its stderr at error level.
+and sends its state, its counters and its log events there as JSON records; the
+master re-emits the log events with the instance id.  What the child prints
+outside its log (a Python crash on stderr, say) is relayed too, stderr at error
+level.
 """
 
 from __future__ import annotations
