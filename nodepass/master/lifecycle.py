@@ -14,6 +14,7 @@ from twisted.internet.error import AlreadyCalled
 from nodepass import logs
 from nodepass.master.instances import Instance
 from nodepass.master.supervisor import ChildProcess, Spawner, describe_exit
+from nodepass.timers import cancelled
 from nodepass.tunables import Tunables
 
 READY_TIMEOUT = 5.0
@@ -85,8 +86,7 @@ class Lifecycle:
         instance.started_at = self.reactor.seconds()
         timer = self.reactor.callLater(READY_TIMEOUT, _fire, instance.ready)
         await instance.ready
-        if timer.active():
-            timer.cancel()
+        cancelled(timer)
         if child.running:
             instance.status = "running"
             self.log.info("instance {id} running", id=instance.id)
@@ -107,8 +107,7 @@ class Lifecycle:
         killer = self.reactor.callLater(grace, child.signal, signal.SIGKILL)
         assert instance.exited is not None
         await instance.exited
-        if killer.active():
-            killer.cancel()
+        cancelled(killer)
         instance.status, instance.error = "stopped", None
         instance.stopped_at = self.reactor.seconds()
         self.log.info("instance {id} stopped", id=instance.id)

@@ -10,6 +10,7 @@ from typing import Any
 from nodepass import logs
 from nodepass.backoff import backoff
 from nodepass.master.instances import Instance
+from nodepass.timers import cancelled
 
 HEALTHY_FACTOR = 10
 
@@ -39,9 +40,7 @@ class RestartPolicy:
         instance.restart_call = self.reactor.callLater(delay, self._again, instance)
 
     def cancel(self, instance: Instance) -> None:
-        if instance.restart_call is not None and instance.restart_call.active():
-            instance.restart_call.cancel()
-        instance.restart_call = None
+        instance.restart_call = cancelled(instance.restart_call)
 
     def _again(self, instance: Instance) -> None:
         instance.restart_call = None

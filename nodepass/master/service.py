@@ -23,6 +23,7 @@ from nodepass.master.state import KEY_FILE, ApiKey, api_key, ensure_dir, state_d
 from nodepass.master.store import SCHEMA_VERSION, Store
 from nodepass.master.tcping import TcpPing
 from nodepass.master.web import KeyCheck, mount
+from nodepass.timers import cancelled
 from nodepass.tls import ServerCredentials
 from nodepass.url import Address, MasterConfig
 
@@ -81,9 +82,7 @@ class DeadlineChannel(HTTPChannel):
         self._deadline = self.callLater(self.request_deadline, self._too_slow)
 
     def _disarm(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        self._deadline = cancelled(self._deadline)
 
     def _too_slow(self) -> None:
         self._deadline = None

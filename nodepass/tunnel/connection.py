@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from nodepass import logs
+from nodepass.timers import cancelled
 from nodepass.tls import fingerprint_text, peer_fingerprint
 from nodepass.tunnel import splice, wire
 from nodepass.tunnel.channel import peer_of, tune
@@ -270,7 +271,10 @@ class Framed(State):
 
 
 class _Timed(Framed):
-    """A handshake phase: the whole handshake must end within HANDSHAKE_TIMEOUT."""
+    """A handshake phase: it waits for one frame (``expects``), and the whole handshake
+    must end within HANDSHAKE_TIMEOUT."""
+
+    expects: Type | None = None
 
     def __init__(self, conn: TunnelConnection, decoder: FrameDecoder | None = None,
                  timer: Any = None) -> None:
@@ -287,13 +291,20 @@ class _Timed(Framed):
         return timer
 
     def leave(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.timer = cancelled(self.timer)
 
     def timed_out(self) -> None:
         self.timer = None
         self.conn.abort()
+
+    def frame(self, frame: Frame) -> None:
+        if frame.type is not self.expects:
+            super().frame(frame)
+        self.expected(frame)
+
+    def expected(self, frame: Frame) -> None:
+        """The one frame this phase waits for (``expects``) has come."""
+        raise NotImplementedError
 
     def start_tls(self, options: Any) -> None:
         if self.decoder.buffered:
@@ -310,6 +321,7 @@ class ServerHello(_Timed):
     """Accepted on the tunnel port: HELLO -> CHALLENGE (then TLS and ATTEST)."""
 
     name = "waiting for HELLO"
+    expects = Type.HELLO
 
     def __init__(self, conn: TunnelConnection, tunnel: Any) -> None:
         super().__init__(conn, FrameDecoder(expect_preamble=True))
@@ -322,9 +334,7 @@ class ServerHello(_Timed):
                               peer=self.conn.peer, t=HANDSHAKE_TIMEOUT)
         super().timed_out()
 
-    def frame(self, frame: Frame) -> None:
-        if frame.type is not Type.HELLO:
-            super().frame(frame)
+    def expected(self, frame: Frame) -> None:
         credentials = self.tunnel.credentials
         if credentials is not None:
             options, self.handshake.binding = credentials.current()
@@ -338,6 +348,7 @@ class ServerHello(_Timed):
 
 class ServerAuth(_Timed):
     name = "waiting for AUTH"
+    expects = Type.AUTH
 
     def __init__(self, conn: TunnelConnection, tunnel: Any, handshake: ServerHandshake,
                  decoder: FrameDecoder, timer: Any) -> None:
@@ -345,16 +356,14 @@ class ServerAuth(_Timed):
         self.tunnel = tunnel
         self.handshake = handshake
 
-    def frame(self, frame: Frame) -> None:
-        if frame.type is not Type.AUTH:
-            super().frame(frame)
+    def expected(self, frame: Frame) -> None:
         try:
             self.handshake.on_auth(frame.payload)
         except AuthenticationError:
             self.tunnel.auth_failed(self.conn.peer)
             self.conn.abort()
             return
-        self.conn._become(Authenticated(self.conn, self.tunnel, self.handshake, self.decoder))
+        self.conn._become(Authenticated(self.conn, self.tunnel, self.decoder))
         self.tunnel.authenticated(self.conn, self.handshake)
 
 
@@ -363,11 +372,9 @@ class Authenticated(Framed):
 
     name = "authenticated"
 
-    def __init__(self, conn: TunnelConnection, tunnel: Any, handshake: ServerHandshake,
-                 decoder: FrameDecoder) -> None:
+    def __init__(self, conn: TunnelConnection, tunnel: Any, decoder: FrameDecoder) -> None:
         super().__init__(conn, decoder)
         self.tunnel = tunnel
-        self.handshake = handshake
 
     def open_control(self, session: Any, welcome: bytes) -> None:
         self.conn.send(welcome)
@@ -390,6 +397,7 @@ class ClientHello(_Timed):
     """Dialed to the server: HELLO -> CHALLENGE -> AUTH (or TLS first)."""
 
     name = "waiting for CHALLENGE"
+    expects = Type.CHALLENGE
 
     def __init__(self, conn: TunnelConnection, tunnel: Any, kind: Kind,
                  session_id: bytes = b"") -> None:
@@ -410,9 +418,7 @@ class ClientHello(_Timed):
                              peer=self.conn.peer, t=HANDSHAKE_TIMEOUT)
         super().timed_out()
 
-    def frame(self, frame: Frame) -> None:
-        if frame.type is not Type.CHALLENGE:
-            super().frame(frame)
+    def expected(self, frame: Frame) -> None:
         mode = self.handshake.on_challenge(frame.payload)
         if mode == 0:
             self.conn.send(self.handshake.auth())
@@ -435,15 +441,14 @@ class ClientAttest(_Timed):
     """TLS is up: the server's first frame attests its certificate with the key."""
 
     name = "waiting for ATTEST"
+    expects = Type.ATTEST
 
     def __init__(self, hello: ClientHello, creator: Any, timer: Any) -> None:
         super().__init__(hello.conn, hello.decoder, timer)
         self.hello = hello
         self.creator = creator
 
-    def frame(self, frame: Frame) -> None:
-        if frame.type is not Type.ATTEST:
-            super().frame(frame)
+    def expected(self, frame: Frame) -> None:
         conn, tunnel = self.conn, self.hello.tunnel
         seen = peer_fingerprint(conn.transport) or b""
         try:
@@ -470,19 +475,21 @@ class ClientAttest(_Timed):
 
 class ClientWelcome(_Timed):
     name = "waiting for WELCOME"
+    expects = Type.WELCOME
 
     def __init__(self, hello: ClientHello, timer: Any) -> None:
         super().__init__(hello.conn, hello.decoder, timer)
         self.hello = hello
 
     def frame(self, frame: Frame) -> None:
-        conn, hello = self.conn, self.hello
-        if frame.type is Type.BUSY and hello.kind is Kind.CONTROL:
-            conn._become(Busy(conn, hello.tunnel))
-            conn.close()
+        if frame.type is Type.BUSY and self.hello.kind is Kind.CONTROL:
+            self.conn._become(Busy(self.conn, self.hello.tunnel))
+            self.conn.close()
             return
-        if frame.type is not Type.WELCOME:
-            super().frame(frame)
+        super().frame(frame)
+
+    def expected(self, frame: Frame) -> None:
+        conn, hello = self.conn, self.hello
         try:
             settings = hello.handshake.on_welcome(frame.payload)
         except AuthenticationError:

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.internet.task import LoopingCall
 
+from nodepass.timers import cancelled
 from nodepass.tunnel import wire
 from nodepass.tunnel.wire import Frame, ProtocolError, Type
 
@@ -49,9 +50,7 @@ class ControlSession:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        self._deadline = cancelled(self._deadline)
 
     def heard(self) -> None:
         """Anything from the peer proves it alive."""

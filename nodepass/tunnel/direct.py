@@ -25,6 +25,7 @@ from nodepass.endpoints import (
     is_ip,
 )
 from nodepass.stats import Report, snapshot
+from nodepass.timers import cancelled
 from nodepass.tunables import Tunables
 from nodepass.tunnel.channel import QuietFactory
 from nodepass.tunnel.egress import LocalConnection, open_udp_target, proxy_header
@@ -95,8 +96,7 @@ class TargetPool:
 
     def stop(self) -> None:
         self.running = False
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        self._retry = cancelled(self._retry)
         while self.idle:
             self.idle.popleft().transport.loseConnection()
 

@@ -10,6 +10,8 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from nodepass.timers import cancelled
+
 BURST_SECONDS = 0.05  # a bucket holds this much of its rate (at least MIN_BURST bytes)
 MIN_BURST = 64 * 1024
 
@@ -123,9 +125,7 @@ class Pacer:
         self.valve.release("rate")
 
     def cancel(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.timer = cancelled(self.timer)
 
 
 class IdleWatch:
@@ -151,9 +151,7 @@ class IdleWatch:
         self.on_idle()
 
     def cancel(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.timer = cancelled(self.timer)
 
 
 def slot_limit(slot: int, semaphore_limit: int) -> tuple[int, str]:

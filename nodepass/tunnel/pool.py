@@ -23,6 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from nodepass import logs
+from nodepass.timers import cancelled
 
 INTERVAL_STEP = 0.1
 POOL_WAIT_TIMEOUT = 5.0  # how long a user waits for a pooled connection
@@ -87,9 +88,7 @@ class ClientPool:
 
     def stop(self) -> None:
         self.running = False
-        if self._round_call is not None and self._round_call.active():
-            self._round_call.cancel()
-        self._round_call = None
+        self._round_call = cancelled(self._round_call)
         self.ready.flush()
 
     def refill(self) -> None:
