@@ -182,3 +182,120 @@ class Refusals(SynchronousTestCase):
         self.assertEqual([e["log_format"] for e in events],
                          ["server {peer} is busy: another client holds the tunnel; retrying"])
         self.assertIsInstance(conn.state, Closed)
+
+
+class _Collaborator:
+    """Stands in for a tunnel, a relay or a session: has a key and a logger, and
+    answers every other call by noting it."""
+
+    key = b"k"
+    tls_mode = 0
+    credentials = None
+    session_fingerprint = None
+
+    def __init__(self) -> None:
+        from nodepass import logs
+
+        self.log = logs.logger("nodepass")
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.calls.append(name)
+
+
+def _every_state():
+    """Each state of the machine, made directly: name -> (state factory)."""
+    from nodepass.tunnel import connection as c
+    from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder
+
+    def hello(conn, other):
+        return c.ClientHello(conn, other, Kind.CONTROL)
+
+    handshake = ServerHandshake(b"k", 0, os.urandom(wire.NONCE_SIZE))
+    return {
+        "ServerHello": lambda conn, o: c.ServerHello(conn, o),
+        "ServerAuth": lambda conn, o: c.ServerAuth(conn, o, handshake, FrameDecoder(), None),
+        "Authenticated": lambda conn, o: c.Authenticated(conn, o, FrameDecoder()),
+        "ClientHello": hello,
+        "ClientAttest": lambda conn, o: c.ClientAttest(hello(conn, o), o, None),
+        "ClientWelcome": lambda conn, o: c.ClientWelcome(hello(conn, o), None),
+        "Busy": lambda conn, o: c.Busy(conn, o),
+        "Control": lambda conn, o: c.Control(conn, o, o, FrameDecoder()),
+        "Pooled": lambda conn, o: c.Pooled(conn, o, FrameDecoder()),
+        "Launched": lambda conn, o: c.Launched(conn),
+        "Streaming": lambda conn, o: c.Streaming(conn, o, None),
+        "AwaitingSession": lambda conn, o: c.AwaitingSession(conn, b""),
+        "Datagrams": lambda conn, o: c.Datagrams(conn, o, FrameDecoder(allowed=DATAGRAM_TYPES)),
+        "Closed": lambda conn, o: c.Closed(conn),
+    }
+
+
+# What an owner may ask of a connection, and the words its refusal uses.
+_OWNER_INPUTS = {
+    "open_control": ("opening the control channel", lambda conn, s: conn.open_control(s, b"")),
+    "refuse_busy": ("refusing as busy", lambda conn, s: conn.refuse_busy()),
+    "pool": ("pooling", lambda conn, s: conn.pool(b"")),
+    "launch_tcp": ("a TCP launch", lambda conn, s: conn.launch_tcp("a:1", "b:2", 0)),
+    "launch_udp": ("a UDP launch", lambda conn, s: conn.launch_udp("a:1", "b:2")),
+    "carry_udp": ("carrying UDP", lambda conn, s: conn.carry_udp(s)),
+    "join": ("joining a relay", lambda conn, s: conn.join(s)),
+}
+
+# The only (state, input) pairs the machine takes; every other pair is refused.
+_TAKEN = {
+    "Authenticated": {"open_control", "pool", "refuse_busy"},
+    "ClientWelcome": {"open_control"},
+    "Pooled": {"launch_tcp", "launch_udp"},
+    "Launched": {"join"},
+    "AwaitingSession": {"carry_udp"},
+    "Closed": {"carry_udp", "join"},  # too late: the session is closed, the relay told
+}
+
+
+class EveryStateEveryInput(SynchronousTestCase):
+    """The whole matrix: each state, each input from an owner and an out-of-turn frame."""
+
+    def connection(self, make_state):
+        other = _Collaborator()
+        conn = TunnelConnection(Clock(), lambda c: make_state(c, other))
+        transport = transport_for(10101)
+        conn.makeConnection(transport)
+        return conn, transport, other
+
+    def test_every_input_a_state_does_not_take_is_refused_with_one_line(self):
+        refused = 0
+        for state_name, make_state in _every_state().items():
+            for input_name, (words, act) in _OWNER_INPUTS.items():
+                if input_name in _TAKEN.get(state_name, ()):
+                    continue
+                conn, transport, other = self.connection(make_state)
+                name = conn.state.name
+                with capturedLogs() as events:
+                    act(conn, other)
+                where = f"{input_name} in {state_name}"
+                self.assertFalse([e for e in events if "log_failure" in e], where)
+                warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
+                self.assertEqual([w.get("why") for w in warnings],
+                                 [f"{words} is not valid while {name}"], where)
+                self.assertTrue(transport.disconnecting, where)
+                if input_name == "carry_udp":
+                    self.assertIn("close", other.calls, f"{where}: the session must end")
+                refused += 1
+        self.assertEqual(refused, 14 * 7 - sum(map(len, _TAKEN.values())))
+
+    def test_every_framed_state_refuses_a_frame_out_of_turn(self):
+        from nodepass.tunnel.connection import Framed
+
+        for state_name, make_state in _every_state().items():
+            conn, transport, _ = self.connection(make_state)
+            if not isinstance(conn.state, Framed) or state_name in ("Control", "Datagrams"):
+                continue  # they hand every frame on (to the control session, the UDP one)
+            name = conn.state.name
+            preamble = wire.PREAMBLE if state_name == "ServerHello" else b""
+            with capturedLogs() as events:
+                conn.dataReceived(preamble + wire.frame(Type.GOODBYE, bytes([1])))
+            warnings = [e.get("why") for e in events if e.get("log_level") == LogLevel.warn]
+            self.assertEqual(warnings, [f"unexpected GOODBYE frame while {name}"], state_name)
+            self.assertTrue(transport.disconnecting, state_name)
