@@ -60,8 +60,38 @@ class LevelGate:
         return PredicateResult.maybe
 
 
+def _escape(code: int) -> str:
+    return {9: "\\t", 10: "\\n", 13: "\\r"}.get(code, f"\\x{code:02x}")
+
+
+# Control characters (C0, DEL, C1) as visible escapes: a peer's address, name or
+# request line cannot rewrite a log line (\r), forge one (\n) or drive a terminal (ESC).
+_CONTROLS = {code: _escape(code) for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``)."""
+    return text.translate(_CONTROLS)
+
+
+@implementer(ILogObserver)
+class _EscapingFields:
+    """Escapes control characters in an event's string fields (``log_*`` keys aside)
+    before it is published, so every observer — ours, twistd's log file — gets them
+    escaped."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self._observer = observer
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        for name, value in event.items():
+            if type(value) is str and not name.startswith("log_"):
+                event[name] = value.translate(_CONTROLS)
+        self._observer(event)
+
+
 gate = LevelGate()
-_observer = FilteringLogObserver(globalLogPublisher, [gate])
+_observer = FilteringLogObserver(_EscapingFields(globalLogPublisher), [gate])
 
 
 def logger(namespace: str | None = None) -> Logger:
@@ -117,7 +147,9 @@ def message_text(event: dict[str, Any]) -> str:
     """An event's message on one line, with its failure's reason (no stamp, no level)."""
     text = formatEvent(event).replace("\n", " | ")
     failure = event.get("log_failure")
-    return f"{text}: {failure.getErrorMessage()}" if failure is not None else text
+    if failure is not None:
+        text = f"{text}: {failure.getErrorMessage()}"
+    return escape_controls(text)
 
 
 def level_label(event: dict[str, Any]) -> str:

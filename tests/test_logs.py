@@ -43,3 +43,44 @@ class Gate(SynchronousTestCase):
         self.assertEqual(self.emit_all("error"), ["error", "critical"])
         self.assertEqual(self.emit_all("fatal"), ["critical"])
         self.assertEqual(self.emit_all("none"), [])
+
+
+class PeerStrings(SynchronousTestCase):
+    """What a peer chooses (an address in a LAUNCH, a name, a request line) cannot
+    rewrite a log line, forge another or drive the operator's terminal."""
+
+    HOSTILE = "203.0.113.9:1\r\x1b[2J\x1b[31mFATAL forged\nline\x85"
+    ESCAPED = "203.0.113.9:1\\r\\x1b[2J\\x1b[31mFATAL forged\\nline\\x85"
+
+    def test_fields_are_escaped_before_any_observer_sees_them(self):
+        from twisted.logger import capturedLogs
+
+        from nodepass import logs
+
+        with capturedLogs() as events:  # the global publisher: twistd's log file sees this
+            logs.logger("nodepass").warn("launch from {source}", source=self.HOSTILE)
+        (event,) = events
+        self.assertEqual(event["source"], self.ESCAPED)
+        line = format_line(event)
+        self.assertTrue(line.endswith(f"launch from {self.ESCAPED}"), line)
+        self.assertEqual(line.count("\n") + line.count("\r") + line.count("\x1b"), 0)
+
+    def test_a_launch_from_the_peer_is_logged_escaped(self):
+        from twisted.logger import capturedLogs
+
+        from nodepass import logs
+        from nodepass.tunnel import wire
+        from nodepass.tunnel.wire import Proto
+        from tests.memory import add_data, open_session, server_tunnel
+
+        tunnel, _ = server_tunnel(controls={"mode": 2})
+        data = add_data(tunnel, open_session(tunnel), 46001)
+        logs.gate.set_level("debug")
+        self.addCleanup(logs.gate.set_level, "info")
+        with capturedLogs() as events:
+            data.send(wire.launch(Proto.TCP, "203.0.113.9:1\r\x1b[2J\x1b[31mFATAL\nforged"))
+        lines = [format_line(e) for e in events]
+        launch = [line for line in lines if "launch from" in line]
+        self.assertEqual(len(launch), 1, lines)
+        self.assertIn("launch from 203.0.113.9:1\\r\\x1b[2J\\x1b[31mFATAL\\nforged", launch[0])
+        self.assertFalse(any(c in line for line in lines for c in "\r\n\x1b"), lines)
