@@ -251,7 +251,10 @@ def _client(root: RootService, config: ClientConfig, tunables: Tunables,
     from nodepass.tunnel.targets import TargetDialer
 
     dialer = TargetDialer.for_config(root.reactor, config, tunables)
-    if config.mode == 1 or (config.mode == 0 and bindable(config.tunnel)):
+    # mode=0 turns single-end when the server address is free here — but never for a URL
+    # with a key: a keyed client means a tunnel, and single-end forwards anyone, keyless.
+    if config.mode == 1 or (config.mode == 0 and config.tunnel_key is None
+                            and bindable(config.tunnel)):
         return _single_end(root, config, tunables, dialer)
 
     def forward_listeners(tunnel: ClientTunnel) -> list[Any]:

@@ -97,6 +97,12 @@ class InMemory(SynchronousTestCase):
         self.assertEqual(self.log.count("single-end mode: forwarding"), 1)
         self.check_tcp_and_udp(client.listening_port("single-end"))
         self.assertEqual(client.tunnel.report().mode, "single-end")
+        self.assertEqual(self.log.count("uses no tunnel key"), 0)
+
+    def test_single_end_with_a_key_says_the_key_is_not_used(self):
+        Running(self, self.net, f"client://k@127.0.0.1:0/127.0.0.1:{self.backend}?mode=1")
+        self.assertEqual(self.log.count("mode=1: single-end mode uses no tunnel key: whoever "
+                                        "reaches 127.0.0.1:0 is forwarded"), 1)
 
     def test_single_end_opens_target_connections_ahead_of_users(self):
         factory = Factory.forProtocol(_Greeting)
@@ -111,6 +117,17 @@ class InMemory(SynchronousTestCase):
         self.net.flush()
         self.assertEqual(bytes(user.received), b"hello\nping")
         self.assertEqual(factory.accepted, 5)
+
+    def test_a_keyed_client_never_turns_single_end_by_itself(self):
+        # mode=0, and the server's address is one this machine could listen on (the
+        # server runs on the memory network): with a key in the URL it still dials it.
+        server = Running(self, self.net, "server://k@127.0.0.1:0/127.0.0.1:0", **UDP_ENV)
+        tunnel = server.listening_port("tunnel")
+        Running(self, self.net, f"client://k@127.0.0.1:{tunnel}/127.0.0.1:{self.backend}",
+                **UDP_ENV)
+        self.assertEqual(self.log.count("single-end"), 0)
+        self.assertEqual(self.log.count("tunnel session open"), 2)
+        self.check_tcp_and_udp(server.listening_port("target"))
 
     def test_mode_2_always_dials_a_server(self):
         Running(self, self.net, f"client://k@127.0.0.1:20000/127.0.0.1:{self.backend}?mode=2")

@@ -214,6 +214,9 @@ class DirectForwarder(Service):
         targets = format_targets(self.config.targets)
         self.log.info("single-end mode: forwarding {listen} straight to {targets} (no tunnel "
                       "server)", listen=self.config.tunnel, targets=targets)
+        if self.config.tunnel_key is not None:
+            self.log.warn("mode=1: single-end mode uses no tunnel key: whoever reaches {listen} "
+                          "is forwarded", listen=self.config.tunnel)
         self.pool.start()
 
     def stopService(self) -> Deferred[None]:
