@@ -320,6 +320,13 @@ def _parse_query(scheme: str, query: str) -> dict[str, Any]:
     return values
 
 
+def given_parameters(text: str) -> frozenset[str]:
+    """The parameters the URL ``text`` sets, named as the parser reads them
+    (percent-decoded: ``%74ls=2`` sets ``tls``)."""
+    scheme, _, _, _, query = _split(text)
+    return frozenset(_parse_query(scheme, query))
+
+
 def _format_query(config: Config) -> str:
     parts = []
     for name in _MODE_PARAMS[config.scheme]:

@@ -240,6 +240,12 @@ class Inheritance(Case):
         explicit = self.create("client://k@127.0.0.1:1/127.0.0.1:2?log=warn")
         self.assertTrue(explicit["url"].endswith("?log=warn"))
 
+    def test_percent_encoded_parameter_names_count_as_given(self):
+        # '%74ls=1' is tls=1 to the parser: the master's tls=0 must not replace it
+        made = self.create("server://k@127.0.0.1:0/127.0.0.1:0?%74ls=1&%6cog=warn")
+        self.assertTrue(made["url"].endswith("?log=warn&tls=1"), made["url"])
+        self.assertEqual(self.master.children.spawned[-1][0].split("?")[1], "log=warn&tls=1")
+
 
 class AuthOff(SynchronousTestCase):
     def test_auth_0_takes_requests_without_a_key(self):

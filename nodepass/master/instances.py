@@ -11,7 +11,15 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock
 
-from nodepass.url import ClientConfig, MasterConfig, ServerConfig, URLError, format_url, parse
+from nodepass.url import (
+    ClientConfig,
+    MasterConfig,
+    ServerConfig,
+    URLError,
+    format_url,
+    given_parameters,
+    parse,
+)
 
 COUNTERS = ("tcp_in", "tcp_out", "udp_in", "udp_out")
 PEER_FIELDS = ("sid", "type", "alias")  # NodePass's meta.peer
@@ -97,7 +105,7 @@ def parse_instance_url(text: str, master: MasterConfig) -> ServerConfig | Client
     return inherit(config, given_parameters(text), master)
 
 
-def inherit(config: ServerConfig | ClientConfig, given: set[str],
+def inherit(config: ServerConfig | ClientConfig, given: frozenset[str],
             master: MasterConfig) -> ServerConfig | ClientConfig:
     """Fill what the URL did not set from the master: ``log``, and for servers ``tls``
     (with ``crt``/``key`` when tls=2), as the NodePass master does."""
@@ -107,8 +115,3 @@ def inherit(config: ServerConfig | ClientConfig, given: set[str],
     if isinstance(config, ServerConfig) and "tls" not in given:
         values.update(tls=master.tls, crt=master.crt, key=master.key)
     return replace(config, **values)
-
-
-def given_parameters(url: str) -> set[str]:
-    _, _, query = url.partition("?")
-    return {item.partition("=")[0] for item in query.split("&") if item}
