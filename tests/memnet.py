@@ -405,9 +405,19 @@ class MemoryNetwork(MemoryReactorClock):
                      if (a, destination[1]) in self.udp_ports), None)
                 if udp is not None and udp.open:
                     udp.protocol.datagramReceived(data, source)
+                else:
+                    self._unreachable(destination, source)
             if not moved and not any(c.getTime() <= self.seconds() for c in self.calls):
                 return
         raise AssertionError(f"the memory network did not settle in {limit} rounds")
+
+    def _unreachable(self, destination: tuple[str, int], source: tuple[str, int]) -> None:
+        """Nobody at ``destination``: as the kernel does with ICMP port unreachable, a
+        sender whose socket is connected there hears ``connectionRefused``."""
+        sender = self.udp_ports.get(source) or next(
+            (p for p in self.udp_ports.values() if p.port == source[1]), None)
+        if sender is not None and sender.open and sender.connected_to == destination:
+            sender.protocol.connectionRefused()
 
     def run(self, seconds: float, step: float = 0.1) -> None:
         """Let ``seconds`` pass in steps, flushing after each."""

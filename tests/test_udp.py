@@ -15,8 +15,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from nodepass.tunnel import wire
 from nodepass.tunnel.udp import UdpCounters
 from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder, Type
-from tests.inmemory import LogLines, ask, pair, udp_peer
-from tests.integration import peer, sleep, tunnel_pair, unreachable_udp_port
+from tests.inmemory import LogLines, Running, ask, pair, udp_peer
+from tests.integration import peer, sleep, spawn, tunnel_pair, unreachable_udp_port
 from tests.memnet import MemoryNetwork
 from tests.memory import udp_over_connection
 
@@ -210,17 +210,55 @@ class EndToEnd(SynchronousTestCase):
         self.assertEqual(client.tunnel.report().state, "connected")
 
 
+    def test_a_target_that_refuses_ends_the_session_with_one_line(self):
+        nobody = 9  # nothing listens there on the memory network
+        _, client, exposed = pair(self, self.net, nobody, **UDP_ENV)
+        user, _ = udp_peer(self.net)
+        for n in range(5):
+            user.transport.write(b"anyone? %d" % n, ("127.0.0.1", exposed))
+            self.net.flush()
+            self.assertEqual((client.tunnel.report().udp_sessions,
+                              client.tunnel.report().state), (0, "connected"))
+        self.assertEqual(self.log.count(f"UDP target 127.0.0.1:{nobody} refused the datagrams "
+                                        "(ICMP port unreachable): its session ended"), 1)
+        self.assertEqual(self.log.count("Traceback") + self.log.count("Unhandled"), 0)
+
+    def test_single_end_ends_the_session_when_the_target_refuses(self):
+        nobody = 9
+        forwarder = Running(self, self.net, f"client://127.0.0.1:0/127.0.0.1:{nobody}?mode=1",
+                            **UDP_ENV)
+        user, _ = udp_peer(self.net)
+        for n in range(5):
+            user.transport.write(b"anyone? %d" % n,
+                                 ("127.0.0.1", forwarder.listening_port("single-end")))
+            self.net.flush()
+            self.assertEqual(forwarder.tunnel.report().udp_sessions, 0)
+        self.assertEqual(self.log.count("refused the datagrams (ICMP port unreachable)"), 1)
+
+
 class OnRealSockets(TestCase):
     """What only the kernel can show: an ICMP port unreachable."""
 
     timeout = 60
 
-    async def test_icmp_unreachable_does_not_kill_the_client(self):
+    async def check_refusing_target(self, daemon, exposed):
+        p = await peer(self, exposed)
+        for n in range(6):
+            p.transport.write(b"anyone? %d" % n)
+            await sleep(0.05)
+        await daemon.wait_for(r"UDP target 127\.0\.0\.1:\d+ (refused the datagrams|closed "
+                              r"the socket) \(ICMP port unreachable\): its session ended")
+        self.assertTrue(daemon.running)
+        self.assertEqual(daemon.count("Traceback") + daemon.count("Unhandled"), 0,
+                         "\n".join(daemon.lines))
+
+    async def test_icmp_unreachable_ends_the_session_at_the_client(self):
         nobody = unreachable_udp_port(self)
         _, client, exposed = await tunnel_pair(self, nobody, **UDP_ENV)
-        p = await peer(self, exposed)
-        p.transport.write(b"anyone?")
-        await client.wait_for("tunnel session open")
-        await sleep(0.5)
-        self.assertTrue(client.running)
-        self.assertEqual(client.count("Traceback"), 0)
+        await self.check_refusing_target(client, exposed)
+
+    async def test_icmp_unreachable_ends_the_session_in_single_end_mode(self):
+        nobody = unreachable_udp_port(self)
+        forwarder = spawn(self, f"client://127.0.0.1:0/127.0.0.1:{nobody}?mode=1", **UDP_ENV)
+        await self.check_refusing_target(forwarder, await forwarder.listening_port(
+            "single-end", udp=True))

@@ -92,7 +92,8 @@ class Egress:
 
 def open_udp_target(flows: Flows, dialer: TargetDialer, local: LocalUdp, target: Address,
                     session: UdpSession) -> None:
-    """Resolve ``target`` and open ``local`` to it; on failure end ``session``."""
+    """Resolve ``target`` and open ``local`` to it; when it cannot be reached, or refuses
+    (ICMP port unreachable), end ``session`` with a throttled line."""
 
     def opened(ips: list[str]) -> None:
         if session.ended:
@@ -105,5 +106,11 @@ def open_udp_target(flows: Flows, dialer: TargetDialer, local: LocalUdp, target:
     def failed(reason: Failure) -> None:
         flows.warn(f"cannot reach UDP target {target}: {describe_failure(reason)}")
         session.close()
+
+    def went(why: str) -> None:
+        flows.warn(f"UDP target {target} {why}: its session ended")
+        session.close()
+
+    local.gone = went
 
     dialer.names.resolve(target.host).addCallbacks(opened, failed)

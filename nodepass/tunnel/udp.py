@@ -121,6 +121,7 @@ class LocalUdp(DatagramProtocol):
 
     def __init__(self) -> None:
         self.received: Callable[[bytes], Any] | None = None
+        self.gone: Callable[[str], Any] | None = None  # the target refused, the socket went
         self.pending: list[bytes] | None = []  # None once open
         self.port: Any = None
 
@@ -139,6 +140,8 @@ class LocalUdp(DatagramProtocol):
             if len(self.pending) < PENDING_LIMIT:
                 self.pending.append(payload)
             return
+        if self.transport is None:
+            return  # the socket went (its session is ending): as a lost datagram
         try:
             self.transport.write(payload)
         except OSError:
@@ -158,4 +161,17 @@ class LocalUdp(DatagramProtocol):
             self.received(data)
 
     def connectionRefused(self) -> None:
-        """ICMP port unreachable: the target is not there (yet); UDP goes on."""
+        """ICMP port unreachable: nothing listens at the target, the session ends."""
+        self._went("refused the datagrams (ICMP port unreachable)")
+
+    def stopProtocol(self) -> None:
+        # Not closed by us: the reactor dropped the socket (epoll reports a pending ICMP
+        # error as a hang-up on Linux).
+        if self.port is not None:
+            self.port = None
+            self._went("closed the socket (ICMP port unreachable)")
+
+    def _went(self, why: str) -> None:
+        gone, self.gone = self.gone, None
+        if gone is not None:
+            gone(why)
