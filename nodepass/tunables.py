@@ -93,6 +93,10 @@ _SPECS: dict[str, _Spec] = {
     "max_pool_interval": _Spec(parse_duration, f"{_DUR}, > 0", lambda v: v > 0),
     "udp_data_buf_size": _Spec(_whole, f"{_INT} from 1 to 65535", lambda v: 1 <= v <= 65535),
     "udp_read_timeout": _Spec(parse_duration, f"{_DUR}, > 0", lambda v: v > 0),
+    "udp_answer_timeout": _Spec(parse_duration, f"{_DUR}, > 0", lambda v: v > 0),
+    "udp_max_sessions": _Spec(_whole, f"{_INT} >= 0 (0: half the slot limit)",
+                              lambda v: v >= 0),
+    "udp_max_per_source": _Spec(_whole, f"{_INT} >= 1", lambda v: v >= 1),
     "report_interval": _Spec(parse_duration, f"{_DUR}, > 0", lambda v: v > 0),
     "reload_interval": _Spec(parse_duration, f"{_DUR}, > 0", lambda v: v > 0),
     "service_cooldown": _Spec(parse_duration, f"{_DUR}, >= 0", lambda v: v >= 0),
@@ -111,6 +115,10 @@ class Tunables:
     max_pool_interval: float = 5.0
     udp_data_buf_size: int = 8192
     udp_read_timeout: float = 5.0
+    # A session whose target never answered ends after this (UDP_READ_TIMEOUT once it has).
+    udp_answer_timeout: float = 2.0
+    udp_max_sessions: int = 0  # 0: half the slot limit in force (all of it with notcp=1)
+    udp_max_per_source: int = 32  # sessions at once from one source IP address
     report_interval: float = 5.0
     reload_interval: float = 3600.0
     service_cooldown: float = 5.0

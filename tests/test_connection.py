@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -99,6 +100,7 @@ class Refusals(SynchronousTestCase):
 
     def test_a_udp_session_takes_only_datagram_frames(self):
         net = MemoryNetwork()
+        net.listenUDP(2, DatagramProtocol(), interface="127.0.0.1")  # the target, silent
         tunnel = ServerTunnel(net, ServerConfig(tunnel=Address("127.0.0.1", 1),
                                                 target=Address("127.0.0.1", 2), tunnel_key="k",
                                                 mode=2), Tunables(report_interval=1.0))

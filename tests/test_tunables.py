@@ -34,7 +34,8 @@ class FromEnviron(SynchronousTestCase):
             semaphore_limit=1024, min_pool_capacity=16, max_pool_capacity=1024,
             min_pool_interval=1.0, max_pool_interval=5.0, udp_data_buf_size=8192,
             udp_read_timeout=5.0, report_interval=5.0, reload_interval=3600.0,
-            service_cooldown=5.0, shutdown_timeout=5.0))
+            service_cooldown=5.0, shutdown_timeout=5.0, udp_answer_timeout=2.0,
+            udp_max_sessions=0, udp_max_per_source=32))
 
     def test_every_tunable_is_read(self):
         good = {
@@ -43,7 +44,8 @@ class FromEnviron(SynchronousTestCase):
             "MAX_POOL_INTERVAL": ("1h", 3600.0), "UDP_DATA_BUF_SIZE": ("65535", 65535),
             "UDP_READ_TIMEOUT": ("1m", 60.0), "REPORT_INTERVAL": ("250ms", 0.25),
             "RELOAD_INTERVAL": ("1h30m", 5400.0), "SERVICE_COOLDOWN": ("0", 0.0),
-            "SHUTDOWN_TIMEOUT": ("2s", 2.0),
+            "SHUTDOWN_TIMEOUT": ("2s", 2.0), "UDP_ANSWER_TIMEOUT": ("500ms", 0.5),
+            "UDP_MAX_SESSIONS": ("100", 100), "UDP_MAX_PER_SOURCE": ("4", 4),
         }
         self.assertEqual(sorted(good), sorted(environment_names()))
         tunables = from_environ({name: text for name, (text, _) in good.items()})
@@ -74,6 +76,9 @@ class FromEnviron(SynchronousTestCase):
             "RELOAD_INTERVAL": ["0", "1day"],
             "SERVICE_COOLDOWN": ["-1s", "5"],
             "SHUTDOWN_TIMEOUT": ["-5s", "soon"],
+            "UDP_ANSWER_TIMEOUT": ["0", "2"],
+            "UDP_MAX_SESSIONS": ["-1", "half"],
+            "UDP_MAX_PER_SOURCE": ["0", "x"],
         }
         self.assertEqual(sorted(bad), sorted(environment_names()))
         for name, values in bad.items():

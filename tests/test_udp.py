@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from nodepass.tunnel import wire
 from nodepass.tunnel.udp import UdpCounters
 from nodepass.tunnel.wire import DATAGRAM_TYPES, FrameDecoder, Type
-from tests.inmemory import LogLines, Running, ask, pair, udp_peer
+from tests.inmemory import LogLines, Running, UdpPeer, ask, pair, udp_peer
 from tests.integration import peer, sleep, spawn, tunnel_pair, unreachable_udp_port
 from tests.memnet import MemoryNetwork
 from tests.memory import udp_over_connection
@@ -262,3 +262,88 @@ class OnRealSockets(TestCase):
         forwarder = spawn(self, f"client://127.0.0.1:0/127.0.0.1:{nobody}?mode=1", **UDP_ENV)
         await self.check_refusing_target(forwarder, await forwarder.listening_port(
             "single-end", udp=True))
+
+
+class Floods(SynchronousTestCase):
+    """UDP cannot starve TCP: its own session limit within the slot limit, a per-source
+    cap, short lives for sessions the target never answered, and pooled connections
+    for TCP users first."""
+
+    def setUp(self):
+        self.net = MemoryNetwork()
+        self.log = LogLines(self, self.net)
+
+    def test_tcp_users_are_served_throughout_a_udp_flood_from_one_host(self):
+        from tests.inmemory import User, connect, echo_backend
+
+        backend = echo_backend(self.net)
+        silent = UdpPeer()  # takes every datagram, never answers
+        self.net.listenUDP(backend, silent, interface="127.0.0.1")
+        server, client, exposed = pair(self, self.net, backend, server_query="?slot=100",
+                                       UDP_READ_TIMEOUT="30s")
+        flooders = [udp_peer(self.net)[0] for _ in range(1000)]  # one host, 1,000 ports
+        served = most = 0
+        for tick in range(50):  # 5 s: 200 new sources per second; TCP users from 1 s on
+            for p in flooders[tick * 20:tick * 20 + 20]:
+                p.transport.write(b"x", ("127.0.0.1", exposed))
+            self.net.run(0.1, step=0.1)
+            most = max(most, server.tunnel.report().udp_sessions)
+            if tick < 10:
+                continue
+            user = connect(self.net, exposed, User())
+            user.transport.write(b"tcp %d" % tick)
+            self.net.run(0.1, step=0.1)
+            self.assertEqual(bytes(user.received), b"tcp %d" % tick, f"at {tick / 10:g}s")
+            user.transport.loseConnection()
+            served += 1
+        self.assertEqual(served, 40)
+        self.assertEqual(most, 32)  # UDP_MAX_PER_SOURCE
+        self.assertGreater(server.tunnel.report().refused, 0)
+        self.assertEqual(self.log.count("sessions from 127.0.0.1 already (UDP_MAX_PER_SOURCE)"),
+                         1)  # throttled: one line for the whole flood
+        self.net.run(2.5)  # UDP_ANSWER_TIMEOUT (2 s): unanswered sessions are gone
+        self.assertEqual((server.tunnel.report().udp_sessions,
+                          client.tunnel.report().udp_sessions), (0, 0))
+        self.assertGreater(len(silent.received), 32)
+
+    def test_an_answered_session_lives_for_udp_read_timeout(self):
+        _, backend = udp_peer(self.net, echo=True)
+        server, _, exposed = pair(self, self.net, backend, UDP_READ_TIMEOUT="10s")
+        user, _ = udp_peer(self.net)
+        self.assertEqual(ask(self.net, user, exposed, b"answered?"), [b"answered?"])
+        self.net.run(5)
+        self.assertEqual(server.tunnel.report().udp_sessions, 1)  # past UDP_ANSWER_TIMEOUT
+        self.net.run(6)
+        self.assertEqual(server.tunnel.report().udp_sessions, 0)  # UDP_READ_TIMEOUT
+
+
+class UdpAdmission(SynchronousTestCase):
+    def test_udp_sessions_get_half_the_slot_limit_unless_tcp_is_off(self):
+        from nodepass.tunables import Tunables
+        from nodepass.tunnel.flows import Flows
+
+        flows = Flows(Clock(), Tunables(), slot=10)
+        udp = [flows.reserve_udp("UDP") for _ in range(6)]
+        self.assertEqual([s is not None for s in udp], [True] * 5 + [False])
+        tcp = [flows.reserve("TCP") for _ in range(6)]
+        self.assertEqual([s is not None for s in tcp], [True] * 5 + [False])
+        self.assertEqual(flows.refused, 2)
+        udp[0].release()
+        udp[0].release()  # idempotent
+        self.assertIsNotNone(flows.reserve("TCP"))
+        self.assertIsNone(flows.reserve_udp("UDP"))  # the slot limit itself is full
+        udp_only = Flows(Clock(), Tunables(udp_max_sessions=100), slot=10, notcp=1)
+        self.assertEqual(sum(udp_only.reserve_udp("UDP") is not None for _ in range(12)), 10)
+        capped = Flows(Clock(), Tunables(udp_max_sessions=3), slot=10)
+        self.assertEqual(sum(capped.reserve_udp("UDP") is not None for _ in range(12)), 3)
+
+    def test_pooled_connections_go_to_tcp_users_before_udp_sources(self):
+        from nodepass.tunnel.pool import IdlePool
+
+        pool = IdlePool(Clock(), 10, 5.0, lambda n: None)
+        got = []
+        pool.take_udp(lambda c: got.append(("udp", c)), got.append)
+        pool.take(lambda c: got.append(("tcp", c)), got.append)
+        pool.add("first")
+        pool.add("second")
+        self.assertEqual(got, [("tcp", "first"), ("udp", "second")])

@@ -55,10 +55,13 @@ class Egress:
         if self.notcp if launch.proto is Proto.TCP else self.noudp:
             self.flows.refuse(what, f"no{launch.proto.name.lower()}=1 on this end")
             conn.abort()
+        elif launch.proto is Proto.UDP:
+            if (slot := self.flows.reserve_udp(what)) is None:
+                conn.abort()
+            else:
+                self._udp(conn, launch, slot)
         elif (slot := self.flows.reserve(what)) is None:
             conn.abort()
-        elif launch.proto is Proto.UDP:
-            self._udp(conn, launch, slot)
         else:
             self.flows.log.debug("launch from {source}", source=launch.source)
             attempt = self.dialer.connect(QuietFactory(LocalConnection))

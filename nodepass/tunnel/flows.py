@@ -29,17 +29,27 @@ from nodepass.url import DEFAULT_SLOT, ClientConfig, ServerConfig
 
 
 class Slot:
-    """One connection or UDP session counted against the limit, from admission until
-    it ends; :meth:`release` may be called any number of times."""
+    """One connection or UDP session counted against the limits (each set in
+    ``held``), from admission until it ends; :meth:`release` may be called any number
+    of times."""
 
     __slots__ = ("_held",)
 
-    def __init__(self, held: set[Slot]) -> None:
+    def __init__(self, *held: set[Slot]) -> None:
         self._held = held
-        held.add(self)
+        for counted in held:
+            counted.add(self)
 
     def release(self) -> None:
-        self._held.discard(self)
+        for counted in self._held:
+            counted.discard(self)
+
+
+def udp_session_limit(tunables: Tunables, limit: int, notcp: int = 0) -> int:
+    """How many UDP sessions may be held at once: UDP_MAX_SESSIONS, never more than
+    half the slot limit in force — the rest is kept for TCP users — unless TCP is off."""
+    share = limit if notcp else max(1, limit // 2)
+    return min(tunables.udp_max_sessions or share, share)
 
 
 class FarSide(Protocol):
@@ -57,7 +67,7 @@ class Flows:
     log = logs.logger("nodepass")
 
     def __init__(self, clock: Any, tunables: Tunables, slot: int = DEFAULT_SLOT,
-                 rate: int = 0, read: float = 0.0, block: str = "") -> None:
+                 rate: int = 0, read: float = 0.0, block: str = "", notcp: int = 0) -> None:
         self.clock = clock
         self.tunables = tunables
         self.traffic = Traffic()
@@ -65,8 +75,10 @@ class Flows:
         self.udp_sessions: set[UdpSession] = set()
         self.udp_drops = UdpCounters()
         self.slots: set[Slot] = set()
+        self.udp_slots: set[Slot] = set()
         self.refused = 0
         self.limit, self.limit_name = slot_limit(slot, tunables.semaphore_limit)
+        self.udp_limit = udp_session_limit(tunables, self.limit, notcp)
         if slot != DEFAULT_SLOT and (slot == 0 or slot > tunables.semaphore_limit):
             self.log.warn("slot={slot} is above SEMAPHORE_LIMIT ({limit}): at most {limit} "
                           "at once (raise SEMAPHORE_LIMIT to allow more)", slot=slot,
@@ -81,7 +93,8 @@ class Flows:
     def for_config(cls, clock: Any, tunables: Tunables,
                    config: ServerConfig | ClientConfig) -> Flows:
         """An instance's flows with its ``slot=``, ``rate=``, ``read=`` and ``block=``."""
-        return cls(clock, tunables, config.slot, config.rate, config.read, config.block)
+        return cls(clock, tunables, config.slot, config.rate, config.read, config.block,
+                   config.notcp)
 
     def in_use(self) -> int:
         """What the slot limit counts: relays, connections on their way, UDP sessions."""
@@ -94,6 +107,17 @@ class Flows:
             return Slot(self.slots)
         self.refuse(what, f"{self.limit_name} reached")
         return None
+
+    def reserve_udp(self, what: str) -> Slot | None:
+        """A slot for one more UDP session, or None: UDP sessions have their own limit
+        within the slot limit, so a UDP flood cannot take every slot from TCP users."""
+        if len(self.udp_slots) >= self.udp_limit:
+            self.refuse(what, f"the UDP session limit ({self.udp_limit}) is reached")
+            return None
+        if len(self.slots) >= self.limit:
+            self.refuse(what, f"{self.limit_name} reached")
+            return None
+        return Slot(self.slots, self.udp_slots)
 
     def refuse(self, what: str, why: str) -> None:
         self.refused += 1
@@ -183,7 +207,8 @@ class Flows:
         session = UdpSession(self.clock, far.send_datagram, deliver, self.udp_timeout,
                              self.tunables.udp_data_buf_size, self.traffic.add_udp_in,
                              self.traffic.add_udp_out, self.udp_drops, ended,
-                             rate.inbound if rate else None, rate.outbound if rate else None)
+                             rate.inbound if rate else None, rate.outbound if rate else None,
+                             answer_timeout=self.tunables.udp_answer_timeout)
         self.udp_sessions.add(session)
         return session
 

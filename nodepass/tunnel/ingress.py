@@ -12,6 +12,7 @@ session, or no free slot, is turned away at once.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -124,6 +125,8 @@ class Ingress:
 class _Pending:
     """A source waiting for its far side; keeps its first datagrams."""
 
+    __slots__ = ("queue", "slot", "waiter")
+
     def __init__(self, slot: Slot) -> None:
         self.slot = slot
         self.queue: list[bytes] = []
@@ -137,6 +140,7 @@ class IngressUdp(DatagramProtocol):
         self.ingress = ingress
         self.flows = ingress.flows
         self.sessions: dict[tuple[str, int], UdpSession | _Pending] = {}
+        self.per_source: Counter[str] = Counter()  # sessions (pending too) per source IP
 
     def startProtocol(self) -> None:
         self.transport.maxPacketSize = MAX_DATAGRAM + 1  # so oversize is seen, not cut
@@ -165,12 +169,17 @@ class IngressUdp(DatagramProtocol):
             pass
         elif (why := self.ingress.unavailable()) is not None:
             flows.warn(f"dropped a datagram from {_peer(addr)}: {why}")
-        elif (slot := flows.reserve(f"UDP from {_peer(addr)}")) is None:
+        elif self.per_source[addr[0]] >= (most := flows.tunables.udp_max_per_source):
+            flows.udp_drops.overload += 1
+            flows.refuse(f"UDP from {_peer(addr)}", f"{most} sessions from {addr[0]} already "
+                                                   "(UDP_MAX_PER_SOURCE)")
+        elif (slot := flows.reserve_udp(f"UDP from {_peer(addr)}")) is None:
             flows.udp_drops.overload += 1
         else:
             pending = _Pending(slot)
             pending.queue.append(data)
             self.sessions[addr] = pending
+            self.per_source[addr[0]] += 1
             pending.waiter = self.ingress.source.take_udp(
                 lambda far: self._launch(addr, far), lambda why: self._unserved(addr, why))
 
@@ -191,6 +200,7 @@ class IngressUdp(DatagramProtocol):
     def _unserved(self, addr: tuple[str, int], why: str) -> None:
         pending = self.sessions.pop(addr, None)
         if isinstance(pending, _Pending):
+            self._left(addr)
             pending.slot.release()
             self.flows.udp_drops.overload += len(pending.queue)
             self.flows.warn(f"dropped datagrams from {_peer(addr)}: {why}")
@@ -198,6 +208,13 @@ class IngressUdp(DatagramProtocol):
     def _ended(self, addr: tuple[str, int], session: UdpSession) -> None:
         if self.sessions.get(addr) is session:
             del self.sessions[addr]
+            self._left(addr)
+
+    def _left(self, addr: tuple[str, int]) -> None:
+        ip = addr[0]
+        self.per_source[ip] -= 1
+        if self.per_source[ip] <= 0:
+            del self.per_source[ip]
 
     def close_all(self) -> None:
         for key, entry in list(self.sessions.items()):
@@ -207,6 +224,7 @@ class IngressUdp(DatagramProtocol):
                 if entry.waiter is not None:
                     self.ingress.source.cancel(entry.waiter)
                 entry.slot.release()
+                self._left(key)
             self.sessions.pop(key, None)
 
 

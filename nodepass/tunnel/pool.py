@@ -117,13 +117,18 @@ class ClientPool:
 
     def take(self, on_ready: Callable[[Any], None],
              on_unavailable: Callable[[str], None]) -> Any:
+        return self.ready.take(self._handing_out(on_ready), on_unavailable)
+
+    def take_udp(self, on_ready: Callable[[Any], None],
+                 on_unavailable: Callable[[str], None]) -> Any:
+        return self.ready.take_udp(self._handing_out(on_ready), on_unavailable)
+
+    def _handing_out(self, on_ready: Callable[[Any], None]) -> Callable[[Closable], None]:
         def hand_out(conn: Closable) -> None:
             self.taken(conn)
             on_ready(conn)
 
-        return self.ready.take(hand_out, on_unavailable)
-
-    take_udp = take
+        return hand_out
 
     def cancel(self, waiter: Any) -> None:
         self.ready.cancel(waiter)
@@ -183,7 +188,8 @@ class _Waiter:
 
 
 class IdlePool:
-    """The server's idle data connections, handed out first come, first served.
+    """Idle data connections, handed out first come, first served — TCP users before
+    UDP sources, so that UDP cannot take the connections TCP users wait for.
 
     A user who arrives when the pool is empty waits up to ``wait_timeout``
     seconds; the client is asked for more connections meanwhile.
@@ -196,12 +202,14 @@ class IdlePool:
         self.wait_timeout = wait_timeout
         self._request_more = request_more
         self.idle: deque[Closable] = deque()
-        self.waiters: deque[_Waiter] = deque()
+        self.waiters: deque[_Waiter] = deque()  # TCP users
+        self.udp_waiters: deque[_Waiter] = deque()  # UDP sources, served after them
 
     def add(self, conn: Closable) -> bool:
         """Offer a newly authenticated connection; False when the pool is full."""
-        if self.waiters:
-            waiter = self.waiters.popleft()
+        queue = self.waiters or self.udp_waiters
+        if queue:
+            waiter = queue.popleft()
             waiter.timer.cancel()
             waiter.on_ready(conn)
             return True
@@ -219,13 +227,22 @@ class IdlePool:
     def take(self, on_ready: Callable[[Any], None],
              on_unavailable: Callable[[str], None]) -> _Waiter | None:
         """Call ``on_ready(conn)`` now or when one arrives, else ``on_unavailable(why)``."""
-        if self.idle:
+        return self._take(self.waiters, on_ready, on_unavailable)
+
+    def take_udp(self, on_ready: Callable[[Any], None],
+                 on_unavailable: Callable[[str], None]) -> _Waiter | None:
+        """As :meth:`take`, for a UDP source: never ahead of a waiting TCP user."""
+        return self._take(self.udp_waiters, on_ready, on_unavailable)
+
+    def _take(self, queue: deque[_Waiter], on_ready: Callable[[Any], None],
+              on_unavailable: Callable[[str], None]) -> _Waiter | None:
+        if self.idle and not self.waiters:
             on_ready(self.idle.popleft())
             return None
         waiter = _Waiter(on_ready, on_unavailable)
-        waiter.timer = self._clock.callLater(self.wait_timeout, self._expire, waiter)
-        self.waiters.append(waiter)
-        self._request_more(len(self.waiters))
+        waiter.timer = self._clock.callLater(self.wait_timeout, self._expire, queue, waiter)
+        queue.append(waiter)
+        self._request_more(len(self.waiters) + len(self.udp_waiters))
         return waiter
 
     def give_back(self, conn: Closable) -> None:
@@ -233,22 +250,22 @@ class IdlePool:
         if not self.add(conn):
             conn.close()
 
-    take_udp = take
-
     def cancel(self, waiter: _Waiter) -> None:
-        if waiter in self.waiters:
-            self.waiters.remove(waiter)
-            waiter.timer.cancel()
+        for queue in (self.waiters, self.udp_waiters):
+            if waiter in queue:
+                queue.remove(waiter)
+                waiter.timer.cancel()
 
-    def _expire(self, waiter: _Waiter) -> None:
-        self.waiters.remove(waiter)
+    def _expire(self, queue: deque[_Waiter], waiter: _Waiter) -> None:
+        queue.remove(waiter)
         waiter.on_unavailable(f"no pooled connection within {self.wait_timeout:g}s")
 
     def flush(self) -> None:
         """The session ended: close idle connections and turn waiters away."""
         while self.idle:
             self.idle.popleft().close()
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            waiter.timer.cancel()
-            waiter.on_unavailable("the tunnel session ended")
+        for queue in (self.waiters, self.udp_waiters):
+            while queue:
+                waiter = queue.popleft()
+                waiter.timer.cancel()
+                waiter.on_unavailable("the tunnel session ended")

@@ -47,7 +47,8 @@ class UdpSession:
                  deliver: Callable[[bytes], None], idle_timeout: float, max_size: int,
                  count_in: Callable[[int], None], count_out: Callable[[int], None],
                  drops: UdpCounters, on_end: Callable[[UdpSession], None],
-                 rate_in: Any = None, rate_out: Any = None) -> None:
+                 rate_in: Any = None, rate_out: Any = None,
+                 answer_timeout: float | None = None) -> None:
         self.clock = clock
         self.send = send
         self.deliver = deliver
@@ -59,7 +60,11 @@ class UdpSession:
         self.rate_in, self.rate_out = rate_in, rate_out  # token buckets for rate=
         self.paused = False
         self.ended = False
-        self.watch = IdleWatch(clock, idle_timeout, self.close)
+        # Until datagrams have gone both ways the session is unanswered, and ends after
+        # ``answer_timeout``: a flood to a silent target cannot hold sessions for long.
+        self.directions = 0  # bits: 1 to the tunnel, 2 from it; 3 once answered
+        first = min(answer_timeout or idle_timeout, idle_timeout)
+        self.watch = IdleWatch(clock, first, self.close)
 
     # IPushProducer: the far side's write buffer is full / has room
     def pauseProducing(self) -> None:
@@ -85,6 +90,8 @@ class UdpSession:
         self.count_in(len(payload))
         self.send(payload)
         self.touch()
+        if self.directions != 3:
+            self._flowed(1)
         return True
 
     def from_tunnel(self, payload: bytes) -> None:
@@ -98,6 +105,13 @@ class UdpSession:
         self.count_out(len(payload))
         self.deliver(payload)
         self.touch()
+        if self.directions != 3:
+            self._flowed(2)
+
+    def _flowed(self, direction: int) -> None:
+        self.directions |= direction
+        if self.directions == 3:
+            self.watch.timeout = self.idle_timeout  # answered: the full idle timeout
 
     def touch(self) -> None:
         self.watch.touch()
