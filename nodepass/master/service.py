@@ -11,24 +11,32 @@ from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.web.http import HTTPChannel
-from twisted.web.server import Site
 
 from nodepass import logs
 from nodepass.master import sysinfo
 from nodepass.master.api import MasterAPI
+from nodepass.master.gate import Gate
 from nodepass.master.npapi import NodePassAPI
 from nodepass.master.registry import Registry
+from nodepass.master.site import ApiSite, DeadlineChannel
 from nodepass.master.state import KEY_FILE, ApiKey, api_key, ensure_dir, state_dir
 from nodepass.master.store import SCHEMA_VERSION, Store
 from nodepass.master.tcping import TcpPing
 from nodepass.master.web import KeyCheck, mount
-from nodepass.timers import cancelled
 from nodepass.tls import ServerCredentials
 from nodepass.url import Address, MasterConfig
 
 log = logs.logger("nodepass.master")
 FLUSH_GRACE = 0.2
+__all__ = [
+    "ApiSite",
+    "DeadlineChannel",
+    "RegistryService",
+    "announce",
+    "api_app",
+    "api_site",
+    "open_state",
+]
 
 
 class RegistryService(Service):
@@ -60,59 +68,6 @@ class RegistryService(Service):
         self.registry.store.close()
 
 
-class DeadlineChannel(HTTPChannel):
-    """HTTP/1.1 with a deadline for each request to arrive whole.
-
-    Twisted's idle timeout restarts with every byte, so a client trickling a byte a
-    second would hold a connection forever; here a request (headers and body) must
-    arrive within REQUEST_DEADLINE seconds of the connection or of the previous
-    response, or the connection is closed.  Long responses (the event stream) are
-    not limited: the deadline only covers receiving the request.
-    """
-
-    request_deadline = 15.0
-    _deadline: Any = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._arm()
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.callLater(self.request_deadline, self._too_slow)
-
-    def _disarm(self) -> None:
-        self._deadline = cancelled(self._deadline)
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        log.info("closing an API connection that did not send a whole request in {t:g}s",
-                 t=self.request_deadline)
-        self.transport.abortConnection()
-
-    def allContentReceived(self) -> None:
-        self._disarm()
-        super().allContentReceived()
-
-    def requestDone(self, request: Any) -> None:
-        super().requestDone(request)
-        if self.transport is not None and not self.transport.disconnecting:
-            self._arm()
-
-    def connectionLost(self, reason: Any) -> None:
-        self._disarm()
-        super().connectionLost(reason)
-
-
-class ApiSite(Site):
-    noisy = False
-    protocol = DeadlineChannel
-
-    def log(self, request: Any) -> None:
-        log.debug("{method} {path} {code}", method=request.method.decode(),
-                  path=request.uri.decode("utf-8", "replace"), code=request.code)
-
-
 @dataclass(frozen=True)
 class ApiApp:
     """Both dialects of the API on one Klein app, over one registry and one key."""
@@ -120,6 +75,7 @@ class ApiApp:
     app: Klein
     seed: MasterAPI
     nodepass: NodePassAPI
+    gate: Gate
 
 
 def api_app(registry: Registry, config: MasterConfig, key: ApiKey, folder: str) -> ApiApp:
@@ -127,7 +83,7 @@ def api_app(registry: Registry, config: MasterConfig, key: ApiKey, folder: str) 
     seed = MasterAPI(registry, config.prefix, keys, folder, f"{config.np_prefix}/v1")
     nodepass = NodePassAPI(registry, config.np_prefix, keys, TcpPing(registry.reactor))
     sysinfo.prime()
-    return ApiApp(mount(seed, nodepass), seed, nodepass)
+    return ApiApp(mount(seed, nodepass), seed, nodepass, Gate(config, keys, seed, nodepass))
 
 
 def open_state(config: MasterConfig, environ: Mapping[str, str]
@@ -158,8 +114,8 @@ def open_state(config: MasterConfig, environ: Mapping[str, str]
 
 def api_site(reactor: Any, registry: Registry, config: MasterConfig, key: ApiKey,
              folder: Path) -> ApiSite:
-    return ApiSite(api_app(registry, config, key, str(folder)).app.resource(), timeout=60,
-                   reactor=reactor)
+    built = api_app(registry, config, key, str(folder))
+    return ApiSite(built.app.resource(), built.gate, timeout=60, reactor=reactor)
 
 
 def announce(config: MasterConfig, credentials: ServerCredentials | None, port: Any) -> None:

@@ -1,9 +1,12 @@
-"""What both API dialects share: the key check, CORS, JSON bodies, Swagger UI, and the
-one Klein app that serves them side by side (``{prefix}/v1`` and ``{np}/v1``)."""
+"""What both API dialects share: the key check, JSON bodies, Swagger UI, and the one
+Klein app that serves them side by side (``{prefix}/v1`` and ``{np}/v1``).  What may
+reach them at all (the key, body sizes) and the CORS headers the gate decides first
+(gate.py)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +20,6 @@ from nodepass import logs
 from nodepass.master.state import ApiKey
 
 MAX_BODY = 64 * 1024
-# Every method and header a browser panel of either dialect sends (NodePanel's event
-# stream asks with Cache-Control).
-CORS = {
-    b"Access-Control-Allow-Origin": b"*",
-    b"Access-Control-Allow-Methods": b"GET, POST, PUT, PATCH, DELETE, OPTIONS",
-    b"Access-Control-Allow-Headers": b"Content-Type, X-API-Key, Authorization, Cache-Control",
-    b"Access-Control-Max-Age": b"600",
-}
 
 _DOCS_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
@@ -39,6 +34,17 @@ _DOCS_START = b"""window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#sw
 """
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """An answer given instead of the route's: the status, the seed dialect's error code
+    and message, and the NodePass dialect's message (its clients match on that text)."""
+
+    status: int
+    code: str
+    message: str
+    np_message: str
+
+
 class BodyError(Exception):
     """A request body the API refuses: HTTP status, the seed's error code, a message."""
 
@@ -47,15 +53,10 @@ class BodyError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def set_cors(request: IRequest) -> None:
-    for name, value in CORS.items():
-        request.setHeader(name, value)
-
-
 def preflight(request: IRequest, **kwargs: Any) -> bytes:
-    """A browser's CORS preflight, answered before authentication."""
+    """A browser's CORS preflight, answered before authentication (the gate has set the
+    CORS headers)."""
     request.setResponseCode(204)
-    set_cors(request)
     return b""
 
 
@@ -117,6 +118,13 @@ class SwaggerUI:
         self._page = _DOCS_PAGE.format(title=title).encode()
         self._openapi = openapi
 
+    @staticmethod
+    def public_paths(base: str) -> list[str]:
+        """The paths the gate lets pass without a key (exact: no spelling of a keyed route
+        can pass for documentation)."""
+        return [f"{base}/{path}" for path in ("openapi.json", "docs", "docs/start.js",
+                                              "docs/swagger-ui.css", "docs/swagger-ui-bundle.js")]
+
     def route(self, app: Klein, base: str, dialect: Any) -> None:
         """GET each document under ``base``; OPTIONS is a preflight; any other method is
         ``dialect``'s 405."""
@@ -135,7 +143,6 @@ class SwaggerUI:
 
     def openapi(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
-        set_cors(request)
         return self._openapi
 
     def page(self, request: IRequest) -> bytes:
