@@ -1,9 +1,10 @@
 """Who may send what to the master's API, decided once a request's headers are complete,
 before a byte of its body is read (the channel in site.py asks).
 
-In order: the key (:class:`~nodepass.master.web.KeyCheck`), and the body's declared
-size.  A refusal is answered in the dialect the path belongs to; an admitted request
-leaves here with the CORS headers its answer will carry.
+In order: the ``Host`` and the ``Origin`` (browsers.py), the key
+(:class:`~nodepass.master.web.KeyCheck`), and the body's declared size.  A refusal is
+answered in the dialect the path belongs to; an admitted request leaves here with the
+CORS headers its answer will carry.
 """
 
 from __future__ import annotations
@@ -12,17 +13,9 @@ from typing import Any, Protocol
 
 from twisted.web.iweb import IRequest
 
+from nodepass.master.browsers import HostCheck, OriginPolicy
 from nodepass.master.web import MAX_BODY, KeyCheck, Refusal
 from nodepass.url import MasterConfig
-
-# Every method and header a browser panel of either dialect sends (NodePanel's event
-# stream asks with Cache-Control); any page may call: it still needs the key.
-CORS = {
-    b"Access-Control-Allow-Origin": b"*",
-    b"Access-Control-Allow-Methods": b"GET, POST, PUT, PATCH, DELETE, OPTIONS",
-    b"Access-Control-Allow-Headers": b"Content-Type, X-API-Key, Authorization, Cache-Control",
-    b"Access-Control-Max-Age": b"600",
-}
 
 
 class Dialect(Protocol):
@@ -53,6 +46,8 @@ class Gate:
 
     def __init__(self, config: MasterConfig, keys: KeyCheck, seed: Dialect,
                  nodepass: Dialect, max_body: int = MAX_BODY) -> None:
+        self.hosts = HostCheck(config)
+        self.origins = OriginPolicy(config)
         self.keys = keys
         self.max_body = max_body
         self.seed = seed
@@ -73,8 +68,14 @@ class Gate:
     def admit(self, request: IRequest, length: int | None) -> Refusal | None:
         """None to go on (the CORS headers set on ``request``), else the refusal.
         ``length`` is the declared body size (None: chunked)."""
-        for name, value in CORS.items():
+        refusal = self.hosts.refusal(request.requestHeaders.getRawHeaders(b"host"))
+        if refusal is not None:
+            return refusal
+        refusal, headers = self.origins.verdict(request)
+        for name, value in headers.items():
             request.setHeader(name, value)
+        if refusal is not None:
+            return refusal
         # A preflight never carries the key; the documentation is public.
         if request.method != b"OPTIONS" and request.path not in self.public:
             kind = self.keys.refusal(request)

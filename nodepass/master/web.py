@@ -1,6 +1,6 @@
 """What both API dialects share: the key check, JSON bodies, Swagger UI, and the one
 Klein app that serves them side by side (``{prefix}/v1`` and ``{np}/v1``).  What may
-reach them at all (the key, body sizes) and the CORS headers the gate decides first
+reach them at all (Host, Origin and CORS, the key, body sizes) the gate decides first
 (gate.py)."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class BodyError(Exception):
 
 def preflight(request: IRequest, **kwargs: Any) -> bytes:
     """A browser's CORS preflight, answered before authentication (the gate has set the
-    CORS headers)."""
+    CORS headers, or refused the origin)."""
     request.setResponseCode(204)
     return b""
 
