@@ -1,6 +1,6 @@
 """Request bodies, in memory through the master's own site: refused before they are read
 (#16 item 8) -- without the key, by Content-Length, and a chunked body as it arrives --
-in both dialects."""
+and JSON nested too deeply for the parser (#16 item 12), in both dialects."""
 
 from __future__ import annotations
 
@@ -159,3 +159,19 @@ class WithoutTheGate(SynchronousTestCase):
             self.assertEqual(response.code, 401)
             self.assertIn(fragment, self.successResultOf(plain.content(response)))
 
+
+class DeepJson(SynchronousTestCase):
+    """A body nested deeper than the parser can go is bad JSON, not an internal error."""
+
+    def test_both_dialects_answer_400(self):
+        master = MemoryMaster(self)
+        for raw in (b"[" * 60_000, b'{"url": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"):
+            code, envelope, _ = self.successResultOf(ensureDeferred(master.call(
+                "POST", master.seed + "/instances", raw=raw)))
+            self.assertEqual((code, envelope["error"]["code"]), (400, "INVALID_JSON"))
+            self.assertIn("nested too deeply", envelope["error"]["message"])
+            code, error, _ = self.successResultOf(ensureDeferred(master.call(
+                "POST", master.np + "/instances", raw=raw)))
+            self.assertEqual(code, 400, error)
+            self.assertIn("Invalid request body: the body is not valid JSON (nested too "
+                          "deeply)", error["error"])

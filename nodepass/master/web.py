@@ -83,6 +83,9 @@ def read_json(request: IRequest, require_type: bool = True) -> Any:
         return json.loads(raw)
     except ValueError as e:
         raise BodyError(400, "INVALID_JSON", f"the body is not valid JSON ({e})") from None
+    except RecursionError:  # [[[[... : the parser recurses once per level
+        raise BodyError(400, "INVALID_JSON", "the body is not valid JSON (nested too "
+                                             "deeply)") from None
 
 
 class KeyCheck:
