@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,14 @@ from nodepass.master.gate import Gate
 from nodepass.master.npapi import NodePassAPI
 from nodepass.master.registry import Registry
 from nodepass.master.site import ApiSite, DeadlineChannel
-from nodepass.master.state import KEY_FILE, ApiKey, api_key, ensure_dir, state_dir
+from nodepass.master.state import (
+    KEY_FILE,
+    ApiKey,
+    api_key,
+    ensure_dir,
+    make_private,
+    state_dir,
+)
 from nodepass.master.store import SCHEMA_VERSION, Store
 from nodepass.master.tcping import TcpPing
 from nodepass.master.web import KeyCheck, mount
@@ -86,13 +94,28 @@ def api_app(registry: Registry, config: MasterConfig, key: ApiKey, folder: str) 
     return ApiApp(mount(seed, nodepass), seed, nodepass, Gate(config, keys, seed, nodepass))
 
 
-def open_state(config: MasterConfig, environ: Mapping[str, str]
+def to_terminal(text: str, fd: int = 2) -> bool:
+    """Show ``text`` on the terminal the master was started from, if standard error is
+    one: never through the logger, whose lines may end in a file others can read
+    (``twistd --logfile``), a journal or a pipe."""
+    if not os.isatty(fd):
+        return False
+    os.write(fd, text.encode())
+    return True
+
+
+def open_state(config: MasterConfig, environ: Mapping[str, str],
+               terminal: Callable[[str], object] = to_terminal
                ) -> tuple[Store, ApiKey, Path]:
-    """The master's state directory, key and database, each said in the log."""
+    """The master's state directory (made private), key and database, each said in the
+    log -- a generated key only on ``terminal``, never in the log."""
     folder = state_dir(config, environ)
     key, origin = None, "none"
     if config.auth or config.persist:
         ensure_dir(folder)
+        for path, mode, private in make_private(folder):
+            log.warn("{path} could be read by other users (mode {mode}): made it {private}",
+                     path=str(path), mode=f"{mode:04o}", private=f"{private:04o}")
     if config.auth:
         key, origin = api_key(folder, environ)
     store = Store.open(folder if config.persist else None)
@@ -104,8 +127,10 @@ def open_state(config: MasterConfig, environ: Mapping[str, str]
         log.warn("auth=0: the API accepts requests without a key; put an authenticating "
                  "proxy in front of it")
     elif origin == "new":
-        log.warn("API key generated and saved in {path}: {key}", path=str(folder / KEY_FILE),
-                 key=key)
+        path = str(folder / KEY_FILE)
+        log.warn("API key generated and saved in {path} (readable by this user only; the "
+                 "key itself is never logged)", path=path)
+        terminal(f"nodepass: API key generated and saved in {path}: {key}\n")
     else:
         log.info("API key from {origin}", origin="NODEPASS_API_KEY" if origin == "env"
                  else str(folder / KEY_FILE))
