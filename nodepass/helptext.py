@@ -38,7 +38,14 @@ Query parameters:
   key=PATH     PEM private key, with tls=2
   sni=NAME     client: the name to verify a tls=2 certificate as (default: the server host)
   ca=PATH      client: PEM file of CAs to trust for tls=2 (default: the system store)
-  auth=0|1     master: require the API key (default 1; NODEPASS_API_KEY or generated)
+  auth=0|1     master: require the API key (default 1; NODEPASS_API_KEY or generated);
+               auth=0 only on a loopback address, unless insecure=1 is given too
+  insecure=1   master: allow auth=0 on a non-loopback address (anyone who reaches it
+               can run programs through the API)
+  hosts=NAMES  master: host names it answers to besides its address, like api.example.com
+               (the Host is checked with auth=0, or when hosts= is given)
+  origins=URLS master: web pages allowed to call the API from another origin, like
+               https://panel.example.com (default: any page with auth=1, none with auth=0)
   state=DIR    master: state directory (default NODEPASS_STATE_DIR, ~/.local/state/nodepass)
   persist=0|1  master: keep instances in SQLite across restarts (default 1)
   np=PATH      master: where the NodePass-dialect API lives, under PATH/v1

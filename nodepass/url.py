@@ -36,6 +36,8 @@ BLOCKABLE = {"1": "SOCKS", "2": "HTTP", "3": "TLS"}
 POOL_TYPES = {0: "TCP", 1: "QUIC", 2: "WebSocket", 3: "HTTP/2"}
 SCHEMES = ("server", "client", "master")
 DEFAULT_PREFIX = "/api"
+MAX_LISTED = 64  # entries in hosts= and origins=
+ORIGIN_PORTS = {"http": 80, "https": 443}  # the default port a browser leaves out of Origin
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
@@ -127,6 +129,9 @@ class MasterConfig(_Config):
     state: str | None = None
     persist: int = 1
     np: str | None = None  # the NodePass dialect's prefix; None = {prefix}/np
+    hosts: tuple[str, ...] = ()  # Host names served besides the listen address's (lowercase)
+    origins: tuple[str, ...] = ()  # browser origins allowed cross-origin access
+    insecure: int = 0  # auth=0 on a non-loopback address, on purpose
 
     @property
     def np_prefix(self) -> str:
@@ -226,6 +231,83 @@ def _prefix_param(text: str) -> str:
     return text.rstrip("/")
 
 
+def _listed(text: str, name: str, read: Callable[[str], str]) -> tuple[str, ...]:
+    """A comma-separated list of distinct entries, each read by ``read`` (which raises
+    URLError naming the fault)."""
+    if not text:
+        raise ValueError(text)
+    entries = text.split(",")
+    if len(entries) > MAX_LISTED:
+        raise URLError(f"query: {name}= lists {len(entries)} entries (allowed: at most "
+                       f"{MAX_LISTED})")
+    values = []
+    for entry in entries:
+        if not entry:
+            raise URLError(f"query: {name}= has an empty entry (stray ',')")
+        values.append(read(entry))
+    if len(set(values)) < len(values):
+        raise URLError(f"query: {name}= lists the same entry twice")
+    return tuple(values)
+
+
+def _host_name(text: str) -> str:
+    """One entry of ``hosts=``: a DNS name, an IPv4 address or a bracketed IPv6 address,
+    without a port (the Host check ignores ports)."""
+    if not (text.endswith("]") if text.startswith("[") else ":" not in text):
+        raise URLError(f"query: hosts: {text!r} has a port or is an IPv6 address without "
+                       "brackets (allowed: a name or an IP address without a port, IPv6 in "
+                       "brackets like [::1])")
+    return parse_host(text, "query: hosts")
+
+
+def _hosts(text: str) -> tuple[str, ...]:
+    return _listed(text, "hosts", _host_name)
+
+
+_ORIGIN_FORM = ("scheme://host[:port] with scheme http or https and no path, like "
+                "https://panel.example.com or http://127.0.0.1:5173")
+
+
+def parse_origin(text: str) -> str:
+    """One entry of ``origins=``: ``scheme://host[:port]`` as a browser sends it in its
+    Origin header (lowercase, the scheme's default port left out)."""
+    scheme, sep, authority = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ORIGIN_PORTS:
+        raise URLError(f"query: origins: {text!r} is not an origin (allowed: {_ORIGIN_FORM})")
+    if any(c in authority for c in "/?#@"):
+        raise URLError(f"query: origins: {text!r} has a path, query or user name, which an "
+                       f"origin never has (allowed: {_ORIGIN_FORM})")
+    if authority.startswith("["):
+        close = authority.find("]")
+        host_text, port_text = authority[:close + 1], authority[close + 1:]
+    elif authority.count(":") > 1:
+        raise URLError(f"query: origins: {text!r} has an IPv6 address without brackets "
+                       f"(allowed: {_ORIGIN_FORM})")
+    else:
+        host_text, colon, port_text = authority.partition(":")
+        port_text = colon + port_text
+    if not host_text or (port_text and not port_text.startswith(":")):
+        raise URLError(f"query: origins: {text!r} is not an origin (allowed: {_ORIGIN_FORM})")
+    part = f"query: origins: {text!r}"
+    host = parse_host(host_text, part)
+    port = parse_port(port_text[1:], part) if port_text else ORIGIN_PORTS[scheme]
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}" if port == ORIGIN_PORTS[scheme] else f"{scheme}://{shown}:{port}"
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    if text in ("*", "null"):
+        raise URLError(f"query: origins={text} is not allowed (list the panels' origins, like "
+                       "https://panel.example.com; with auth=1 and no origins= every origin "
+                       "may call the API with the key)")
+    return _listed(text, "origins", parse_origin)
+
+
+def _listed_text(values: tuple[str, ...]) -> str:
+    return ",".join(f"[{v}]" if ":" in v and "://" not in v else v for v in values)
+
+
 def _server_name(text: str) -> str:
     try:
         return parse_host(text, "sni")
@@ -269,6 +351,11 @@ _PARAMS = {
         _Param("type", _pool_type, "0, the TCP pool", default=0),
         _Param("np", _prefix_param, "a path like /api/np: the NodePass dialect's prefix",
                lambda v: quote(v, safe=_PATH_SAFE), default=None),
+        _Param("hosts", _hosts, "names this master answers to, like api.example.com,10.0.0.5",
+               _listed_text, default=()),
+        _Param("origins", _origins, "browser origins, like https://panel.example.com",
+               _listed_text, default=()),
+        _Param("insecure", _choice((0, 1)), "0|1", default=0),
     )
 }
 
@@ -276,7 +363,8 @@ _CONTROLS = ("mode", "read", "rate", "slot", "proxy", "dial", "notcp", "noudp", 
 _MODE_PARAMS: Mapping[str, tuple[str, ...]] = {
     "server": ("log", "tls", "crt", "key", *_CONTROLS, "max", "type"),
     "client": ("log", "sni", "ca", *_CONTROLS, "min", "max", "type"),
-    "master": ("log", "tls", "crt", "key", "auth", "state", "persist", "np"),
+    "master": ("log", "tls", "crt", "key", "auth", "state", "persist", "np", "hosts",
+               "origins", "insecure"),
 }
 
 _HINTS = {
@@ -469,9 +557,9 @@ def parse(text: str) -> Config:
         if np is not None and (np == prefix or np.startswith(f"{prefix}/v1/")):
             raise URLError(f"query: np={np} would overlap the API at {prefix}/v1; choose "
                            f"another path (the default is {prefix}/np)")
-        return MasterConfig(api=parse_address(hostport, "API address", listen=True),
-                            prefix=prefix,
-                            **values)
+        api = parse_address(hostport, "API address", listen=True)
+        _check_keyless(api, values.get("auth", 1), values.get("insecure", 0))
+        return MasterConfig(api=api, prefix=prefix, **values)
 
     part = "tunnel address" if scheme == "server" else "server address"
     tunnel = parse_address(hostport, part, listen=True)
@@ -495,6 +583,29 @@ def parse(text: str) -> Config:
     cls = ServerConfig if scheme == "server" else ClientConfig
     return cls(tunnel=tunnel, target=targets[0], more_targets=targets[1:], tunnel_key=key,
                **values)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (as parsed: unbracketed, lowercase) only reaches this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+def _check_keyless(api: Address, auth: int, insecure: int) -> None:
+    """A master without a key lets whoever reaches it run programs as its user: only on
+    a loopback address, unless the operator says ``insecure=1``."""
+    if insecure and auth:
+        raise URLError("query: insecure=1 only goes with auth=0 (it allows serving the API "
+                       "without a key on a non-loopback address)")
+    if not auth and not insecure and not is_loopback(api.host):
+        raise URLError(f"query: auth=0 on {api} would let anyone who can reach that address "
+                       "run programs through the API (allowed: auth=0 on a loopback address "
+                       "such as 127.0.0.1 or localhost; to serve without a key there anyway, "
+                       "add insecure=1)")
 
 
 def _check_dialed_ports(scheme: str, mode: int, tunnel: Address,

@@ -1,5 +1,7 @@
 """A master in memory: the real Registry, EventHub and both API dialects on a Clock,
-with instance processes played by :class:`Children` and HTTP by treq's StubTreq.
+with instance processes played by :class:`Children` and HTTP by treq over
+:class:`SiteAgent`: connections in memory to the master's own site (its HTTP/1.1 channel
+and gate, which treq's StubTreq would replace by a plain Site).
 
 What a child process would say (ready, reports, log lines, its exit) is said by the
 test through the same ChildProcess protocol the master reads real children with.
@@ -14,14 +16,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from treq.testing import StubTreq
+import treq
+from treq.client import HTTPClient
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer
+from zope.interface import implementer
 
 from nodepass.master.events import EventHub
 from nodepass.master.registry import Registry
-from nodepass.master.service import api_app
+from nodepass.master.service import ApiSite, api_app
 from nodepass.master.state import KEY_FILE, ApiKey
 from nodepass.master.store import Store
 from nodepass.tunables import Tunables
@@ -117,6 +128,84 @@ class Children:
         return line
 
 
+@implementer(IBodyProducer)
+class _Body:
+    """A request body written at once (treq's default producer needs a running reactor)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.length = data, len(data)
+
+    def startProducing(self, consumer: Any) -> Any:
+        consumer.write(self.data)
+        return succeed(None)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+@implementer(IAgent, IAgentEndpointFactory)
+class SiteAgent:
+    """An HTTP client agent whose every connection goes, in memory, to ``site``;
+    ``flush()`` moves the bytes both ways."""
+
+    def __init__(self, site: Any, host: IPv4Address) -> None:
+        self.site, self.host = site, host
+        self.pumps: list[iosim.IOPump] = []
+        reactor = MemoryReactorClock()
+        self._agent = Agent.usingEndpointFactory(
+            reactor, self, pool=HTTPConnectionPool(reactor, persistent=False))
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return _SiteEndpoint(self)
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None,
+                bodyProducer: Any = None) -> Any:
+        return self._agent.request(method, uri, headers, bodyProducer)
+
+    def flush(self) -> None:
+        for pump in list(self.pumps):
+            pump.flush()
+        self.pumps = [p for p in self.pumps
+                      if not (p.clientIO.disconnected and p.serverIO.disconnected)]
+
+
+@implementer(IStreamClientEndpoint)
+class _SiteEndpoint:
+    def __init__(self, agent: SiteAgent) -> None:
+        self.agent = agent
+
+    def connect(self, factory: Any) -> Any:
+        peer = IPv4Address("TCP", "127.0.0.1", 40000 + len(self.agent.pumps))
+        server = self.agent.site.buildProtocol(peer)
+        client = factory.buildProtocol(self.agent.host)
+        self.agent.pumps.append(iosim.connect(
+            server, iosim.FakeTransport(server, True, self.agent.host, peer),
+            client, iosim.FakeTransport(client, False, peer, self.agent.host), greet=False))
+        return succeed(client)
+
+
+class MemoryHttp:
+    """treq's API (``request``, ``content``) over a :class:`SiteAgent`, and ``flush``.
+    A request reaches the master at once, as with StubTreq."""
+
+    def __init__(self, site: Any, host: IPv4Address) -> None:
+        self.agent = SiteAgent(site, host)
+        self.client = HTTPClient(self.agent, data_to_body_producer=_Body)
+        self.content = treq.content
+        self.flush = self.agent.flush
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        sent = self.client.request(method, url, **kwargs)
+        self.flush()
+        return sent
+
+
 class MemoryMaster:
     def __init__(self, case: Any, key: str | None = KEY, config: MasterConfig | None = None,
                  **tunables: Any) -> None:
@@ -139,9 +228,14 @@ class MemoryMaster:
             key_path.write_text(key + "\n")
         self.key = ApiKey(key, "file" if key else "none", key_path)
         self.api = api_app(self.registry, self.config, self.key, str(self.folder))
-        self.http = StubTreq(self.api.app.resource())
-        self.seed = f"http://master{self.config.prefix}/v1"
-        self.np = f"http://master{self.config.np_prefix}/v1"
+        self.site = ApiSite(self.api.app.resource(), self.api.gate, timeout=60,
+                            reactor=self.clock)
+        api = self.config.api
+        self.http = MemoryHttp(self.site, IPv4Address("TCP", api.host, api.port or 9090))
+        # requests name the master as a browser would, by its listen address
+        self.origin = f"http://{api}"
+        self.seed = f"{self.origin}{self.config.prefix}/v1"
+        self.np = f"{self.origin}{self.config.np_prefix}/v1"
         case.addCleanup(self.stop)
 
     def stop(self) -> None:

@@ -1,7 +1,8 @@
 """The master's seed API in memory: the real Registry, EventHub, store and Klein routes on
 a Clock; instance processes played through the same protocol real children speak; HTTP
-by StubTreq.  Every flow of ../shared/seed/api.md, errors, the restart policy, events,
-traffic history and metrics, and durable state."""
+by treq through the master's own site (fakemaster.SiteAgent).  Every flow of
+../shared/seed/api.md, errors, the restart policy, events, traffic history and metrics,
+and durable state."""
 
 from __future__ import annotations
 
@@ -225,7 +226,7 @@ class CustomPrefix(Case):
     config = MasterConfig(prefix="/admin/np", auth=1)
 
     def test_the_api_lives_under_the_prefix(self):
-        self.assertEqual(self.master.seed, "http://master/admin/np/v1")
+        self.assertEqual(self.master.seed, "http://127.0.0.1:9090/admin/np/v1")
         self.assertEqual(self.ok("GET", "/instances")["instances"], [])
         code, envelope, _ = self.successResultOf(ensureDeferred(self.master.call(
             "GET", "http://master/api/v1/instances")))

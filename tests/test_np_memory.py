@@ -1,5 +1,6 @@
 """The NodePass dialect (and the seed's additions) on a master in memory: the real
-Registry, EventHub and Klein routes, children played by the test, HTTP by StubTreq."""
+Registry, EventHub and Klein routes, children played by the test, HTTP by treq through
+the master's own site (fakemaster.SiteAgent)."""
 
 from __future__ import annotations
 

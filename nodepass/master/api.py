@@ -2,7 +2,8 @@
 
 Every response is the envelope ``{success, data, error}``; every error has a
 stable code.  Routes live under ``{prefix}/v1``; CORS preflight is answered
-before authentication; ``openapi.json`` and ``docs`` need no key.  The NodePass
+before authentication; ``openapi.json`` and ``docs`` need no key.  The gate
+(gate.py) has checked Host, Origin, key and body size before a route runs.  The NodePass
 dialect (npapi.py) serves the same registry beside it.
 """
 
@@ -22,6 +23,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from nodepass import __version__, logs
 from nodepass.master import metadata
 from nodepass.master.events import encode
+from nodepass.master.gate import unauthorized
 from nodepass.master.instances import Instance, InstanceError, iso
 from nodepass.master.metrics import exposition
 from nodepass.master.openapi import document
@@ -29,11 +31,11 @@ from nodepass.master.registry import Registry
 from nodepass.master.web import (
     BodyError,
     KeyCheck,
+    Refusal,
     SwaggerUI,
     add_preflight,
     allowed_methods,
     read_json,
-    set_cors,
 )
 
 ACTIONS = ("start", "stop", "restart", "reset")
@@ -106,15 +108,21 @@ class MasterAPI:
     def _reply(self, request: IRequest, status: int, data: Any, error: Any) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"Content-Type", b"application/json")
-        set_cors(request)
         body = {"success": error is None, "data": data, "error": error}
         return json.dumps(body, separators=(",", ":")).encode()
 
     def _authenticate(self, request: IRequest) -> None:
-        if self.keys.refusal(request) is not None:
-            raise ApiError("UNAUTHORIZED", 401,
-                           "missing or wrong API key (send it as X-API-Key or "
-                           "Authorization: Bearer)")
+        """The gate refused a request without the key before its body; asked again here,
+        a route never serves one even where no gate stands before it."""
+        kind = self.keys.refusal(request)
+        if kind is not None:
+            refusal = unauthorized(kind)
+            raise ApiError(refusal.code, refusal.status, refusal.message)
+
+    def refuse(self, request: IRequest, refusal: Refusal) -> bytes:
+        """The gate's refusal, in this dialect's envelope."""
+        return self._reply(request, refusal.status, None,
+                           {"code": refusal.code, "message": refusal.message})
 
     def _json_object(self, request: IRequest) -> dict[str, Any]:
         body = read_json(request)
@@ -286,7 +294,6 @@ class MasterAPI:
     @_keyed
     def metrics(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
-        request.setHeader(b"Access-Control-Allow-Origin", b"*")
         return exposition(self.registry)
 
     @app.route("/events", methods=["GET"], strict_slashes=False)
@@ -295,7 +302,6 @@ class MasterAPI:
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")
-        request.setHeader(b"Access-Control-Allow-Origin", b"*")
         registry = self.registry
 
         def snapshot(last_id: int) -> list[bytes]:

@@ -23,6 +23,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from nodepass import __version__, logs
 from nodepass.master import metadata, sysinfo, web
 from nodepass.master.api import last_event_id
+from nodepass.master.gate import unauthorized
 from nodepass.master.instances import Instance, InstanceError
 from nodepass.master.npopenapi import document
 from nodepass.master.npview import (
@@ -99,15 +100,17 @@ class NodePassAPI:
     # -- plumbing ----------------------------------------------------------
 
     def _refused(self, request: IRequest) -> bytes | None:
-        refusal = self.keys.refusal(request)
-        if refusal is None:
-            return None
-        return self._fail(request, 401, "Unauthorized: API key required" if refusal == "missing"
-                          else "Unauthorized: Invalid API key")
+        """The gate refused a request without the key before its body; asked again here,
+        a route never serves one even where no gate stands before it."""
+        kind = self.keys.refusal(request)
+        return None if kind is None else self.refuse(request, unauthorized(kind))
+
+    def refuse(self, request: IRequest, refusal: web.Refusal) -> bytes:
+        """The gate's refusal, as NodePass words it."""
+        return self._fail(request, refusal.status, refusal.np_message)
 
     def _answer(self, request: IRequest, status: int, data: Any) -> bytes:
         request.setResponseCode(status)
-        web.set_cors(request)
         if data is None:
             return b""
         request.setHeader(b"Content-Type", b"application/json")
@@ -321,7 +324,6 @@ class NodePassAPI:
         request.setHeader(b"Content-Type", b"text/event-stream")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")
-        web.set_cors(request)
         registry = self.registry
 
         def snapshot(last_id: int) -> list[bytes]:

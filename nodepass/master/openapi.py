@@ -9,7 +9,7 @@ from nodepass import __version__
 ERROR_CODES = [
     "INVALID_JSON", "INVALID_REQUEST", "INVALID_URL", "INVALID_ACTION", "INSTANCE_NOT_FOUND",
     "NOT_FOUND", "METHOD_NOT_ALLOWED", "UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE",
-    "PAYLOAD_TOO_LARGE", "CONFLICT", "INTERNAL",
+    "PAYLOAD_TOO_LARGE", "CONFLICT", "INTERNAL", "MISDIRECTED_REQUEST", "ORIGIN_NOT_ALLOWED",
 ]
 
 
@@ -338,9 +338,12 @@ def document(prefix: str) -> dict[str, Any]:
                 f"E{s}": {"description": d, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/Error"}}}}
                 for s, d in ((400, "Bad request"), (401, "Missing or wrong API key"),
+                             (403, "A web page's origin not allowed (any route)"),
                              (404, "Not found"), (405, "Method not allowed"),
                              (409, "Conflict"), (413, "Body too large"),
-                             (415, "Body is not application/json"), (500, "Internal error"))
+                             (415, "Body is not application/json"),
+                             (421, "A Host this master does not answer to (any route)"),
+                             (500, "Internal error"))
             },
         },
     }

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,24 +12,39 @@ from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.web.http import HTTPChannel
-from twisted.web.server import Site
 
 from nodepass import logs
 from nodepass.master import sysinfo
 from nodepass.master.api import MasterAPI
+from nodepass.master.gate import Gate
 from nodepass.master.npapi import NodePassAPI
 from nodepass.master.registry import Registry
-from nodepass.master.state import KEY_FILE, ApiKey, api_key, ensure_dir, state_dir
+from nodepass.master.site import ApiSite, DeadlineChannel
+from nodepass.master.state import (
+    KEY_FILE,
+    ApiKey,
+    api_key,
+    ensure_dir,
+    make_private,
+    state_dir,
+)
 from nodepass.master.store import SCHEMA_VERSION, Store
 from nodepass.master.tcping import TcpPing
 from nodepass.master.web import KeyCheck, mount
-from nodepass.timers import cancelled
 from nodepass.tls import ServerCredentials
 from nodepass.url import Address, MasterConfig
 
 log = logs.logger("nodepass.master")
 FLUSH_GRACE = 0.2
+__all__ = [
+    "ApiSite",
+    "DeadlineChannel",
+    "RegistryService",
+    "announce",
+    "api_app",
+    "api_site",
+    "open_state",
+]
 
 
 class RegistryService(Service):
@@ -60,59 +76,6 @@ class RegistryService(Service):
         self.registry.store.close()
 
 
-class DeadlineChannel(HTTPChannel):
-    """HTTP/1.1 with a deadline for each request to arrive whole.
-
-    Twisted's idle timeout restarts with every byte, so a client trickling a byte a
-    second would hold a connection forever; here a request (headers and body) must
-    arrive within REQUEST_DEADLINE seconds of the connection or of the previous
-    response, or the connection is closed.  Long responses (the event stream) are
-    not limited: the deadline only covers receiving the request.
-    """
-
-    request_deadline = 15.0
-    _deadline: Any = None
-
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        self._arm()
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.callLater(self.request_deadline, self._too_slow)
-
-    def _disarm(self) -> None:
-        self._deadline = cancelled(self._deadline)
-
-    def _too_slow(self) -> None:
-        self._deadline = None
-        log.info("closing an API connection that did not send a whole request in {t:g}s",
-                 t=self.request_deadline)
-        self.transport.abortConnection()
-
-    def allContentReceived(self) -> None:
-        self._disarm()
-        super().allContentReceived()
-
-    def requestDone(self, request: Any) -> None:
-        super().requestDone(request)
-        if self.transport is not None and not self.transport.disconnecting:
-            self._arm()
-
-    def connectionLost(self, reason: Any) -> None:
-        self._disarm()
-        super().connectionLost(reason)
-
-
-class ApiSite(Site):
-    noisy = False
-    protocol = DeadlineChannel
-
-    def log(self, request: Any) -> None:
-        log.debug("{method} {path} {code}", method=request.method.decode(),
-                  path=request.uri.decode("utf-8", "replace"), code=request.code)
-
-
 @dataclass(frozen=True)
 class ApiApp:
     """Both dialects of the API on one Klein app, over one registry and one key."""
@@ -120,6 +83,7 @@ class ApiApp:
     app: Klein
     seed: MasterAPI
     nodepass: NodePassAPI
+    gate: Gate
 
 
 def api_app(registry: Registry, config: MasterConfig, key: ApiKey, folder: str) -> ApiApp:
@@ -127,16 +91,31 @@ def api_app(registry: Registry, config: MasterConfig, key: ApiKey, folder: str) 
     seed = MasterAPI(registry, config.prefix, keys, folder, f"{config.np_prefix}/v1")
     nodepass = NodePassAPI(registry, config.np_prefix, keys, TcpPing(registry.reactor))
     sysinfo.prime()
-    return ApiApp(mount(seed, nodepass), seed, nodepass)
+    return ApiApp(mount(seed, nodepass), seed, nodepass, Gate(config, keys, seed, nodepass))
 
 
-def open_state(config: MasterConfig, environ: Mapping[str, str]
+def to_terminal(text: str, fd: int = 2) -> bool:
+    """Show ``text`` on the terminal the master was started from, if standard error is
+    one: never through the logger, whose lines may end in a file others can read
+    (``twistd --logfile``), a journal or a pipe."""
+    if not os.isatty(fd):
+        return False
+    os.write(fd, text.encode())
+    return True
+
+
+def open_state(config: MasterConfig, environ: Mapping[str, str],
+               terminal: Callable[[str], object] = to_terminal
                ) -> tuple[Store, ApiKey, Path]:
-    """The master's state directory, key and database, each said in the log."""
+    """The master's state directory (made private), key and database, each said in the
+    log -- a generated key only on ``terminal``, never in the log."""
     folder = state_dir(config, environ)
     key, origin = None, "none"
     if config.auth or config.persist:
         ensure_dir(folder)
+        for path, mode, private in make_private(folder):
+            log.warn("{path} could be read by other users (mode {mode}): made it {private}",
+                     path=str(path), mode=f"{mode:04o}", private=f"{private:04o}")
     if config.auth:
         key, origin = api_key(folder, environ)
     store = Store.open(folder if config.persist else None)
@@ -148,8 +127,10 @@ def open_state(config: MasterConfig, environ: Mapping[str, str]
         log.warn("auth=0: the API accepts requests without a key; put an authenticating "
                  "proxy in front of it")
     elif origin == "new":
-        log.warn("API key generated and saved in {path}: {key}", path=str(folder / KEY_FILE),
-                 key=key)
+        path = str(folder / KEY_FILE)
+        log.warn("API key generated and saved in {path} (readable by this user only; the "
+                 "key itself is never logged)", path=path)
+        terminal(f"nodepass: API key generated and saved in {path}: {key}\n")
     else:
         log.info("API key from {origin}", origin="NODEPASS_API_KEY" if origin == "env"
                  else str(folder / KEY_FILE))
@@ -158,8 +139,8 @@ def open_state(config: MasterConfig, environ: Mapping[str, str]
 
 def api_site(reactor: Any, registry: Registry, config: MasterConfig, key: ApiKey,
              folder: Path) -> ApiSite:
-    return ApiSite(api_app(registry, config, key, str(folder)).app.resource(), timeout=60,
-                   reactor=reactor)
+    built = api_app(registry, config, key, str(folder))
+    return ApiSite(built.app.resource(), built.gate, timeout=60, reactor=reactor)
 
 
 def announce(config: MasterConfig, credentials: ServerCredentials | None, port: Any) -> None:

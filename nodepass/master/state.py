@@ -1,7 +1,10 @@
 """Where the master keeps its state, and its API key.
 
 The state directory is ``state=DIR`` in the master URL, else ``NODEPASS_STATE_DIR``,
-else ``$XDG_STATE_HOME/nodepass``, else ``~/.local/state/nodepass``.
+else ``$XDG_STATE_HOME/nodepass``, else ``~/.local/state/nodepass``.  It holds secrets
+(the key; instance URLs with their tunnel keys in the database), so it is kept for this
+user alone: the directory 0700, its files 0600 -- made so when this user owns them,
+refused when another does.
 """
 
 from __future__ import annotations
@@ -9,12 +12,16 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+from nodepass.master.store import DB_FILE
 from nodepass.url import MasterConfig
 
 KEY_FILE = "api.key"
+# The database and every file SQLite may keep beside it.
+DB_FILES = (DB_FILE, *(DB_FILE + extra for extra in ("-wal", "-shm", "-journal")))
 
 
 class StateError(Exception):
@@ -40,6 +47,7 @@ def check_state(config: MasterConfig, environ: Mapping[str, str]) -> None:
     folder = state_dir(config, environ)
     if config.auth or config.persist:
         ensure_dir(folder)
+        exposed(folder)  # one that cannot be made private stops the start here
     if config.auth and not environ.get("NODEPASS_API_KEY"):
         path = folder / KEY_FILE
         try:
@@ -62,6 +70,46 @@ def ensure_dir(path: Path) -> Path:
     if not os.access(path, os.W_OK | os.X_OK):
         raise StateError(f"state directory {str(path)!r} is not writable")
     return path
+
+
+def exposed(folder: Path) -> list[tuple[Path, int, int]]:
+    """The state directory and those of its files that others may read, as (path, mode,
+    the mode it should have); raises StateError for one this user does not own (so
+    cannot make private)."""
+    found = []
+    for path, private in ((folder, 0o700), *((folder / name, 0o600)
+                                             for name in (KEY_FILE, *DB_FILES))):
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise StateError(f"state file {str(path)!r} cannot be examined ({e.strerror})") \
+                from None
+        mode = stat.S_IMODE(info.st_mode)
+        if not mode & 0o077:
+            continue
+        if info.st_uid != os.geteuid():
+            what = "state directory" if path == folder else "state file"
+            raise StateError(
+                f"{what} {str(path)!r} can be read by other users (mode {mode:04o}) and "
+                f"belongs to uid {info.st_uid}, not to this user (uid {os.geteuid()}), so "
+                f"nodepass cannot make it private: run chmod {private:o} {str(path)!r} as its "
+                "owner, or choose another state directory (state= or NODEPASS_STATE_DIR)")
+        found.append((path, mode, private))
+    return found
+
+
+def make_private(folder: Path) -> list[tuple[Path, int, int]]:
+    """Take group and other permissions away from the state directory and its files
+    (all owned by this user, or StateError); -> what was changed, for the log."""
+    changed = exposed(folder)
+    for path, _, private in changed:
+        try:
+            path.chmod(private)
+        except OSError as e:
+            raise StateError(f"{str(path)!r} cannot be made private ({e.strerror})") from None
+    return changed
 
 
 def api_key(folder: Path, environ: Mapping[str, str]) -> tuple[str, str]:

@@ -12,6 +12,7 @@ and a thread pool would buy nothing but ordering problems.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +74,8 @@ class Store:
         where = str(path) if path is not None else ":memory:"
         # Everything is checked before anything is written (WAL mode changes the file).
         try:
+            if path is not None:
+                _create_private(path)
             self.db = sqlite3.connect(where, isolation_level=None)
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
@@ -164,6 +167,17 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _create_private(path: Path) -> None:
+    """Make the database file 0600 before SQLite would make it 0644: it holds instance
+    URLs with their tunnel keys, and SQLite gives its -wal, -shm and -journal files the
+    database file's mode."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except OSError as e:
+        raise StoreError(f"state database {str(path)!r} cannot be opened ({e.strerror})") \
+            from None
 
 
 class _Transaction:

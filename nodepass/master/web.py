@@ -1,9 +1,12 @@
-"""What both API dialects share: the key check, CORS, JSON bodies, Swagger UI, and the
-one Klein app that serves them side by side (``{prefix}/v1`` and ``{np}/v1``)."""
+"""What both API dialects share: the key check, JSON bodies, Swagger UI, and the one
+Klein app that serves them side by side (``{prefix}/v1`` and ``{np}/v1``).  What may
+reach them at all (Host, Origin and CORS, the key, body sizes) the gate decides first
+(gate.py)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +20,38 @@ from nodepass import logs
 from nodepass.master.state import ApiKey
 
 MAX_BODY = 64 * 1024
-# Every method and header a browser panel of either dialect sends (NodePanel's event
-# stream asks with Cache-Control).
-CORS = {
-    b"Access-Control-Allow-Origin": b"*",
-    b"Access-Control-Allow-Methods": b"GET, POST, PUT, PATCH, DELETE, OPTIONS",
-    b"Access-Control-Allow-Headers": b"Content-Type, X-API-Key, Authorization, Cache-Control",
-    b"Access-Control-Max-Age": b"600",
-}
 
+# {here} is where the page's own files are, relative to the page: "docs/" for
+# {base}/docs, "" for {base}/docs/ and {base}/docs/index.html.
 _DOCS_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<link rel="stylesheet" href="docs/swagger-ui.css"></head>
+<link rel="stylesheet" href="{here}swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
-<script src="docs/swagger-ui-bundle.js"></script>
-<script src="docs/start.js"></script></body></html>
+<script src="{here}swagger-ui-bundle.js"></script>
+<script src="{here}start.js"></script></body></html>
 """
-# Outside the page, so a Content-Security-Policy without inline scripts holds.
-_DOCS_START = b"""window.ui = SwaggerUIBundle({url: "openapi.json", dom_id: "#swagger-ui",
-  deepLinking: true, persistAuthorization: true});
+# Outside the page, so a Content-Security-Policy without inline scripts holds.  The
+# document is found from this script's own URL ({base}/docs/start.js), so every spelling
+# of the page finds it; validatorUrl null: Swagger UI would otherwise send the
+# document's URL to validator.swagger.io.
+_DOCS_START = b"""window.ui = SwaggerUIBundle({
+  url: new URL("../openapi.json", document.currentScript.src).href,
+  dom_id: "#swagger-ui", deepLinking: true, persistAuthorization: true, validatorUrl: null});
 """
+# The only files of the swagger-ui-py package served: the package also holds a stock
+# page and initializer that load the petstore example from the internet.
+DOCS_ASSETS = ("swagger-ui.css", "swagger-ui-bundle.js")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An answer given instead of the route's: the status, the seed dialect's error code
+    and message, and the NodePass dialect's message (its clients match on that text)."""
+
+    status: int
+    code: str
+    message: str
+    np_message: str
 
 
 class BodyError(Exception):
@@ -47,15 +62,10 @@ class BodyError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def set_cors(request: IRequest) -> None:
-    for name, value in CORS.items():
-        request.setHeader(name, value)
-
-
 def preflight(request: IRequest, **kwargs: Any) -> bytes:
-    """A browser's CORS preflight, answered before authentication."""
+    """A browser's CORS preflight, answered before authentication (the gate has set the
+    CORS headers, or refused the origin)."""
     request.setResponseCode(204)
-    set_cors(request)
     return b""
 
 
@@ -73,6 +83,9 @@ def read_json(request: IRequest, require_type: bool = True) -> Any:
         return json.loads(raw)
     except ValueError as e:
         raise BodyError(400, "INVALID_JSON", f"the body is not valid JSON ({e})") from None
+    except RecursionError:  # [[[[... : the parser recurses once per level
+        raise BodyError(400, "INVALID_JSON", "the body is not valid JSON (nested too "
+                                             "deeply)") from None
 
 
 class KeyCheck:
@@ -110,45 +123,57 @@ def swagger_assets() -> str:
 
 class SwaggerUI:
     """One dialect's documentation, public: ``openapi.json``, and Swagger UI at ``docs``
-    (the page, ``docs/start.js``, and Swagger UI's own files from the swagger-ui-py
-    package under ``docs/``: no CDN, works offline)."""
+    (also spelt ``docs/`` and ``docs/index.html``: always our page), ``docs/start.js``
+    and Swagger UI's own files from the swagger-ui-py package (DOCS_ASSETS): no CDN,
+    works offline, nothing else of that package."""
 
     def __init__(self, title: str, openapi: bytes) -> None:
-        self._page = _DOCS_PAGE.format(title=title).encode()
+        self._pages = {here: _DOCS_PAGE.format(title=title, here=here).encode()
+                       for here in ("docs/", "")}
         self._openapi = openapi
+
+    @staticmethod
+    def public_paths(base: str) -> list[str]:
+        """Every path this serves under ``base`` (the gate lets them pass without a key)."""
+        return [f"{base}/{path}" for path, _, _ in SwaggerUI._routes()]
+
+    @staticmethod
+    def _routes() -> list[tuple[str, str, str]]:
+        """(path, handler name, where the page's files are) for every document."""
+        return [("openapi.json", "openapi", ""), ("docs", "page", "docs/"),
+                ("docs/", "page", ""), ("docs/index.html", "page", ""),
+                ("docs/start.js", "start", ""),
+                *((f"docs/{name}", "asset", name) for name in DOCS_ASSETS)]
 
     def route(self, app: Klein, base: str, dialect: Any) -> None:
         """GET each document under ``base``; OPTIONS is a preflight; any other method is
-        ``dialect``'s 405."""
-        for path, handler, branch in (("openapi.json", self.openapi, False),
-                                      ("docs", self.page, False),
-                                      ("docs/start.js", self.start, False),
-                                      ("docs/", self.assets, True)):
-            app.route(f"{base}/{path}", methods=["GET"], branch=branch,
-                      endpoint=f"{base} {path}")(handler)
-            app.route(f"{base}/{path}", methods=["OPTIONS"], branch=branch,
+        ``dialect``'s 405.  Any other path under ``docs/`` is the dialect's 404."""
+        for path, name, arg in self._routes():
+            handler = getattr(self, name)
+            app.route(f"{base}/{path}", methods=["GET"], endpoint=f"{base} {path}")(
+                lambda request, handler=handler, arg=arg: handler(request, arg))
+            app.route(f"{base}/{path}", methods=["OPTIONS"],
                       endpoint=f"{base} {path} preflight")(preflight)
-            app.route(f"{base}/{path}", branch=branch,  # any other method, even QUERY
+            app.route(f"{base}/{path}",  # any other method, even QUERY
                       endpoint=f"{base} {path} refused")(
                 lambda request, dialect=dialect: dialect.wrong_method(
                     request, _allow(request, ["GET", "OPTIONS"])))
 
-    def openapi(self, request: IRequest) -> bytes:
+    def openapi(self, request: IRequest, _: str) -> bytes:
         request.setHeader(b"Content-Type", b"application/json")
-        set_cors(request)
         return self._openapi
 
-    def page(self, request: IRequest) -> bytes:
+    def page(self, request: IRequest, here: str) -> bytes:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
-        return self._page
+        return self._pages[here]
 
-    def start(self, request: IRequest) -> bytes:
+    def start(self, request: IRequest, _: str) -> bytes:
         request.setHeader(b"Content-Type", b"text/javascript; charset=utf-8")
         return _DOCS_START
 
-    def assets(self, request: IRequest) -> File:
-        return File(swagger_assets())
+    def asset(self, request: IRequest, name: str) -> File:
+        return File(str(Path(swagger_assets()) / name))
 
 
 def add_preflight(app: Klein) -> None:
