@@ -24,21 +24,21 @@ def main(
     args = list(sys.argv[1:] if argv is None else argv)
     out = sys.stdout if stdout is None else stdout
     err = sys.stderr if stderr is None else stderr
-    if not args:
+    options = tap.Options(environ)
+    if not args and not options.environ.get(tap.URL_ENV, "").strip():
         err.write(USAGE)
-        err.write("\nnodepass: error: missing URL\n")
+        err.write(f"\nnodepass: error: {tap.MISSING_URL}\n")
         return EXIT_USAGE
-    if args[0] in ("-h", "--help"):
+    if args and args[0] in ("-h", "--help"):
         out.write(USAGE)
         return 0
-    if args[0] in ("-V", "--version"):
+    if args and args[0] in ("-V", "--version"):
         out.write(f"nodepass {__version__}\n")
         return 0
     if len(args) > 1:
         err.write(f"nodepass: error: expected one URL, got {len(args)} arguments "
                   "(quote the URL in your shell)\n")
         return EXIT_USAGE
-    options = tap.Options(environ)
     try:
         options.parseOptions(args)
     except usage.UsageError as e:

@@ -9,6 +9,8 @@ Usage:
   nodepass URL                 run in the foreground
   python -m nodepass URL       the same
   twistd [-n] nodepass URL     the same service tree under twistd (daemonizes without -n)
+  nodepass -                   the URL from standard input (one line), or
+  nodepass                     from NODEPASS_URL: either keeps a key out of `ps`
   nodepass --help | --version
 
 Modes (the URL's scheme):

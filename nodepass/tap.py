@@ -12,8 +12,9 @@ taken) stops the process through ``RootService.fail`` (exit 1).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.python import usage
@@ -29,25 +30,27 @@ from nodepass.tunables import TunableError, Tunables, from_environ
 from nodepass.url import ClientConfig, Config, MasterConfig, ServerConfig, URLError, parse
 
 BUILT_MODES: tuple[str, ...] = ("server", "client", "master")
+URL_ENV = "NODEPASS_URL"
+MAX_URL = 16 * 1024  # what '-' reads from standard input at most
+MISSING_URL = ("missing URL (server://, client:// or master://): give it as the argument, "
+               f"as '-' to read it from standard input, or in {URL_ENV}")
 
 
 class Options(usage.Options):
     synopsis = "URL"
     longdesc = USAGE
 
-    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None,
+                 stdin: IO[str] | None = None) -> None:
         super().__init__()
         self.environ = os.environ if environ is None else environ
+        self.stdin = stdin
 
     def getUsage(self, width: int | None = None) -> str:
         return USAGE
 
     def parseArgs(self, *urls: str) -> None:
-        if not urls:
-            raise usage.UsageError("missing URL (server://, client:// or master://)")
-        if len(urls) > 1:
-            raise usage.UsageError(f"expected one URL, got {len(urls)} arguments")
-        url = urls[0]
+        url = self._url(urls)
         try:
             self["config"] = parse(url)
         except URLError as e:
@@ -63,6 +66,28 @@ class Options(usage.Options):
         _check_dial(self["config"])
         if isinstance(self["config"], MasterConfig):
             _check_state(self["config"], self.environ)
+
+    def _url(self, given: tuple[str, ...]) -> str:
+        """The URL: the one argument; ``-`` reads it from standard input, and none
+        takes it from NODEPASS_URL — both keep a key out of the process list."""
+        if len(given) > 1:
+            raise usage.UsageError(f"expected one URL, got {len(given)} arguments")
+        if not given:
+            url = self.environ.get(URL_ENV, "").strip()
+            if not url:
+                raise usage.UsageError(MISSING_URL)
+            return url
+        if given[0] != "-":
+            return given[0]
+        stream = self.stdin if self.stdin is not None else sys.stdin
+        line = stream.readline(MAX_URL + 1) if stream is not None else ""
+        if len(line) > MAX_URL:
+            raise usage.UsageError(f"the URL on standard input is longer than {MAX_URL} "
+                                   "characters")
+        if not line.strip():
+            raise usage.UsageError("'-': no URL on standard input (write one line: "
+                                   "server://..., client://... or master://...)")
+        return line.strip()
 
     def postOptions(self) -> None:
         scheme = self["config"].scheme

@@ -408,6 +408,14 @@ def _parse_query(scheme: str, query: str) -> dict[str, Any]:
     return values
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def redacted(text: str) -> str:
+    """The URL ``text`` fit for a log line: its key, if it has one, as ``****``."""
+    return _USERINFO.sub(r"\1****@", text, count=1)
+
+
 def given_parameters(text: str) -> frozenset[str]:
     """The parameters the URL ``text`` sets, named as the parser reads them
     (percent-decoded: ``%74ls=2`` sets ``tls``)."""

@@ -133,12 +133,18 @@ class Daemon(ProcessProtocol):
         return await self.ended.addTimeout(timeout, reactor)
 
 
-def spawn(case: TestCase, url: str, name: str | None = None, **env: str) -> Daemon:
-    """Start ``nodepass URL`` as users do; it is killed at the end of the test."""
-    daemon = Daemon(name or url.split(":", 1)[0])
+def spawn(case: TestCase, url: str | None, name: str | None = None, stdin: str = "",
+          **env: str) -> Daemon:
+    """Start ``nodepass URL`` as users do (``nodepass`` alone when ``url`` is None; its
+    standard input says ``stdin``); it is killed at the end of the test."""
+    daemon = Daemon(name or (url or "nodepass").split(":", 1)[0])
     environment = clean_env(**{**FAST_ENV, **env})
-    reactor.spawnProcess(daemon, sys.executable, [sys.executable, "-m", "nodepass", url],
-                         env=environment, path=str(REPO))
+    process = reactor.spawnProcess(
+        daemon, sys.executable, [sys.executable, "-m", "nodepass", *([url] if url else [])],
+        env=environment, path=str(REPO))
+    if stdin:
+        process.writeToChild(0, stdin.encode())
+    process.closeChildFD(0)
 
     async def cleanup() -> None:
         if daemon.running:

@@ -20,10 +20,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_nodepass(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_nodepass(*args: str, env: dict[str, str] | None = None,
+                 stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "nodepass", *args], capture_output=True, text=True,
-        env=clean_env() if env is None else env, timeout=TIMEOUT, cwd=REPO,
+        env=clean_env() if env is None else env, timeout=TIMEOUT, cwd=REPO, input=stdin,
     )
 
 

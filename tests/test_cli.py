@@ -31,7 +31,59 @@ class Usage(SynchronousTestCase):
         result = run_nodepass()
         self.assertEqual(result.returncode, 2)
         self.assertIn("Usage:", result.stderr)
-        self.assertTrue(result.stderr.endswith("nodepass: error: missing URL\n"))
+        self.assertTrue(result.stderr.endswith(
+            "nodepass: error: missing URL (server://, client:// or master://): give it as "
+            "the argument, as '-' to read it from standard input, or in NODEPASS_URL\n"),
+            result.stderr)
+
+
+class UrlSources(SynchronousTestCase):
+    """Where the URL may come from: an argument, standard input ('-'), NODEPASS_URL —
+    the last two keep a tunnel key out of the process list."""
+
+    def options(self, *args, stdin="", **environ):
+        import io
+
+        from nodepass.tap import Options
+
+        options = Options(environ, io.StringIO(stdin))
+        options.parseOptions(list(args))
+        return options["config"]
+
+    def test_dash_reads_one_line_from_standard_input(self):
+        config = self.options("-", stdin="client://s3cret@127.0.0.1:10101/127.0.0.1:8080\n"
+                                          "ignored\n")
+        self.assertEqual((config.scheme, config.tunnel_key), ("client", "s3cret"))
+
+    def test_no_argument_takes_nodepass_url(self):
+        config = self.options(NODEPASS_URL=" server://k@127.0.0.1:0/127.0.0.1:0 ")
+        self.assertEqual((config.scheme, config.tunnel_key), ("server", "k"))
+
+    def test_an_argument_wins_over_nodepass_url(self):
+        config = self.options("client://a@127.0.0.1:1/127.0.0.1:2",
+                              NODEPASS_URL="server://k@127.0.0.1:0/127.0.0.1:0")
+        self.assertEqual(config.tunnel_key, "a")
+
+    def test_mistakes_are_usage_errors(self):
+        from twisted.python.usage import UsageError
+
+        for args, stdin, fragment in (((), "", "missing URL"),
+                                      (("-",), "", "'-': no URL on standard input"),
+                                      (("-",), "\n\n", "'-': no URL on standard input"),
+                                      (("-",), "x" * 20000, "longer than 16384 characters"),
+                                      (("-",), "ftp://h:1/h:2\n", "unknown 'ftp'")):
+            with self.assertRaises(UsageError) as caught:
+                self.options(*args, stdin=stdin)
+            self.assertIn(fragment, str(caught.exception))
+
+    def test_the_command_reads_standard_input_and_the_environment(self):
+        result = run_nodepass("-", stdin="server://k@127.0.0.1:1/127.0.0.1:2?tls=9\n")
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("bad value '9' for 'tls'", result.stderr)
+        result = run_nodepass(env=clean_env(NODEPASS_URL="server://k@h:1/h:2?rate=fast"))
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(result.stderr.count("\n"), 1, result.stderr)
+        self.assertIn("bad value 'fast' for 'rate'", result.stderr)
 
 
 class BadInput(SynchronousTestCase):
@@ -87,6 +139,19 @@ class Lifecycle(TestCase):
             await daemon.wait_for("target listening")
             self.assertEqual(await daemon.stop(sig), 0)
             self.assertTrue(daemon.lines[-1].endswith("INFO   stopped"), daemon.lines[-1])
+
+    async def test_a_key_given_on_stdin_or_in_the_environment_is_not_in_the_process_list(self):
+        key = "not-for-ps-0123456789"
+        for daemon in (spawn(self, "-", name="server", stdin=f"server://{key}@127.0.0.1:0/"
+                                                             "127.0.0.1:0\n"),
+                       spawn(self, None, name="server",
+                             NODEPASS_URL=f"server://{key}@127.0.0.1:0/127.0.0.1:0")):
+            await daemon.listening_port("target")
+            with open(f"/proc/{daemon.pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            self.assertNotIn(key.encode(), b" ".join(argv))
+            self.assertEqual(daemon.count(key), 0)  # nor in its log
+            self.assertEqual(await daemon.stop(), 0)
 
     async def test_port_in_use_exits_one_with_the_reason(self):
         with socket.socket() as taken:

@@ -141,6 +141,18 @@ class MasterSettings(TestCase):
         self.assertEqual(len((await Api(master.base, key).ok("GET", "/instances"))["instances"]),
                          1)
 
+    async def test_an_instance_key_is_in_no_process_list_and_no_log_line(self):
+        key = "tunnel-key-not-for-ps-42"
+        master = await start_master(self)
+        created = await Api(master.base).ok("POST", "/instances", {
+            "url": f"server://{key}@127.0.0.1:0/127.0.0.1:0"}, status=201)
+        await master.listening_port("target", instance=created["id"])  # it runs
+        with open(f"/proc/{created['pid']}/cmdline", "rb") as f:
+            self.assertNotIn(key.encode(), f.read())
+        self.assertEqual(master.count(key), 0, "\n".join(master.lines))
+        self.assertEqual(master.count(rf"instance {created['id']} created: server://\*\*\*\*@"),
+                         1)
+
     async def test_master_sigterm_leaves_no_child(self):
         master = await start_master(self)
         api = Api(master.base)

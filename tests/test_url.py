@@ -325,3 +325,19 @@ class RoundTrip(SynchronousTestCase):
             self.assertNotIn("\n", str(e))
         else:
             self.assertEqual(parse(format_url(config)), config)
+
+
+class Redacted(SynchronousTestCase):
+    def test_a_key_is_masked_and_nothing_else_changes(self):
+        from nodepass.url import redacted
+
+        table = {
+            "server://s3cr%40t@0.0.0.0:10101/127.0.0.1:8080?tls=1":
+                "server://****@0.0.0.0:10101/127.0.0.1:8080?tls=1",
+            "client://k@[::1]:1/a:2,b:3": "client://****@[::1]:1/a:2,b:3",
+            "server://0.0.0.0:10101/127.0.0.1:8080": "server://0.0.0.0:10101/127.0.0.1:8080",
+            "master://127.0.0.1:9090/api?tls=1": "master://127.0.0.1:9090/api?tls=1",
+            "server://h:1/t:2?key=/etc/k.pem&crt=/a@b": "server://h:1/t:2?key=/etc/k.pem&crt=/a@b",
+        }
+        for url, shown in table.items():
+            self.assertEqual(redacted(url), shown, url)

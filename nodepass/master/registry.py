@@ -27,7 +27,7 @@ from nodepass.master.store import Store, StoredInstance
 from nodepass.master.supervisor import Spawner, spawn_child
 from nodepass.master.views import count_by_status, describe
 from nodepass.tunables import Tunables
-from nodepass.url import ClientConfig, MasterConfig, ServerConfig, format_url
+from nodepass.url import ClientConfig, MasterConfig, ServerConfig, format_url, redacted
 
 
 class Registry:
@@ -49,7 +49,9 @@ class Registry:
         self.history = TrafficHistory(reactor)
         self.restarts = RestartPolicy(reactor, tunables.service_cooldown, self._restart_again,
                                       self._still_wanted)
-        environ = {k: v for k, v in environ.items() if k != "NODEPASS_API_KEY"}
+        # Children get neither the master's key nor its own URL (they get theirs on stdin).
+        environ = {k: v for k, v in environ.items()
+                   if k not in ("NODEPASS_API_KEY", "NODEPASS_URL")}
         self.lifecycle = Lifecycle(reactor, tunables, environ, spawn, self._changed,
                                    self._save, self.restarts.exited, self._logged)
         self._tick = LoopingCall(self.tick)
@@ -138,7 +140,8 @@ class Registry:
         instance.peer.update(peer or {})
         self._save(instance)
         self.instances[instance.id] = instance
-        self.log.info("instance {id} created: {url}", id=instance.id, url=instance.url)
+        self.log.info("instance {id} created: {url}", id=instance.id,
+                      url=redacted(instance.url))
         self._changed("create", instance)
         await self.start(instance)
         return instance
@@ -178,7 +181,8 @@ class Registry:
             instance.config = config
             instance.desired = "running"
             self._save(instance)
-            self.log.info("instance {id} URL replaced: {url}", id=instance.id, url=instance.url)
+            self.log.info("instance {id} URL replaced: {url}", id=instance.id,
+                          url=redacted(instance.url))
             await self.lifecycle.start_now(instance)
 
         self.restarts.cancel(instance)

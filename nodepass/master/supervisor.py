@@ -139,17 +139,21 @@ Spawner = Callable[[Any, str, Mapping[str, str], "ChildProcess"], Any]
 
 def spawn_child(reactor: Any, url: str, environ: Mapping[str, str],
                 child: ChildProcess) -> ChildProcess:
-    """Start ``python -m nodepass URL`` with its status channel on fd 3."""
+    """Start ``python -m nodepass -`` with its status channel on fd 3 and its URL on
+    standard input: an argument would show the tunnel key to every user of the machine
+    (``ps``, ``/proc/PID/cmdline``)."""
     parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     env = dict(environ)
     env[ENV] = "3"
     try:
-        reactor.spawnProcess(
-            child, sys.executable, [sys.executable, "-m", "nodepass", url], env=env,
+        process = reactor.spawnProcess(
+            child, sys.executable, [sys.executable, "-m", "nodepass", "-"], env=env,
             childFDs={0: "w", 1: "r", 2: "r", 3: child_end.fileno()},
         )
     finally:
         child_end.close()
+    process.writeToChild(0, url.encode() + b"\n")
+    process.closeChildFD(0)
     receiver = _StatusReceiver(child)
     reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX,
                                   Factory.forProtocol(lambda: receiver))
