@@ -34,6 +34,7 @@ setup(
         "service-identity>=24.1.0",
         "pyopenssl>=24.2.0",
         "cryptography>=43.0.0",
+        "spake2>=0.9",
         "klein>=24.8.0",
         "werkzeug>=3.0",
         "swagger-ui-py>=25.7.1",

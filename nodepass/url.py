@@ -115,6 +115,13 @@ class ClientConfig(_TunnelConfig):
     min: int | None = None  # pool capacity floor; None = MIN_POOL_CAPACITY
     sni: str | None = None
     ca: str | None = None
+    tls: int = 0  # the least TLS mode this client accepts from the server
+
+    @property
+    def required_tls(self) -> int:
+        """The least TLS mode the server must offer: ``tls=``, or 2 when ``ca=`` or
+        ``sni=`` ask for a verified certificate."""
+        return 2 if self.ca is not None or self.sni is not None else self.tls
 
 
 @dataclass(frozen=True)
@@ -362,13 +369,12 @@ _PARAMS = {
 _CONTROLS = ("mode", "read", "rate", "slot", "proxy", "dial", "notcp", "noudp", "dns", "block")
 _MODE_PARAMS: Mapping[str, tuple[str, ...]] = {
     "server": ("log", "tls", "crt", "key", *_CONTROLS, "max", "type"),
-    "client": ("log", "sni", "ca", *_CONTROLS, "min", "max", "type"),
+    "client": ("log", "tls", "sni", "ca", *_CONTROLS, "min", "max", "type"),
     "master": ("log", "tls", "crt", "key", "auth", "state", "persist", "np", "hosts",
                "origins", "insecure"),
 }
 
 _HINTS = {
-    ("client", "tls"): " (a client adopts the server's TLS mode; remove 'tls')",
     ("client", "crt"): " (certificates are set on the server)",
     ("client", "key"): " (certificates are set on the server; the tunnel key goes before '@')",
     ("server", "min"): " (min is the client's pool floor; a server bounds the pool with max)",
@@ -429,6 +435,8 @@ def _format_query(config: Config) -> str:
         value = getattr(config, name)
         if value is None or value == _PARAMS[name].default:
             continue
+        if name == "tls" and config.scheme == "client" and not value:
+            continue  # a client's least mode: 0 (take what the server offers) goes unsaid
         parts.append(f"{name}={_PARAMS[name].write(value)}")
     return "&".join(parts)
 
@@ -526,6 +534,15 @@ def _split(text: str) -> tuple[str, str, str, str, str]:
     return scheme, userinfo, hostport, path, query
 
 
+def _check_least_tls(values: dict[str, Any]) -> None:
+    """A client's ``tls`` is the least mode it accepts; ``ca``/``sni`` mean 2."""
+    verifying = [n for n in ("ca", "sni") if n in values]
+    if verifying and values.get("tls", 2) != 2:
+        given = " and ".join(f"{n}=" for n in verifying)
+        raise URLError(f"query: {given} means a verified certificate, tls=2, not "
+                       f"tls={values['tls']} (remove tls, or set tls=2)")
+
+
 def _check_tls_files(values: dict[str, Any]) -> None:
     tls = values.get("tls", 0)
     crt, key = values.get("crt"), values.get("key")
@@ -554,7 +571,9 @@ def parse(text: str) -> Config:
     """Parse a nodepass URL into a frozen config, or raise :class:`URLError`."""
     scheme, userinfo, hostport, path, query = _split(text)
     values = _parse_query(scheme, query)
-    if "tls" in _MODE_PARAMS[scheme]:
+    if scheme == "client":
+        _check_least_tls(values)
+    elif "tls" in _MODE_PARAMS[scheme]:
         _check_tls_files(values)
 
     if scheme == "master":

@@ -9,10 +9,13 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from nodepass.tunables import Tunables
-from nodepass.tunnel.handshake import ClientHandshake
+from nodepass.tunnel import wire
+from nodepass.tunnel.handshake import AuthenticationError, ClientHandshake, Opener, Sealer
 from nodepass.tunnel.server import ServerTunnel
-from nodepass.tunnel.wire import FrameDecoder, Kind, Type
+from nodepass.tunnel.wire import FrameDecoder, Kind, Proto, Type
 from nodepass.url import Address, ServerConfig
+
+CONTROL_TYPES = frozenset({Type.PING, Type.PONG, Type.DEMAND, Type.GOODBYE})
 
 
 class HalfCloseTransport(StringTransport):
@@ -40,16 +43,19 @@ def transport_for(port: int) -> HalfCloseTransport:
 
 
 class FakeClient:
-    """One tunnel connection to a ServerTunnel, driven by hand."""
+    """One tunnel connection to a ServerTunnel, driven by hand with a real
+    ClientHandshake: what a client sends, frame by frame."""
 
     def __init__(self, tunnel: ServerTunnel, key: str = "k", kind: Kind = Kind.CONTROL,
-                 session_id: bytes = b"", port: int = 40000) -> None:
+                 session: tuple | None = None, port: int = 40000) -> None:
         self.tunnel = tunnel
         self.protocol = tunnel.tunnel_factory().buildProtocol(None)
         self.transport = transport_for(port)
         self.protocol.makeConnection(self.transport)
-        self.handshake = ClientHandshake(key.encode(), kind, os.urandom(32), session_id)
+        self.handshake = ClientHandshake(key.encode(), kind, os.urandom(32), session)
         self.decoder = FrameDecoder()
+        self.sealer: Sealer | None = None
+        self.opener: Opener | None = None
 
     def send(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
@@ -62,14 +68,53 @@ class FakeClient:
             out.append(frame)
         return out
 
+    def signals(self):
+        """The server's control frames since the last call, their seals checked."""
+        assert self.opener is not None
+        return [self.opener.open(f) if f.type in CONTROL_TYPES else f for f in self.frames()]
+
     def authenticate(self) -> list:
-        """Run the handshake; return the frames the server sent after AUTH."""
+        """Run the handshake; return the frames the server sent after AUTH.  A client
+        with a wrong key (an attacker's) sends an AUTH it made up, where a real client
+        gives up on the server's confirmation."""
         self.send(self.handshake.hello())
-        (challenge,) = self.frames()
+        frames = self.frames()
+        if not frames:
+            return []  # closed at once: a data connection for no live session
+        (challenge,) = frames
         assert challenge.type is Type.CHALLENGE
         self.handshake.on_challenge(challenge.payload)
-        self.send(self.handshake.auth())
+        if self.handshake.kind is Kind.CONTROL:
+            self.send(self.handshake.pake())
+            frames = self.frames()
+            if not frames:
+                return []  # refused before any work (attempt limits)
+            (pake,) = frames
+            assert pake.type is Type.PAKE, pake
+            try:
+                auth = self.handshake.on_pake(pake.payload, b"")
+            except AuthenticationError:
+                auth = wire.auth(os.urandom(wire.MAC_SIZE))
+            self.send(auth)
+        else:
+            self.send(self.handshake.auth())
         return self.frames()
+
+    def welcomed(self, welcome) -> None:
+        self.settings = self.handshake.on_welcome(welcome.payload)
+        keys = self.handshake.keys
+        if self.handshake.kind is Kind.CONTROL:
+            self.sealer, self.opener = Sealer(keys.client_control), Opener(keys.server_control)
+        self.launches = self.handshake.launches() if self.handshake.kind is Kind.DATA else None
+
+    def signal(self, kind: Type, payload: bytes) -> None:
+        """A control frame, sealed as a real client seals it."""
+        assert self.sealer is not None
+        self.send(self.sealer.seal(kind, payload))
+
+    def launch(self, proto: Proto, source: str, dest: str = "", proxy: int = 0) -> bytes:
+        """A LAUNCH frame sealed for this data connection (to send, or to tamper with)."""
+        return self.launches.seal(wire.launch_fields(proto, source, dest, proxy))
 
     def lose(self) -> None:
         from twisted.internet.error import ConnectionDone
@@ -86,15 +131,16 @@ def open_session(tunnel: ServerTunnel, key: str = "k") -> FakeClient:
     control = FakeClient(tunnel, key)
     welcome, *pings = control.authenticate()
     assert welcome.type is Type.WELCOME and all(p.type is Type.PING for p in pings)
-    control.settings = control.handshake.on_welcome(welcome.payload)
+    control.welcomed(welcome)
+    for ping in pings:  # sealed after the WELCOME: their seals count in order
+        control.opener.open(ping)
     return control
 
 
 def add_data(tunnel: ServerTunnel, control: FakeClient, port: int) -> FakeClient:
-    data = FakeClient(tunnel, kind=Kind.DATA, session_id=control.handshake.session_id,
-                      port=port)
+    data = FakeClient(tunnel, kind=Kind.DATA, session=control.handshake.session(), port=port)
     welcome, *data.early = data.authenticate()
-    data.handshake.on_welcome(welcome.payload)
+    data.welcomed(welcome)
     return data
 
 

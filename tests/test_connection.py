@@ -56,15 +56,24 @@ class Refusals(SynchronousTestCase):
             (lambda t: FakeClient(t), lambda c: c.send(wire.PREAMBLE + wire.frame(
                 Type.AUTH, b"x" * 32)), "unexpected AUTH frame while waiting for HELLO"),
             (lambda t: FakeClient(t), lambda c: c.send(hello + wire.frame(
-                Type.WELCOME, b"x" * 48)), "unexpected WELCOME frame while waiting for AUTH"),
-            (lambda t: open_session(t), lambda c: c.send(wire.launch(Proto.TCP, "a:1")),
+                Type.WELCOME, b"x" * 48)), "unexpected WELCOME frame while waiting for PAKE"),
+            (lambda t: open_session(t),
+             lambda c: c.signal(Type.LAUNCH, wire.launch_fields(Proto.TCP, "a:1")),
              "unexpected LAUNCH frame on the control channel"),
+            (lambda t: open_session(t),
+             lambda c: c.send(wire.frame(Type.LAUNCH, wire.launch_fields(Proto.TCP, "a:1")
+                                         + bytes(wire.TAG_SIZE))),
+             "LAUNCH frame not sealed with the session key"),
             (lambda t: add_data(t, open_session(t), 46001),
-             lambda c: c.send(wire.ping(Type.PING, 1, 1)),
+             lambda c: c.send(wire.frame(Type.PING, wire.ping_payload(1, 1))),
              "unexpected PING frame while pooled"),
             (lambda t: add_data(t, open_session(t), 46001),
-             lambda c: c.send(wire.launch(Proto.TCP, "a:1")),
+             lambda c: c.send(c.launch(Proto.TCP, "a:1")),
              "LAUNCH from the client, but this server is in reverse mode"),
+            (lambda t: add_data(t, open_session(t), 46001),
+             lambda c: c.send(wire.frame(Type.LAUNCH, wire.launch_fields(Proto.TCP, "a:1")
+                                         + bytes(wire.TAG_SIZE))),
+             "LAUNCH not sealed with the session key"),
             (lambda t: open_session(t), lambda c: c.protocol.pool(b""),
              "pooling is not valid while the control channel"),
             (lambda t: add_data(t, open_session(t), 46001),
@@ -91,7 +100,7 @@ class Refusals(SynchronousTestCase):
     def test_a_launched_connection_waits_for_its_relay_only(self):
         tunnel, reactor = server_tunnel(controls={"mode": 2})
         data = add_data(tunnel, open_session(tunnel), 46001)
-        data.send(wire.launch(Proto.TCP, "203.0.113.9:1") + b"held")
+        data.send(data.launch(Proto.TCP, "203.0.113.9:1") + b"held")
         self.assertEqual(type(data.protocol.state).__name__, "Launched")
         self.assertRefused(data.protocol, data.transport,
                            lambda: data.protocol.open_control(object(), b""),
@@ -105,7 +114,7 @@ class Refusals(SynchronousTestCase):
                                                 target=Address("127.0.0.1", 2), tunnel_key="k",
                                                 mode=2), Tunables(report_interval=1.0))
         data = add_data(tunnel, open_session(tunnel), 46001)
-        data.send(wire.launch(Proto.UDP, "203.0.113.9:1") + wire.datagram(b"first"))
+        data.send(data.launch(Proto.UDP, "203.0.113.9:1") + wire.datagram(b"first"))
         net.flush()
         self.assertEqual(type(data.protocol.state).__name__, "Datagrams")
         self.assertEqual(tunnel.report().udp_sessions, 1)
@@ -119,21 +128,22 @@ class Refusals(SynchronousTestCase):
 
     # -- the client's phases -------------------------------------------------
 
-    def client_conn(self, kind=Kind.CONTROL):
+    def client_conn(self, kind=Kind.CONTROL, tunnel=None):
         """A real ClientTunnel's connection on a StringTransport; it has sent HELLO."""
-        clock = Clock()
-        tunnel = ClientTunnel(clock, parse("client://k@127.0.0.1:1/127.0.0.1:2?mode=2"),
-                              Tunables(report_interval=1.0))
-        session_id = b"s" * wire.SESSION_ID_SIZE if kind is Kind.DATA else b""
-        conn = QuietFactory(TunnelConnection, clock,
-                            dialed(tunnel, kind, session_id)).buildProtocol(None)
+        if tunnel is None:
+            tunnel = ClientTunnel(Clock(), parse("client://k@127.0.0.1:1/127.0.0.1:2?mode=2"),
+                                  Tunables(report_interval=1.0))
+        session = (tunnel.session_id, tunnel.session_keys) if kind is Kind.DATA else None
+        conn = QuietFactory(TunnelConnection, tunnel.clock,
+                            dialed(tunnel, kind, session)).buildProtocol(None)
         transport = transport_for(10101)
         conn.makeConnection(transport)
         return tunnel, conn, transport
 
-    def handshake(self, conn, transport, kind, settings=None):
-        """A real server handshake answers the client until it is welcomed."""
-        server = ServerHandshake(b"k", 0, os.urandom(wire.NONCE_SIZE))
+    def handshake(self, conn, transport, kind, settings=None, keys=None, until=None):
+        """A real server handshake answers the client until it is welcomed (or until
+        the frame type ``until``, which it does not answer); returns the server side."""
+        server = ServerHandshake(b"k", 0, os.urandom(wire.NONCE_SIZE), lambda sid: keys)
         decoder = wire.FrameDecoder(expect_preamble=True)
 
         def next_frame():
@@ -142,10 +152,15 @@ class Refusals(SynchronousTestCase):
             return decoder.next_frame()
 
         conn.dataReceived(server.on_hello(next_frame().payload))
+        if kind is Kind.CONTROL:
+            conn.dataReceived(server.on_pake(next_frame().payload))
+        if until is Type.WELCOME:
+            return server
         server.on_auth(next_frame().payload)
         welcome = (server.welcome(os.urandom(wire.SESSION_ID_SIZE), settings or {})
                    if kind is Kind.CONTROL else server.welcome())
         conn.dataReceived(welcome)
+        return server
 
     def test_client_handshake_phases(self):
         _, conn, transport = self.client_conn()
@@ -153,30 +168,38 @@ class Refusals(SynchronousTestCase):
                            lambda: conn.dataReceived(wire.frame(Type.WELCOME, b"x" * 48)),
                            "unexpected WELCOME frame while waiting for CHALLENGE")
         _, conn, transport = self.client_conn()
-        conn.dataReceived(wire.challenge(0, os.urandom(wire.NONCE_SIZE)))
+        conn.dataReceived(wire.frame(Type.CHALLENGE, bytes(1 + wire.NONCE_SIZE)))
+        self.assertEqual(type(conn.state).__name__, "ClientPake")
+        self.assertRefused(conn, transport,
+                           lambda: conn.dataReceived(wire.frame(Type.AUTH, bytes(32))),
+                           "unexpected AUTH frame while waiting for PAKE")
+        _, conn, transport = self.client_conn()
+        self.handshake(conn, transport, Kind.CONTROL, until=Type.WELCOME)
         self.assertEqual(type(conn.state).__name__, "ClientWelcome")
         self.assertRefused(conn, transport,
-                           lambda: conn.dataReceived(wire.ping(Type.PING, 1, 1)),
+                           lambda: conn.dataReceived(wire.frame(Type.PING,
+                                                                wire.ping_payload(1, 1))),
                            "unexpected PING frame while waiting for WELCOME")
 
     def test_client_control_and_pooled_phases(self):
         tunnel, conn, transport = self.client_conn()
-        self.handshake(conn, transport, Kind.CONTROL, {"mode": "forward"})
+        server = self.handshake(conn, transport, Kind.CONTROL, {"mode": "forward"})
         self.assertEqual((type(conn.state).__name__, tunnel.mode), ("Control", "forward"))
         self.assertRefused(conn, transport,
                            lambda: conn.dataReceived(wire.frame(Type.AUTH, b"x" * 32)),
-                           "unexpected AUTH frame on the control channel")
-        tunnel, data, data_transport = self.client_conn(Kind.DATA)
-        tunnel.mode = "forward"  # as its session said
-        self.handshake(data, data_transport, Kind.DATA)
+                           "AUTH frame not sealed with the session key")
+        self.assertEqual(tunnel.session_keys, server.keys)  # what data connections use
+        _, data, data_transport = self.client_conn(Kind.DATA, tunnel)
+        data_server = self.handshake(data, data_transport, Kind.DATA, keys=server.keys)
         self.assertEqual(type(data.state).__name__, "Pooled")
-        self.assertRefused(data, data_transport,
-                           lambda: data.dataReceived(wire.launch(Proto.TCP, "a:1")),
+        sealed = data_server.launches().seal(wire.launch_fields(Proto.TCP, "a:1"))
+        self.assertRefused(data, data_transport, lambda: data.dataReceived(sealed),
                            "LAUNCH from the server, but the tunnel is in forward mode")
 
     def test_a_busy_refusal_then_nothing(self):
-        _, conn, _ = self.client_conn()
-        conn.dataReceived(wire.challenge(0, os.urandom(wire.NONCE_SIZE)) + wire.frame(Type.BUSY))
+        _, conn, transport = self.client_conn()
+        self.handshake(conn, transport, Kind.CONTROL, until=Type.WELCOME)
+        conn.dataReceived(wire.frame(Type.BUSY))
         self.assertEqual(type(conn.state).__name__, "Busy")
         with capturedLogs() as events:
             conn.dataReceived(b"anything at all")
@@ -215,17 +238,23 @@ def _every_state():
     def hello(conn, other):
         return c.ClientHello(conn, other, Kind.CONTROL)
 
-    handshake = ServerHandshake(b"k", 0, os.urandom(wire.NONCE_SIZE))
+    from nodepass.tunnel.handshake import Launches, Opener, Sealer
+
+    handshake = ServerHandshake(b"k", 0, os.urandom(wire.NONCE_SIZE), lambda sid: None)
+    launches = Launches(b"d" * 32, b"server", bytes(64))
     return {
         "ServerHello": lambda conn, o: c.ServerHello(conn, o),
+        "ServerPake": lambda conn, o: c.ServerPake(conn, o, handshake, FrameDecoder(), None),
         "ServerAuth": lambda conn, o: c.ServerAuth(conn, o, handshake, FrameDecoder(), None),
-        "Authenticated": lambda conn, o: c.Authenticated(conn, o, FrameDecoder()),
+        "Authenticated": lambda conn, o: c.Authenticated(conn, o, handshake, FrameDecoder()),
         "ClientHello": hello,
+        "ClientPake": lambda conn, o: c.ClientPake(hello(conn, o), None, None),
         "ClientAttest": lambda conn, o: c.ClientAttest(hello(conn, o), o, None),
         "ClientWelcome": lambda conn, o: c.ClientWelcome(hello(conn, o), None),
         "Busy": lambda conn, o: c.Busy(conn, o),
-        "Control": lambda conn, o: c.Control(conn, o, o, FrameDecoder()),
-        "Pooled": lambda conn, o: c.Pooled(conn, o, FrameDecoder()),
+        "Control": lambda conn, o: c.Control(conn, o, o, FrameDecoder(), Sealer(b"s" * 32),
+                                             Opener(b"o" * 32)),
+        "Pooled": lambda conn, o: c.Pooled(conn, o, FrameDecoder(), launches),
         "Launched": lambda conn, o: c.Launched(conn),
         "Streaming": lambda conn, o: c.Streaming(conn, o, None),
         "AwaitingSession": lambda conn, o: c.AwaitingSession(conn, b""),
@@ -285,7 +314,7 @@ class EveryStateEveryInput(SynchronousTestCase):
                 if input_name == "carry_udp":
                     self.assertIn("close", other.calls, f"{where}: the session must end")
                 refused += 1
-        self.assertEqual(refused, 14 * 7 - sum(map(len, _TAKEN.values())))
+        self.assertEqual(refused, 16 * 7 - sum(map(len, _TAKEN.values())))
 
     def test_every_framed_state_refuses_a_frame_out_of_turn(self):
         from nodepass.tunnel.connection import Framed

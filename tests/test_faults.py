@@ -144,12 +144,17 @@ class Floods(TestCase):
         await eventually(lambda: fds(server.pid) <= before_fds + 20, timeout=20)
 
 class _WrongKey(Protocol):
-    """Speaks the handshake with a wrong key; ``done`` fires with True if refused silently."""
+    """Speaks the handshake with a wrong key, as an attacker would (one SPAKE2 message,
+    made once, for every attempt; an AUTH it made up); ``done`` fires with True if it
+    was refused without a WELCOME."""
+
+    PAKE = ClientHandshake(b"wrong", Kind.CONTROL, os.urandom(32)).pake()
 
     def __init__(self):
         self.hs = ClientHandshake(b"wrong", Kind.CONTROL, os.urandom(32))
         self.decoder = wire.FrameDecoder()
-        self.answered = False
+        self.answered = False  # a WELCOME, or anything else after our AUTH: a leak
+        self.pake = False  # the server spent a PAKE on it
         self.done = Deferred()
 
     def connectionMade(self):
@@ -159,10 +164,12 @@ class _WrongKey(Protocol):
         self.decoder.feed(data)
         while (frame := self.decoder.next_frame()) is not None:
             if frame.type is wire.Type.CHALLENGE:
-                self.hs.on_challenge(frame.payload)
-                self.transport.write(self.hs.auth())
+                self.transport.write(self.PAKE)
+            elif frame.type is wire.Type.PAKE and not self.pake:
+                self.pake = True
+                self.transport.write(wire.auth(os.urandom(wire.MAC_SIZE)))
             else:
-                self.answered = True  # anything after AUTH would be a leak
+                self.answered = True
 
     def connectionLost(self, reason):
         self.done.callback(not self.answered)
@@ -203,8 +210,11 @@ class InMemory(SynchronousTestCase):
             self.net.flush()
         refused = [self.successResultOf(a.done) for a in attempts]
         self.assertEqual(refused, [True] * 10_000)  # and not one answered after AUTH
+        # the attempt limits: five wrong guesses from this host got a PAKE, no more
+        self.assertEqual(sum(a.pake for a in attempts), 5)
         self.assertLessEqual(self.log.count("authentication failed from"), 3,
                              "a flood must not fill the log")
+        self.assertLessEqual(self.log.count("refused a key attempt from"), 3)
         user = connect(self.net, target)
         user.transport.write(b"live")
         self.net.flush()

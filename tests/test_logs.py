@@ -69,7 +69,6 @@ class PeerStrings(SynchronousTestCase):
         from twisted.logger import capturedLogs
 
         from nodepass import logs
-        from nodepass.tunnel import wire
         from nodepass.tunnel.wire import Proto
         from tests.memory import add_data, open_session, server_tunnel
 
@@ -78,7 +77,7 @@ class PeerStrings(SynchronousTestCase):
         logs.gate.set_level("debug")
         self.addCleanup(logs.gate.set_level, "info")
         with capturedLogs() as events:
-            data.send(wire.launch(Proto.TCP, "203.0.113.9:1\r\x1b[2J\x1b[31mFATAL\nforged"))
+            data.send(data.launch(Proto.TCP, "203.0.113.9:1\r\x1b[2J\x1b[31mFATAL\nforged"))
         lines = [format_line(e) for e in events]
         launch = [line for line in lines if "launch from" in line]
         self.assertEqual(len(launch), 1, lines)

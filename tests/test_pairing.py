@@ -166,15 +166,17 @@ class Faults(Case):
         self.assertEqual(server.tunnel.report().state, "connected")  # the first keeps it
 
     def test_a_wrong_key_is_refused_and_each_end_says_why(self):
-        server = Running(self, self.net, "server://right@127.0.0.1:0/127.0.0.1:0")
-        client = Running(self, self.net, f"client://wrong@127.0.0.1:{server.listening_port('tunnel')}/"
-                                         "127.0.0.1:9?mode=2")
+        server = Running(self, self.net, "server://key-A-7f3e@127.0.0.1:0/127.0.0.1:0")
+        tunnel = server.listening_port("tunnel")
+        client = Running(self, self.net, f"client://key-B-9c1d@127.0.0.1:{tunnel}/127.0.0.1:9"
+                                         "?mode=2")
         self.assertEqual(self.log.count("authentication failed from 127.0.0.1:"), 1)
-        self.assertEqual(self.log.count("authentication failed at server 127.0.0.1:"), 1)
+        self.assertEqual(self.log.count(f"refusing server 127.0.0.1:{tunnel}: it does not prove "
+                                        "the tunnel key: the keys differ (check both ends)"), 1)
         self.assertEqual((server.tunnel.report().state, client.tunnel.report().state),
                          ("waiting", "connecting"))
-        self.assertEqual([line for _, line in self.log.lines if "wrong" in line or
-                          "right" in line], [])  # neither key is ever logged
+        self.assertEqual([line for _, line in self.log.lines if "key-A" in line or
+                          "key-B" in line], [])  # neither key is ever logged
 
     def test_without_a_client_users_are_closed_at_once(self):
         server = Running(self, self.net, "server://k@127.0.0.1:0/127.0.0.1:0")

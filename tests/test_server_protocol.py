@@ -40,19 +40,27 @@ class Handshake(SynchronousTestCase):
         self.assertEqual(after_auth, [])
         self.assertTrue(intruder.transport.disconnected)  # aborted
         self.assertIsNone(tunnel.session)
-        self.assertIn("authentication failed from 127.0.0.1:40001", messages(events))
+        self.assertIn("authentication failed from 127.0.0.1:40001: a wrong key, or not a "
+                      "nodepass client", messages(events))
 
-    def test_wrong_key_flood_is_logged_at_a_bounded_rate(self):
+    def test_wrong_key_flood_is_cut_short_and_logged_at_a_bounded_rate(self):
         tunnel, clock = server_tunnel()
         with capturedLogs() as events:
-            for i in range(500):
-                FakeClient(tunnel, key="guess", port=41000 + i).authenticate()
-            clock.advance(11)
+            answered = [bool(FakeClient(tunnel, key="guess", port=41000 + i).authenticate() or
+                             tunnel.attempts.refused == refused)
+                        for i, refused in enumerate([tunnel.attempts.refused] * 500)]
+            clock.advance(61)  # one more failure is allowed a minute
             FakeClient(tunnel, key="guess", port=42000).authenticate()
-        lines = [m for m in messages(events) if "authentication failed" in m]
+        # five wrong guesses got a PAKE each; the other 495 were refused before any work
+        self.assertEqual((answered.count(True), tunnel.attempts.refused), (5, 495))
+        lines = [m for m in messages(events) if "authentication failed" in m
+                 or "refused a key attempt" in m]
         self.assertEqual(lines, [
-            "authentication failed from 127.0.0.1:41000",
-            "authentication failed from 127.0.0.1:42000 (499 more since the last report)",
+            "authentication failed from 127.0.0.1:41000: a wrong key, or not a nodepass client",
+            "refused a key attempt from 127.0.0.1:41005: 5 failed attempts from it; one more is "
+            "allowed every 60s",
+            "authentication failed from 127.0.0.1:42000: a wrong key, or not a nodepass client"
+            " (4 more since the last report)",
         ])
 
     def test_truncated_handshake_times_out(self):
@@ -80,7 +88,7 @@ class Handshake(SynchronousTestCase):
              "unexpected AUTH frame while waiting for HELLO"),
             (wire.PREAMBLE + wire.frame(Type.HELLO, b"\x01"), "HELLO payload must be 33 bytes"),
             (hello + wire.frame(Type.HELLO, hello[7:]),
-             "unexpected HELLO frame while waiting for AUTH"),
+             "unexpected HELLO frame while waiting for PAKE"),
         ]
         for data, fragment in cases:
             tunnel, _ = server_tunnel()
@@ -94,7 +102,8 @@ class Handshake(SynchronousTestCase):
     def test_garbage_never_disturbs_the_live_session(self):
         tunnel, _ = server_tunnel()
         control = open_session(tunnel)
-        for junk in (b"\x00" * 100, wire.PREAMBLE + b"\xff" * 10, b"NPT\x01" + wire.demand(1)):
+        for junk in (b"\x00" * 100, wire.PREAMBLE + b"\xff" * 10,
+                     wire.PREAMBLE + wire.frame(Type.DEMAND, wire.demand_payload(1))):
             FakeClient(tunnel, port=45000).send(junk)
         FakeClient(tunnel, key="guess").authenticate()
         self.assertIs(tunnel.session, control.protocol)
@@ -122,13 +131,13 @@ class Heartbeat(SynchronousTestCase):
     def test_pings_are_sent_and_answered(self):
         tunnel, clock = server_tunnel()
         control = open_session(tunnel)
-        control.frames()
+        control.signals()
         clock.advance(1.0)
-        (ping,) = control.frames()
+        (ping,) = control.signals()
         self.assertEqual(ping.type, Type.PING)
-        control.send(wire.ping(Type.PONG, *wire.parse_ping(ping.payload)))
-        control.send(wire.ping(Type.PING, 7, 123))
-        (pong,) = control.frames()
+        control.signal(Type.PONG, ping.payload)
+        control.signal(Type.PING, wire.ping_payload(7, 123))
+        (pong,) = control.signals()
         self.assertEqual((pong.type, wire.parse_ping(pong.payload)), (Type.PONG, (7, 123)))
         self.assertEqual(tunnel.report().ping_ms, 0.0)
 
@@ -138,7 +147,7 @@ class Heartbeat(SynchronousTestCase):
         with capturedLogs() as events:
             for _ in range(MISSED_BEATS * 4):
                 clock.advance(0.5)
-                control.send(wire.ping(Type.PONG, 1, 0))  # alive
+                control.signal(Type.PONG, wire.ping_payload(1, 0))  # alive
             self.assertFalse(control.closed)
             clock.advance(MISSED_BEATS * 1.0 + 0.01)
         self.assertTrue(control.transport.disconnected)
@@ -150,7 +159,27 @@ class Heartbeat(SynchronousTestCase):
     def test_unknown_control_frame_closes_the_session(self):
         tunnel, _ = server_tunnel()
         control = open_session(tunnel)
-        control.send(wire.frame(Type.LAUNCH, b"\x01"))
+        control.signal(Type.LAUNCH, b"\x01")  # sealed, but not a control frame
+        self.assertTrue(control.transport.disconnected)
+
+    def test_a_control_frame_without_the_session_seal_closes_the_session(self):
+        for forged in (wire.frame(Type.GOODBYE, bytes([1]) + bytes(wire.TAG_SIZE)),
+                       wire.frame(Type.DEMAND, wire.demand_payload(1000))):
+            tunnel, _ = server_tunnel()
+            control = open_session(tunnel)
+            with capturedLogs() as events:
+                control.send(forged)
+            self.assertTrue(control.transport.disconnected)
+            self.assertTrue(any("not sealed with the session key" in m or "without its tag" in m
+                                for m in messages(events)), messages(events))
+
+    def test_a_replayed_control_frame_closes_the_session(self):
+        tunnel, _ = server_tunnel()
+        control = open_session(tunnel)
+        frame = control.sealer.seal(Type.PONG, wire.ping_payload(1, 0))
+        control.send(frame)
+        self.assertFalse(control.closed)
+        control.send(frame)  # the same bytes again: its sequence number is past
         self.assertTrue(control.transport.disconnected)
 
 
@@ -158,7 +187,8 @@ class DataAndUsers(SynchronousTestCase):
     def test_data_connection_needs_the_live_session_id(self):
         tunnel, _ = server_tunnel()
         control = open_session(tunnel)
-        stranger = FakeClient(tunnel, kind=Kind.DATA, session_id=b"X" * 16, port=46000)
+        stranger = FakeClient(tunnel, kind=Kind.DATA,
+                              session=(b"X" * 16, control.handshake.keys), port=46000)
         self.assertEqual(stranger.authenticate(), [])
         self.assertTrue(stranger.closed)
         good = add_data(tunnel, control, 46001)
@@ -178,7 +208,7 @@ class DataAndUsers(SynchronousTestCase):
         data = add_data(tunnel, control, 46001)
         user, user_transport = connect_user(tunnel)
         (launch,) = data.frames()
-        self.assertEqual(wire.parse_launch(launch.payload),
+        self.assertEqual(wire.parse_launch(data.launches.open(launch.payload)),
                          wire.Launch(Proto.TCP, "127.0.0.1:50000", "10.0.0.1:12345", 0))
         # backpressure both ways: each full buffer pauses the other side, and only it
         self.assertEqual(user_transport.producerState, "producing")
@@ -201,10 +231,10 @@ class DataAndUsers(SynchronousTestCase):
     def test_empty_pool_asks_for_more_and_waits(self):
         tunnel, clock = server_tunnel()
         control = open_session(tunnel)
-        control.frames()
+        control.signals()
         _, user_transport = connect_user(tunnel)
         self.assertEqual(user_transport.producerState, "paused")
-        (demand,) = control.frames()
+        (demand,) = control.signals()
         self.assertEqual((demand.type, wire.parse_demand(demand.payload)), (Type.DEMAND, 1))
         clock.advance(POOL_WAIT_TIMEOUT / 2)
         data = add_data(tunnel, control, 46001)
@@ -255,7 +285,7 @@ class ForwardMode(SynchronousTestCase):
         control = open_session(tunnel)
         data = add_data(tunnel, control, 46001)
         self.assertEqual(len(tunnel.pool.idle), 1)
-        data.send(wire.launch(Proto.TCP, "203.0.113.9:51000", "127.0.0.1:8080") + b"early")
+        data.send(data.launch(Proto.TCP, "203.0.113.9:51000", "127.0.0.1:8080") + b"early")
         self.assertEqual(len(tunnel.pool.idle), 0)  # launched: out of the pool for good
         (host, port, factory, _, _), = reactor.tcpClients
         self.assertEqual((host, port), ("127.0.0.1", 2))
@@ -273,14 +303,14 @@ class ForwardMode(SynchronousTestCase):
         tunnel, _ = server_tunnel()
         control = open_session(tunnel)
         data = add_data(tunnel, control, 46001)
-        data.send(wire.launch(Proto.TCP, "203.0.113.9:51000"))
+        data.send(data.launch(Proto.TCP, "203.0.113.9:51000"))
         self.assertTrue(data.closed)
 
     def test_notcp_refuses_a_tcp_launch_and_counts_it(self):
         tunnel, reactor = server_tunnel(controls={"mode": 2, "notcp": 1})
         control = open_session(tunnel)
         data = add_data(tunnel, control, 46001)
-        data.send(wire.launch(Proto.TCP, "203.0.113.9:51000"))
+        data.send(data.launch(Proto.TCP, "203.0.113.9:51000"))
         self.assertEqual(reactor.tcpClients, [])
         self.assertTrue(data.transport.disconnecting)
         self.assertEqual(tunnel.report().refused, 1)

@@ -15,7 +15,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
 from nodepass import tls
-from nodepass.tunnel import wire
+from nodepass.tunnel.handshake import ClientHandshake
 from nodepass.tunnel.wire import FrameDecoder, Kind, Type
 from tests import certs
 from tests.integration import (
@@ -94,8 +94,9 @@ class SelfSigned(TestCase):
         server, tunnel_port, _exposed = await reverse_server(self, query="?tls=1")
         mitm = await listen(self, _MitmFactory(tunnel_port))
         client = spawn(self, f"client://k@127.0.0.1:{mitm}/127.0.0.1:1")
-        await client.wait_for(r"ERROR .*refusing server 127.0.0.1:\d+: its certificate "
-                              ".* is not attested by the tunnel key")
+        await client.wait_for(r"ERROR .*refusing server 127.0.0.1:\d+: it does not prove the "
+                              r"tunnel key for the certificate it showed \(.*\.\.\.\): a man "
+                              "in the middle, or a different key")
         self.assertEqual(server.count("tunnel session open"), 0)
         self.assertEqual(client.count("tunnel session open"), 0)
 
@@ -276,14 +277,16 @@ def _port_of(daemon, role):
 
 
 class _Peek(Protocol):
-    """Speaks the start of the tunnel handshake to learn the certificate served."""
+    """Speaks the tunnel handshake (with the key: so it counts as no failed attempt) far
+    enough to learn the certificate served, then lets the server say BUSY."""
 
-    def __init__(self):
+    def __init__(self, key=b"secret"):
         self.decoder = FrameDecoder()
+        self.handshake = ClientHandshake(key, Kind.CONTROL, os.urandom(32))
         self.done = Deferred()
 
     def connectionMade(self):
-        self.transport.write(wire.hello(Kind.DATA, b"n" * 32))
+        self.transport.write(self.handshake.hello())
 
     def dataReceived(self, data):
         if self.done.called:
@@ -291,10 +294,13 @@ class _Peek(Protocol):
         self.decoder.feed(data)
         frame = self.decoder.next_frame()
         if frame is not None and frame.type is Type.CHALLENGE:
+            self.handshake.on_challenge(frame.payload)
             self.transport.startTLS(ssl.CertificateOptions(verify=False))
-        elif frame is not None and frame.type is Type.ATTEST:
-            self.done.callback(tls.peer_fingerprint(self.transport))
-            self.transport.loseConnection()
+            self.transport.write(self.handshake.pake())
+        elif frame is not None and frame.type is Type.PAKE:
+            seen = tls.peer_fingerprint(self.transport)
+            self.transport.write(self.handshake.on_pake(frame.payload, seen))
+            self.done.callback(seen)
 
 
 async def _served_fingerprint(port):

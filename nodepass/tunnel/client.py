@@ -28,13 +28,12 @@ from nodepass.tls import (
     verifying_options,
 )
 from nodepass.tunables import Tunables
-from nodepass.tunnel import wire
 from nodepass.tunnel.channel import QuietFactory
 from nodepass.tunnel.connection import TunnelConnection, dialed
 from nodepass.tunnel.control import ControlSession
 from nodepass.tunnel.egress import Egress
 from nodepass.tunnel.flows import Flows
-from nodepass.tunnel.handshake import ClientHandshake
+from nodepass.tunnel.handshake import ClientHandshake, SessionKeys
 from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.pool import ClientPool
 from nodepass.tunnel.targets import TargetDialer
@@ -89,6 +88,8 @@ class ClientTunnel(MultiService):
         self.control: ControlSession | None = None
         self.session_fingerprint = b""
         self.session_id = b""
+        self.session_keys: SessionKeys | None = None
+        self.session_tls = 0
         self._tls_options: dict[int, Any] = {}
         self._tls_throttle = logs.Throttle(reactor, 60.0)
         self.pool = ClientPool(reactor, self._dial_data,
@@ -115,7 +116,7 @@ class ClientTunnel(MultiService):
             interval = int(self.tunables.report_interval * 1000)
         max_pool = settings.get("max_pool")
         control = ControlSession(
-            self.clock, interval / 1000.0, conn.send,
+            self.clock, interval / 1000.0, conn.send_signal,
             on_dead=lambda: self._session_dead(conn),
             on_demand=self.pool.demand,
             on_goodbye=lambda reason: self._goodbye(conn, reason),
@@ -123,7 +124,8 @@ class ClientTunnel(MultiService):
         conn.open_control(control)
         self.session, self.control = conn, control
         self.session_fingerprint = handshake.binding
-        self.session_id = handshake.session_id
+        self.session_id, self.session_keys = handshake.session()
+        self.session_tls = handshake.tls_mode
         control.start()
         self.pool.start(max_pool if isinstance(max_pool, int) and max_pool > 0 else None)
         self._set_mode("forward" if settings.get("mode") == "forward" else "reverse")
@@ -159,6 +161,34 @@ class ClientTunnel(MultiService):
             return options
         return VerifyingCreator(options, self.config.sni or self.config.tunnel.host)
 
+    def refuse_mode(self, kind: Kind, mode: int) -> str | None:
+        """Why this client will not take the TLS mode a server offers, or None: below
+        its ``tls=`` (``ca=``/``sni=`` mean 2), or not its session's."""
+        least = self.config.required_tls
+        if mode < least:
+            why = "its URL asks for a verified certificate (ca= or sni=)" \
+                if least == 2 and self.config.tls < 2 else f"its URL says tls={least}"
+            return (f"it offers tls={mode}, and this client accepts tls={least} or more "
+                    f"({why})")
+        if kind is Kind.DATA and mode != self.session_tls:
+            return f"a data connection offers tls={mode}, its session tls={self.session_tls}"
+        return None
+
+    def key_refused(self, conn: TunnelConnection, fingerprint: str) -> None:
+        """The server did not prove the key: a different key, or a man in the middle."""
+        if fingerprint:
+            why = (f"it does not prove the tunnel key for the certificate it showed "
+                   f"({fingerprint[:23]}...): a man in the middle, or a different key")
+        else:
+            why = "it does not prove the tunnel key: the keys differ (check both ends)"
+        self.tls_refused(conn, why)
+
+    def closed_in_handshake(self, conn: TunnelConnection) -> None:
+        if not self.stopping and self._auth_throttle.allow() is not None:
+            self.log.warn("server {peer} closed the connection during the handshake (too many "
+                          "attempts from here, or not a nodepass server of this version); "
+                          "retrying", peer=conn.peer)
+
     def tls_refused(self, conn: TunnelConnection, why: str) -> None:
         if self._tls_throttle.allow() is not None:
             self.log.error("refusing server {peer}: {why}", peer=conn.peer, why=why)
@@ -183,6 +213,7 @@ class ClientTunnel(MultiService):
         if conn is self.session:
             self.session, self.control = None, None
             self.session_fingerprint = self.session_id = b""
+            self.session_keys = None
             self.pool.stop()
             if not self.stopping:
                 self.log.warn("tunnel to {peer} closed; reconnecting", peer=conn.peer)
@@ -190,8 +221,9 @@ class ClientTunnel(MultiService):
     # -- data connections ------------------------------------------------
 
     def _dial_data(self) -> Deferred[TunnelConnection]:
+        assert self.session_keys is not None
         factory = QuietFactory(TunnelConnection, self.clock,
-                               dialed(self, Kind.DATA, self.session_id))
+                               dialed(self, Kind.DATA, (self.session_id, self.session_keys)))
         return self.endpoint.connect(factory).addCallback(lambda conn: conn.ready)
 
     def launched(self, conn: TunnelConnection, launch: Launch) -> None:
@@ -258,8 +290,8 @@ class ClientTunnel(MultiService):
 
     def stopService(self) -> Deferred[Any]:
         self.stopping = True
-        if self.session is not None:
-            self.session.send(wire.goodbye(Goodbye.SHUTDOWN))
+        if self.control is not None:
+            self.control.goodbye()
         stopped = super().stopService()
         self.pool.stop()
         self.ingress.close_all()

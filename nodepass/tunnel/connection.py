@@ -36,7 +36,14 @@ from nodepass.timers import cancelled
 from nodepass.tls import fingerprint_text, peer_fingerprint
 from nodepass.tunnel import splice, wire
 from nodepass.tunnel.channel import peer_of, tune
-from nodepass.tunnel.handshake import AuthenticationError, ClientHandshake, ServerHandshake
+from nodepass.tunnel.handshake import (
+    AuthenticationError,
+    ClientHandshake,
+    Launches,
+    Opener,
+    Sealer,
+    ServerHandshake,
+)
 from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.wire import (
     DATAGRAM_TYPES,
@@ -62,6 +69,7 @@ class TunnelConnection(RelayProtocol):
         self._first = first
         self.state: State = Closed(self)
         self.peer = "?"
+        self.peer_host = "?"  # its IP address, for the server's attempt limits
         self.tls = False  # TLS was started on this connection
         self.unflushed = False  # bytes wait in Twisted's write buffer: no splice
         self.closing = False  # closed or aborted by this end: inputs are ignored
@@ -71,6 +79,7 @@ class TunnelConnection(RelayProtocol):
 
     def connectionMade(self) -> None:
         self.peer = peer_of(self.transport)
+        self.peer_host = getattr(self.transport.getPeer(), "host", "?")
         tune(self.transport)
         self._become(self._first(self))
 
@@ -137,6 +146,10 @@ class TunnelConnection(RelayProtocol):
 
     def send(self, data: bytes) -> None:
         self.transport.write(data)
+
+    def send_signal(self, kind: Type, payload: bytes) -> None:
+        """A control frame (sealed with the session's key) on the control channel."""
+        self.state.send_signal(kind, payload)
 
     def send_stream(self, data: bytes) -> None:
         self.state.send_stream(data)
@@ -238,6 +251,9 @@ class State:
     def send_stream(self, data: bytes) -> None:
         pass  # the relay may still flush to a connection that just ended
 
+    def send_signal(self, kind: Type, payload: bytes) -> None:
+        pass  # a heartbeat may still fire as the control connection ends
+
     def end_stream(self) -> None:
         pass
 
@@ -318,7 +334,8 @@ class _Timed(Framed):
 
 
 class ServerHello(_Timed):
-    """Accepted on the tunnel port: HELLO -> CHALLENGE (then TLS and ATTEST)."""
+    """Accepted on the tunnel port: HELLO -> CHALLENGE (and TLS); then a control
+    connection's PAKE, or a data connection's [ATTEST and] AUTH."""
 
     name = "waiting for HELLO"
     expects = Type.HELLO
@@ -327,7 +344,7 @@ class ServerHello(_Timed):
         super().__init__(conn, FrameDecoder(expect_preamble=True))
         self.tunnel = tunnel
         self.handshake = ServerHandshake(tunnel.key, tunnel.tls_mode,
-                                         os.urandom(wire.NONCE_SIZE))
+                                         os.urandom(wire.NONCE_SIZE), tunnel.session_keys)
 
     def timed_out(self) -> None:
         self.tunnel.log.debug("tunnel connection from {peer}: no handshake in {t:g}s",
@@ -338,15 +355,50 @@ class ServerHello(_Timed):
         credentials = self.tunnel.credentials
         if credentials is not None:
             options, self.handshake.binding = credentials.current()
-        self.conn.send(self.handshake.on_hello(frame.payload))
+        try:
+            challenge = self.handshake.on_hello(frame.payload)
+        except AuthenticationError as e:
+            self.tunnel.log.debug("tunnel connection from {peer} closed: {why}",
+                                  peer=self.conn.peer, why=str(e))
+            self.conn.close()
+            return
+        self.conn.send(challenge)
         if credentials is not None:
             self.start_tls(options)
-            self.conn.send(self.handshake.attest())
+        handshake, decoder, timer = self.handshake, self.decoder, self.handed_on()
+        if handshake.kind is Kind.CONTROL:
+            self.conn._become(ServerPake(self.conn, self.tunnel, handshake, decoder, timer))
+            return
+        if credentials is not None:
+            self.conn.send(handshake.attest())
+        self.conn._become(ServerAuth(self.conn, self.tunnel, handshake, decoder, timer))
+
+
+class ServerPake(_Timed):
+    """A control connection: the client's SPAKE2 message -> ours and our confirmation.
+    Attempts are admitted first (attempts.py): a refused one costs nothing."""
+
+    name = "waiting for PAKE"
+    expects = Type.PAKE
+
+    def __init__(self, conn: TunnelConnection, tunnel: Any, handshake: ServerHandshake,
+                 decoder: FrameDecoder, timer: Any) -> None:
+        super().__init__(conn, decoder, timer)
+        self.tunnel = tunnel
+        self.handshake = handshake
+
+    def expected(self, frame: Frame) -> None:
+        if not self.tunnel.admit(self.conn):
+            self.conn.abort()
+            return
+        self.conn.send(self.handshake.on_pake(frame.payload))
         self.conn._become(ServerAuth(self.conn, self.tunnel, self.handshake, self.decoder,
                                      self.handed_on()))
 
 
 class ServerAuth(_Timed):
+    """The client's AUTH: its key confirmation (control) or its MAC (data)."""
+
     name = "waiting for AUTH"
     expects = Type.AUTH
 
@@ -360,11 +412,25 @@ class ServerAuth(_Timed):
         try:
             self.handshake.on_auth(frame.payload)
         except AuthenticationError:
-            self.tunnel.auth_failed(self.conn.peer)
+            self.tunnel.auth_failed(self.conn)
             self.conn.abort()
             return
-        self.conn._become(Authenticated(self.conn, self.tunnel, self.decoder))
+        self.conn._become(Authenticated(self.conn, self.tunnel, self.handshake, self.decoder))
         self.tunnel.authenticated(self.conn, self.handshake)
+
+    def timed_out(self) -> None:
+        self._unconfirmed()
+        super().timed_out()
+
+    def lost(self, reason: Failure) -> None:
+        if not self.conn.closing:
+            self._unconfirmed()
+
+    def _unconfirmed(self) -> None:
+        # A client that does not accept our key confirmation leaves without its own:
+        # it tried a key that is not ours.
+        if self.handshake.kind is Kind.CONTROL and self.handshake.confirmed:
+            self.tunnel.auth_failed(self.conn)
 
 
 class Authenticated(Framed):
@@ -372,13 +438,18 @@ class Authenticated(Framed):
 
     name = "authenticated"
 
-    def __init__(self, conn: TunnelConnection, tunnel: Any, decoder: FrameDecoder) -> None:
+    def __init__(self, conn: TunnelConnection, tunnel: Any, handshake: ServerHandshake,
+                 decoder: FrameDecoder) -> None:
         super().__init__(conn, decoder)
         self.tunnel = tunnel
+        self.handshake = handshake
 
     def open_control(self, session: Any, welcome: bytes) -> None:
         self.conn.send(welcome)
-        self.conn._become(Control(self.conn, self.tunnel, session, self.decoder))
+        keys = self.handshake.keys
+        assert keys is not None
+        self.conn._become(Control(self.conn, self.tunnel, session, self.decoder,
+                                  Sealer(keys.server_control), Opener(keys.client_control)))
 
     def refuse_busy(self) -> None:
         self.conn.send(wire.frame(Type.BUSY))
@@ -386,7 +457,8 @@ class Authenticated(Framed):
 
     def pool(self, welcome: bytes) -> None:
         self.conn._write_now(welcome)
-        self.conn._become(Pooled(self.conn, self.tunnel, self.decoder))
+        self.conn._become(Pooled(self.conn, self.tunnel, self.decoder,
+                                 self.handshake.launches()))
 
 
 # ---------------------------------------------------------------------------
@@ -394,18 +466,19 @@ class Authenticated(Framed):
 
 
 class ClientHello(_Timed):
-    """Dialed to the server: HELLO -> CHALLENGE -> AUTH (or TLS first)."""
+    """Dialed to the server: HELLO -> CHALLENGE; the mode it offers must be one this
+    client accepts (``tls=``, ``ca=``, ``sni=``), on every connection."""
 
     name = "waiting for CHALLENGE"
     expects = Type.CHALLENGE
 
     def __init__(self, conn: TunnelConnection, tunnel: Any, kind: Kind,
-                 session_id: bytes = b"") -> None:
+                 session: tuple[bytes, Any] | None = None) -> None:
         super().__init__(conn)
         self.tunnel = tunnel
         self.kind = kind
         self.handshake = ClientHandshake(tunnel.key, kind, os.urandom(wire.NONCE_SIZE),
-                                         session_id)
+                                         session)
         if kind is Kind.DATA:
             conn.ready = Deferred()
 
@@ -420,57 +493,103 @@ class ClientHello(_Timed):
 
     def expected(self, frame: Frame) -> None:
         mode = self.handshake.on_challenge(frame.payload)
-        if mode == 0:
-            self.conn.send(self.handshake.auth())
-            self.conn._become(ClientWelcome(self, self.handed_on()))
+        refusal = self.tunnel.refuse_mode(self.kind, mode)
+        if refusal is not None:
+            self.tunnel.tls_refused(self.conn, refusal)
             return
-        creator = self.tunnel.tls_creator(mode)
-        self.start_tls(creator)
-        self.conn._become(ClientAttest(self, creator, self.handed_on()))
+        creator = self.tunnel.tls_creator(mode) if mode else None
+        if creator is not None:
+            self.start_tls(creator)
+        timer = self.handed_on()
+        if self.kind is Kind.CONTROL:
+            self.conn.send(self.handshake.pake())
+            self.conn._become(ClientPake(self, creator, timer))
+        elif creator is not None:
+            self.conn._become(ClientAttest(self, creator, timer))
+        else:
+            self.conn.send(self.handshake.auth())
+            self.conn._become(ClientWelcome(self, timer))
 
     def lost(self, reason: Failure) -> None:
+        if self.kind is Kind.CONTROL and not self.conn.closing:
+            self.tunnel.closed_in_handshake(self.conn)
         self.handshake_lost(reason)
 
     def handshake_lost(self, reason: Failure) -> None:
+        """A data connection's dial fails with the reason (the pool counts it)."""
         if self.conn.ready is not None:
             self.conn.ready.errback(Failure(ConnectionError(
                 f"data connection closed during the handshake ({reason.getErrorMessage()})")))
 
 
-class ClientAttest(_Timed):
-    """TLS is up: the server's first frame attests its certificate with the key."""
-
-    name = "waiting for ATTEST"
-    expects = Type.ATTEST
+class _ClientTls(_Timed):
+    """A client phase inside TLS: a loss here is most likely TLS failing (an
+    unverifiable certificate, a wrong name), which the creator explains."""
 
     def __init__(self, hello: ClientHello, creator: Any, timer: Any) -> None:
         super().__init__(hello.conn, hello.decoder, timer)
         self.hello = hello
         self.creator = creator
 
+    def seen(self) -> bytes:
+        """The server certificate's fingerprint as this end saw it (empty with tls=0)."""
+        if self.creator is None:
+            return b""
+        return peer_fingerprint(self.conn.transport) or b""
+
+    def lost(self, reason: Failure) -> None:
+        if not self.conn.closing:  # not refused by us: the server or TLS ended it
+            if self.creator is not None:
+                problems = getattr(self.creator, "problems", None)
+                why = "; ".join(dict.fromkeys(problems)) if problems else \
+                    reason.getErrorMessage()
+                self.hello.tunnel.tls_failed(why)
+            elif self.hello.kind is Kind.CONTROL:
+                self.hello.tunnel.closed_in_handshake(self.conn)
+        self.hello.handshake_lost(reason)
+
+
+class ClientPake(_ClientTls):
+    """A control connection: the server's SPAKE2 message and confirmation, checked
+    against the certificate seen -> our AUTH."""
+
+    name = "waiting for PAKE"
+    expects = Type.PAKE
+
+    def expected(self, frame: Frame) -> None:
+        conn, hello = self.conn, self.hello
+        seen = self.seen()
+        try:
+            auth = hello.handshake.on_pake(frame.payload, seen)
+        except AuthenticationError:
+            hello.tunnel.key_refused(conn, fingerprint_text(seen) if seen else "")
+            return
+        conn.send(auth)
+        conn._become(ClientWelcome(hello, self.handed_on()))
+
+
+class ClientAttest(_ClientTls):
+    """A data connection under TLS: the server's first frame attests its certificate
+    with the session's key."""
+
+    name = "waiting for ATTEST"
+    expects = Type.ATTEST
+
     def expected(self, frame: Frame) -> None:
         conn, tunnel = self.conn, self.hello.tunnel
-        seen = peer_fingerprint(conn.transport) or b""
+        seen = self.seen()
         try:
             self.hello.handshake.on_attest(frame.payload, seen)
         except AuthenticationError:
             tunnel.tls_refused(conn, f"its certificate {fingerprint_text(seen)[:23]}... is not "
-                                     "attested by the tunnel key (a man in the middle, or a "
-                                     "different key)")
+                                     "attested by the session key (a man in the middle)")
             return
         pinned = tunnel.session_fingerprint
-        if (self.hello.kind is Kind.DATA and self.hello.handshake.tls_mode == 1 and pinned
-                and seen != pinned):
+        if self.hello.handshake.tls_mode == 1 and pinned and seen != pinned:
             tunnel.tls_refused(conn, "its certificate changed within the session")
             return
         conn.send(self.hello.handshake.auth())
         conn._become(ClientWelcome(self.hello, self.handed_on()))
-
-    def lost(self, reason: Failure) -> None:
-        problems = getattr(self.creator, "problems", None)
-        why = "; ".join(dict.fromkeys(problems)) if problems else reason.getErrorMessage()
-        self.hello.tunnel.tls_failed(why)
-        self.hello.handshake_lost(reason)
 
 
 class ClientWelcome(_Timed):
@@ -501,12 +620,15 @@ class ClientWelcome(_Timed):
             self.leave()
             hello.tunnel.session_up(conn, hello.handshake, settings)
         else:
-            conn._become(Pooled(conn, hello.tunnel, self.decoder))
+            conn._become(Pooled(conn, hello.tunnel, self.decoder, hello.handshake.launches()))
             assert conn.ready is not None
             conn.ready.callback(conn)
 
     def open_control(self, session: Any, welcome: bytes) -> None:
-        self.conn._become(Control(self.conn, self.hello.tunnel, session, self.decoder))
+        keys = self.hello.handshake.keys
+        assert keys is not None
+        self.conn._become(Control(self.conn, self.hello.tunnel, session, self.decoder,
+                                  Sealer(keys.client_control), Opener(keys.server_control)))
 
     def lost(self, reason: Failure) -> None:
         if self.hello.kind is Kind.CONTROL:
@@ -533,18 +655,23 @@ class Busy(State):
 
 
 class Control(Framed):
-    """The session's signal channel: every frame goes to its ControlSession."""
+    """The session's signal channel: every frame, its seal checked, goes to its
+    ControlSession; what the session sends is sealed."""
 
     name = "the control channel"
 
     def __init__(self, conn: TunnelConnection, tunnel: Any, session: Any,
-                 decoder: FrameDecoder) -> None:
+                 decoder: FrameDecoder, sealer: Sealer, opener: Opener) -> None:
         super().__init__(conn, decoder)
         self.tunnel = tunnel
         self.session = session
+        self.sealer, self.opener = sealer, opener
 
     def frame(self, frame: Frame) -> None:
-        self.session.frame_received(frame)
+        self.session.frame_received(self.opener.open(frame))
+
+    def send_signal(self, kind: Type, payload: bytes) -> None:
+        self.conn.send(self.sealer.seal(kind, payload))
 
     def lost(self, reason: Failure) -> None:
         self.session.stop()
@@ -552,19 +679,22 @@ class Control(Framed):
 
 
 class Pooled(Framed):
-    """An idle data connection: the next frame may only be LAUNCH, and only from the
-    end that launches in this mode (its tunnel says, through ``launched``)."""
+    """An idle data connection: the next frame may only be LAUNCH, sealed with the
+    session's key, and only from the end that launches in this mode (its tunnel says,
+    through ``launched``)."""
 
     name = "pooled"
 
-    def __init__(self, conn: TunnelConnection, tunnel: Any, decoder: FrameDecoder) -> None:
+    def __init__(self, conn: TunnelConnection, tunnel: Any, decoder: FrameDecoder,
+                 launches: Launches) -> None:
         super().__init__(conn, decoder)
         self.tunnel = tunnel
+        self.launches = launches
 
     def frame(self, frame: Frame) -> None:
         if frame.type is not Type.LAUNCH:
             super().frame(frame)
-        launch = wire.parse_launch(frame.payload)
+        launch = wire.parse_launch(self.launches.open(frame.payload))
         rest = self.decoder.rest()
         if launch.proto is Proto.TCP:
             self.conn.transport.pauseProducing()  # until the target is connected
@@ -575,10 +705,10 @@ class Pooled(Framed):
 
     def launch_tcp(self, source: str, dest: str, proxy: int) -> bytes:
         self.conn._become(Launched(self.conn))
-        return wire.launch(Proto.TCP, source, dest, proxy)
+        return self.launches.seal(wire.launch_fields(Proto.TCP, source, dest, proxy))
 
     def launch_udp(self, source: str, dest: str) -> None:
-        self.conn.send(wire.launch(Proto.UDP, source, dest))
+        self.conn.send(self.launches.seal(wire.launch_fields(Proto.UDP, source, dest)))
         self.conn._become(AwaitingSession(self.conn, b""))
 
     def lost(self, reason: Failure) -> None:
@@ -736,8 +866,9 @@ def accepted(tunnel: Any) -> Callable[[TunnelConnection], State]:
     return lambda conn: ServerHello(conn, tunnel)
 
 
-def dialed(tunnel: Any, kind: Kind, session_id: bytes = b"") -> Callable[
+def dialed(tunnel: Any, kind: Kind, session: tuple[bytes, Any] | None = None) -> Callable[
         [TunnelConnection], State]:
-    """The first state of a connection the client dials."""
-    return lambda conn: ClientHello(conn, tunnel, kind, session_id)
+    """The first state of a connection the client dials (a data connection's with its
+    session: the id and the keys)."""
+    return lambda conn: ClientHello(conn, tunnel, kind, session)
 

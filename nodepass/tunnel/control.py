@@ -3,6 +3,8 @@
 Both ends send PING every heartbeat interval and answer every PING with a PONG
 that echoes it, which measures the round trip.  An end that hears nothing at
 all for ``MISSED_BEATS`` intervals declares the session dead and closes it.
+Frames go out through ``send(type, payload)``: the connection seals them with the
+session's key (handshake.Sealer) and checks the other end's before they come here.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from twisted.internet.task import LoopingCall
 
 from nodepass.timers import cancelled
 from nodepass.tunnel import wire
-from nodepass.tunnel.wire import Frame, ProtocolError, Type
+from nodepass.tunnel.wire import Frame, Goodbye, ProtocolError, Type
 
 MISSED_BEATS = 3
 
@@ -26,7 +28,7 @@ class ControlSession:
         self,
         clock: Any,
         interval: float,
-        send: Callable[[bytes], None],
+        send: Callable[[Type, bytes], None],
         on_dead: Callable[[], None],
         on_demand: Callable[[int], None] | None = None,
         on_goodbye: Callable[[int], None] | None = None,
@@ -64,7 +66,15 @@ class ControlSession:
 
     def _beat(self) -> None:
         self._seq += 1
-        self._send(wire.ping(Type.PING, self._seq, self._micros()))
+        self._send(Type.PING, wire.ping_payload(self._seq, self._micros()))
+
+    def demand(self, waiting: int) -> None:
+        """Tell the client that ``waiting`` users wait for a data connection."""
+        self._send(Type.DEMAND, wire.demand_payload(waiting))
+
+    def goodbye(self) -> None:
+        """This end is shutting down."""
+        self._send(Type.GOODBYE, wire.goodbye_payload(Goodbye.SHUTDOWN))
 
     def _dead(self) -> None:
         self._deadline = None
@@ -75,7 +85,7 @@ class ControlSession:
         self.heard()
         if frame.type is Type.PING:
             seq, micros = wire.parse_ping(frame.payload)
-            self._send(wire.ping(Type.PONG, seq, micros))
+            self._send(Type.PONG, wire.ping_payload(seq, micros))
         elif frame.type is Type.PONG:
             _, micros = wire.parse_ping(frame.payload)
             rtt = (self._micros() - micros) / 1000.0

@@ -22,16 +22,17 @@ from nodepass.stats import Report, snapshot
 from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
 from nodepass.tunnel import wire
+from nodepass.tunnel.attempts import Attempts
 from nodepass.tunnel.channel import QuietFactory
 from nodepass.tunnel.connection import TunnelConnection, accepted
 from nodepass.tunnel.control import ControlSession
 from nodepass.tunnel.egress import Egress
 from nodepass.tunnel.flows import Flows
-from nodepass.tunnel.handshake import ServerHandshake
+from nodepass.tunnel.handshake import ServerHandshake, SessionKeys
 from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.pool import POOL_WAIT_TIMEOUT, IdlePool
 from nodepass.tunnel.targets import TargetDialer
-from nodepass.tunnel.wire import Goodbye, Kind, Launch, ProtocolError
+from nodepass.tunnel.wire import Kind, Launch, ProtocolError
 from nodepass.url import Address, ServerConfig, derived_key, format_targets
 
 REVERSE, FORWARD = "reverse", "forward"
@@ -54,6 +55,7 @@ class ServerTunnel(Service):
         self.session: TunnelConnection | None = None
         self.control: ControlSession | None = None
         self.session_id = b""
+        self.keys: SessionKeys | None = None  # the live session's
         self.max_pool = config.max or tunables.max_pool_capacity
         self.pool = IdlePool(reactor, self.max_pool, POOL_WAIT_TIMEOUT, self._request_more)
         self.flows = Flows.for_config(reactor, tunables, config)
@@ -64,7 +66,9 @@ class ServerTunnel(Service):
         # list of targets is only ever dialed).
         self.mode = FORWARD if config.mode == 2 or config.more_targets else REVERSE
         self.stopping = False
+        self.attempts = Attempts(reactor)
         self._auth_throttle = logs.Throttle(reactor)
+        self._attempt_throttle = logs.Throttle(reactor)
 
     # -- factories -------------------------------------------------------
 
@@ -99,8 +103,26 @@ class ServerTunnel(Service):
 
     # -- the client session ----------------------------------------------
 
-    def auth_failed(self, peer: str) -> None:
-        self._auth_throttle.warn(self.log, "authentication failed from {peer}", peer=peer)
+    def admit(self, conn: TunnelConnection) -> bool:
+        """May ``conn``'s peer try the key now (attempts.py)?  Refusals are logged,
+        throttled."""
+        why = self.attempts.admit(conn.peer_host)
+        if why is None:
+            return True
+        self._attempt_throttle.warn(self.log, "refused a key attempt from {peer}: {why}",
+                                    peer=conn.peer, why=why)
+        return False
+
+    def auth_failed(self, conn: TunnelConnection) -> None:
+        self.attempts.failed(conn.peer_host)
+        self._auth_throttle.warn(self.log, "authentication failed from {peer}: a wrong key, "
+                                           "or not a nodepass client", peer=conn.peer)
+
+    def session_keys(self, session_id: bytes) -> SessionKeys | None:
+        """The keys a data connection naming ``session_id`` authenticates with."""
+        if self.session is None or session_id != self.session_id:
+            return None
+        return self.keys
 
     def authenticated(self, conn: TunnelConnection, handshake: ServerHandshake) -> None:
         if handshake.kind is Kind.CONTROL:
@@ -118,6 +140,7 @@ class ServerTunnel(Service):
             conn.refuse_busy()
             return
         self.session_id = os.urandom(wire.SESSION_ID_SIZE)
+        self.keys = handshake.keys
         settings = {
             "version": __version__,
             "heartbeat_ms": int(self.tunables.report_interval * 1000),
@@ -125,7 +148,7 @@ class ServerTunnel(Service):
             "mode": self.mode,
         }
         control = ControlSession(
-            self.clock, self.tunables.report_interval, conn.send,
+            self.clock, self.tunables.report_interval, conn.send_signal,
             on_dead=lambda: self._session_dead(conn),
             on_goodbye=lambda reason: conn.close(),
         )
@@ -155,8 +178,8 @@ class ServerTunnel(Service):
         self.egress.launched(conn, launch)
 
     def _request_more(self, waiting: int) -> None:
-        if self.session is not None:
-            self.session.send(wire.demand(waiting))
+        if self.control is not None:
+            self.control.demand(waiting)
 
     def pooled_lost(self, conn: TunnelConnection) -> None:
         self.pool.discard(conn)
@@ -164,7 +187,7 @@ class ServerTunnel(Service):
     def control_lost(self, conn: TunnelConnection) -> None:
         if conn is self.session:
             self.session, self.control = None, None
-            self.session_id = b""
+            self.session_id, self.keys = b"", None
             self.pool.flush()
             if not self.stopping:
                 self.log.warn("client {peer} disconnected: tunnel session closed",
@@ -190,7 +213,8 @@ class ServerTunnel(Service):
         super().stopService()
         self.stopping = True
         if self.session is not None:
-            self.session.send(wire.goodbye(Goodbye.SHUTDOWN))
+            if self.control is not None:
+                self.control.goodbye()
             self.session.close()
         self.pool.flush()
         self.ingress.close_all()

@@ -14,10 +14,12 @@ from enum import IntEnum
 from typing import NamedTuple
 
 MAGIC = b"NPT"
-VERSION = 1
+VERSION = 2
 PREAMBLE = MAGIC + bytes([VERSION])
 NONCE_SIZE = 32
 MAC_SIZE = 32
+TAG_SIZE = 16  # a sealed control frame's or a LAUNCH's tag
+PAKE_SIZE = 33  # one SPAKE2 message (spake2's Ed25519 group: a side byte, an element)
 SESSION_ID_SIZE = 16
 MAX_SETTINGS = 1024
 MAX_ADDRESS = 64
@@ -45,6 +47,7 @@ class Type(IntEnum):
     WELCOME = 4
     BUSY = 5
     ATTEST = 6
+    PAKE = 7
     PING = 16
     PONG = 17
     DEMAND = 18
@@ -67,17 +70,19 @@ class Goodbye(IntEnum):
 
 
 MAX_PAYLOAD: dict[Type, int] = {
-    Type.HELLO: 1 + NONCE_SIZE,
+    Type.HELLO: 1 + NONCE_SIZE + SESSION_ID_SIZE,
     Type.CHALLENGE: 1 + NONCE_SIZE,
-    Type.AUTH: SESSION_ID_SIZE + MAC_SIZE,
+    Type.AUTH: MAC_SIZE,
     Type.WELCOME: MAC_SIZE + SESSION_ID_SIZE + MAX_SETTINGS,
     Type.BUSY: 0,
     Type.ATTEST: MAC_SIZE,
-    Type.PING: _PING.size,
-    Type.PONG: _PING.size,
-    Type.DEMAND: _DEMAND.size,
-    Type.GOODBYE: 1,
-    Type.LAUNCH: 2 + 2 * MAX_ADDRESS + 1,
+    Type.PAKE: PAKE_SIZE + MAC_SIZE,
+    # control frames are sealed: their payload is followed by a tag
+    Type.PING: _PING.size + TAG_SIZE,
+    Type.PONG: _PING.size + TAG_SIZE,
+    Type.DEMAND: _DEMAND.size + TAG_SIZE,
+    Type.GOODBYE: 1 + TAG_SIZE,
+    Type.LAUNCH: 2 + 2 * MAX_ADDRESS + 1 + TAG_SIZE,
     Type.DATA: 0xFFFF,
     Type.EOF: 0,
     Type.DATAGRAM: 0xFFFF,
@@ -168,44 +173,43 @@ class FrameDecoder:
 # Messages
 
 
-def _exact(payload: bytes, size: int, name: str) -> None:
+def exact(payload: bytes, size: int, name: str) -> None:
     if len(payload) != size:
         raise ProtocolError(f"{name} payload must be {size} bytes, got {len(payload)}")
 
 
-def hello(kind: Kind, nonce: bytes) -> bytes:
-    return PREAMBLE + frame(Type.HELLO, bytes([kind]) + nonce)
+def hello_payload(kind: Kind, nonce: bytes, session_id: bytes = b"") -> bytes:
+    """A HELLO's payload: the kind, the client's nonce, and for a data connection the
+    session it belongs to."""
+    return bytes([kind]) + nonce + session_id
 
 
-def parse_hello(payload: bytes) -> tuple[Kind, bytes]:
-    _exact(payload, 1 + NONCE_SIZE, "HELLO")
+def parse_hello(payload: bytes) -> tuple[Kind, bytes, bytes]:
+    """-> (kind, client nonce, session id — empty for a control connection)."""
+    if not payload:
+        raise ProtocolError("HELLO payload is empty")
     try:
         kind = Kind(payload[0])
     except ValueError:
         raise ProtocolError(f"unknown connection kind {payload[0]}") from None
-    return kind, payload[1:]
+    size = 1 + NONCE_SIZE + (SESSION_ID_SIZE if kind is Kind.DATA else 0)
+    exact(payload, size, "HELLO")
+    return kind, payload[1 : 1 + NONCE_SIZE], payload[1 + NONCE_SIZE :]
 
 
-def challenge(tls_mode: int, nonce: bytes) -> bytes:
-    return frame(Type.CHALLENGE, bytes([tls_mode]) + nonce)
+def challenge_payload(tls_mode: int, nonce: bytes) -> bytes:
+    return bytes([tls_mode]) + nonce
 
 
 def parse_challenge(payload: bytes) -> tuple[int, bytes]:
-    _exact(payload, 1 + NONCE_SIZE, "CHALLENGE")
+    exact(payload, 1 + NONCE_SIZE, "CHALLENGE")
     if payload[0] not in (0, 1, 2):
         raise ProtocolError(f"unknown TLS mode {payload[0]}")
     return payload[0], payload[1:]
 
 
-def auth(mac: bytes, session_id: bytes = b"") -> bytes:
-    return frame(Type.AUTH, session_id + mac)
-
-
-def parse_auth(payload: bytes, kind: Kind) -> tuple[bytes, bytes]:
-    """-> (session_id, mac); data connections name the session they belong to."""
-    size = MAC_SIZE + (SESSION_ID_SIZE if kind is Kind.DATA else 0)
-    _exact(payload, size, "AUTH")
-    return payload[:-MAC_SIZE], payload[-MAC_SIZE:]
+def auth(mac: bytes) -> bytes:
+    return frame(Type.AUTH, mac)
 
 
 def welcome(mac: bytes, session_id: bytes = b"", settings: bytes = b"") -> bytes:
@@ -215,7 +219,7 @@ def welcome(mac: bytes, session_id: bytes = b"", settings: bytes = b"") -> bytes
 def parse_welcome(payload: bytes, kind: Kind) -> tuple[bytes, bytes, bytes]:
     """-> (mac, session_id, settings)."""
     if kind is Kind.DATA:
-        _exact(payload, MAC_SIZE, "WELCOME")
+        exact(payload, MAC_SIZE, "WELCOME")
         return payload, b"", b""
     if len(payload) < MAC_SIZE + SESSION_ID_SIZE:
         raise ProtocolError(f"WELCOME payload too short ({len(payload)} bytes)")
@@ -223,26 +227,30 @@ def parse_welcome(payload: bytes, kind: Kind) -> tuple[bytes, bytes, bytes]:
     return payload[:MAC_SIZE], payload[MAC_SIZE:end], payload[end:]
 
 
-def ping(kind: Type, seq: int, micros: int) -> bytes:
-    return frame(kind, _PING.pack(seq & 0xFFFFFFFF, micros & 0xFFFFFFFFFFFFFFFF))
+# Control frames: these are their payloads; the control channel seals them
+# (handshake.Sealer) before they are framed.
+
+
+def ping_payload(seq: int, micros: int) -> bytes:
+    return _PING.pack(seq & 0xFFFFFFFF, micros & 0xFFFFFFFFFFFFFFFF)
 
 
 def parse_ping(payload: bytes) -> tuple[int, int]:
-    _exact(payload, _PING.size, "PING/PONG")
+    exact(payload, _PING.size, "PING/PONG")
     return _PING.unpack(payload)
 
 
-def demand(count: int) -> bytes:
-    return frame(Type.DEMAND, _DEMAND.pack(min(count, 0xFFFF)))
+def demand_payload(count: int) -> bytes:
+    return _DEMAND.pack(min(count, 0xFFFF))
 
 
 def parse_demand(payload: bytes) -> int:
-    _exact(payload, _DEMAND.size, "DEMAND")
+    exact(payload, _DEMAND.size, "DEMAND")
     return _DEMAND.unpack(payload)[0]
 
 
-def goodbye(reason: Goodbye) -> bytes:
-    return frame(Type.GOODBYE, bytes([reason]))
+def goodbye_payload(reason: Goodbye) -> bytes:
+    return bytes([reason])
 
 
 def stream_data(data: bytes) -> list[bytes]:
@@ -273,9 +281,10 @@ class Launch(NamedTuple):
     proxy: int = 0
 
 
-def launch(proto: Proto, source: str, dest: str = "", proxy: int = 0) -> bytes:
+def launch_fields(proto: Proto, source: str, dest: str = "", proxy: int = 0) -> bytes:
+    """A LAUNCH's fields; the data connection tags them (handshake.Launches)."""
     addresses = source.encode()[:MAX_ADDRESS] + b" " + dest.encode()[:MAX_ADDRESS]
-    return frame(Type.LAUNCH, bytes([proto, proxy]) + addresses)
+    return bytes([proto, proxy]) + addresses
 
 
 def parse_launch(payload: bytes) -> Launch:
