@@ -8,7 +8,7 @@ import os
 
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from nodepass.tunables import Tunables
@@ -195,6 +195,20 @@ class Refusals(SynchronousTestCase):
         sealed = data_server.launches().seal(wire.launch_fields(Proto.TCP, "a:1"))
         self.assertRefused(data, data_transport, lambda: data.dataReceived(sealed),
                            "LAUNCH from the server, but the tunnel is in forward mode")
+
+    def test_a_data_connection_must_offer_its_sessions_mode(self):
+        tunnel, conn, transport = self.client_conn()
+        self.handshake(conn, transport, Kind.CONTROL)
+        tunnel.session_tls = 2  # as if the session ran over verified TLS
+        _, data, data_transport = self.client_conn(Kind.DATA, tunnel)
+        data_transport.clear()  # its HELLO
+        with capturedLogs() as events:
+            data.dataReceived(wire.frame(Type.CHALLENGE, wire.challenge_payload(0, bytes(32))))
+        self.assertEqual([formatEvent(e) for e in events if e.get("log_level") == LogLevel.error],
+                         ["refusing server 127.0.0.1:10101: a data connection offers tls=0, its "
+                          "session tls=2"])
+        self.assertTrue(data_transport.disconnecting)
+        self.assertEqual(data_transport.value(), b"")  # no AUTH for a downgraded connection
 
     def test_a_busy_refusal_then_nothing(self):
         _, conn, transport = self.client_conn()

@@ -224,3 +224,89 @@ class Faults(Case):
         server.stop()
         self.assertEqual(self.log.count("is shutting down"), 1)
         self.assertEqual(client.tunnel.report().state, "connecting")
+
+
+class _CountingEcho(RelayProtocol):
+    accepted = 0
+
+    def connectionMade(self):
+        _CountingEcho.accepted += 1
+
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class _OffersMode(RelayProtocol):
+    """An impostor server: answers any HELLO with a CHALLENGE offering ``mode``; keeps
+    whatever the client sends after it."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.after = b""
+        self.challenged = False
+
+    def dataReceived(self, data):
+        import os
+
+        from nodepass.tunnel import wire
+
+        if not self.challenged:
+            self.challenged = True
+            self.transport.write(wire.frame(wire.Type.CHALLENGE,
+                                            wire.challenge_payload(self.mode, os.urandom(32))))
+        else:
+            self.after += data
+
+
+class Attacks(Case):
+    """What an attacker on the path, or in the server's place, can make the ends do."""
+
+    def test_a_client_refuses_a_server_offering_less_than_it_requires(self):
+        from twisted.internet.protocol import Factory
+
+        for query, offered, why in (
+                ("sni=example.test", 0, "its URL asks for a verified certificate (ca= or sni=)"),
+                ("sni=example.test", 1, "its URL asks for a verified certificate (ca= or sni=)"),
+                ("tls=1", 0, "its URL says tls=1"),
+                ("tls=2", 1, "its URL says tls=2")):
+            impostor = _OffersMode(offered)
+            port = self.net.listenTCP(0, Factory.forProtocol(lambda i=impostor: i),
+                                      interface="127.0.0.1").getHost().port
+            least = 1 if query == "tls=1" else 2
+            Running(self, self.net, f"client://k@127.0.0.1:{port}/127.0.0.1:9?mode=2&{query}")
+            self.assertEqual(self.log.count(
+                f"refusing server 127.0.0.1:{port}: it offers tls={offered}, and this client "
+                f"accepts tls={least} or more ({why})"), 1, query)
+            self.assertEqual(impostor.after, b"", "nothing after HELLO: not even a PAKE")
+
+    def test_an_injected_launch_reaches_no_target(self):
+        from twisted.internet.protocol import Factory
+
+        from nodepass.tunnel import wire
+        from nodepass.tunnel.wire import Proto
+
+        backend = self.net.listenTCP(0, Factory.forProtocol(_CountingEcho),
+                                     interface="127.0.0.1").getHost().port
+        _CountingEcho.accepted = 0
+        server, client, target = pair(self, self.net, backend, client_query="?mode=2",
+                                      MIN_POOL_CAPACITY="4")
+        idle = list(server.tunnel.pool.idle)
+        self.assertGreaterEqual(len(idle), 3)
+        # a user's real LAUNCH on the first idle connection (one an attacker could record:
+        # the same tag, HMAC over the same fields)
+        launches = idle[0].state.launches
+        user = connect(self.net, target)
+        user.transport.write(b"real")
+        self.net.flush()
+        self.assertEqual((bytes(user.received), _CountingEcho.accepted), (b"real", 1))
+        recorded = launches.seal(wire.launch_fields(Proto.TCP, "127.0.0.1:50000"))
+        # on the path of tls=0, into idle data connections: a forged LAUNCH, and the
+        # recorded one moved to another connection
+        forged = wire.frame(wire.Type.LAUNCH, wire.launch_fields(Proto.TCP, "203.0.113.9:1")
+                            + bytes(wire.TAG_SIZE))
+        idle[1].transport.write(forged)
+        idle[2].transport.write(recorded)
+        self.net.flush()
+        self.assertEqual(_CountingEcho.accepted, 1, "an injected LAUNCH reached the target")
+        self.assertEqual(self.log.count("closed: LAUNCH not sealed with the session key"), 2)
+        self.assertEqual(client.tunnel.report().state, "connected")  # the session lives on

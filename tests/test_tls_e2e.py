@@ -179,6 +179,20 @@ class Verified(TestCase):
         crt, key = issued.write(self.dir, name)
         return f"?tls=2&crt={crt}&key={key}", crt, key
 
+    async def test_a_server_offering_less_than_verified_tls_is_refused(self):
+        # a client with ca= expects verified TLS: a server (or an impostor in its place)
+        # offering tls=1 or tls=0 is refused before the key is used at all
+        for offered in ("?tls=1", ""):
+            server, tunnel_port, _ = await reverse_server(self, query=offered)
+            client = spawn(self, f"client://k@127.0.0.1:{tunnel_port}/127.0.0.1:1"
+                                 f"?ca={self.ca_file}")
+            await client.wait_for(
+                rf"ERROR .*refusing server 127.0.0.1:{tunnel_port}: it offers tls="
+                rf"{offered[-1:] or 0}, and this client accepts tls=2 or more \(its URL asks "
+                r"for a verified certificate \(ca= or sni=\)\)")
+            self.assertEqual(server.count("tunnel session open"), 0)
+            self.assertEqual(server.count("authentication failed"), 0)  # no PAKE was tried
+
     async def refused(self, issued, reason, client_query=None):
         query, _, _ = self.server_query(issued)
         server, tunnel_port, _exposed = await reverse_server(self, query=query)
