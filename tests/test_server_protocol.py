@@ -63,6 +63,23 @@ class Handshake(SynchronousTestCase):
             " (4 more since the last report)",
         ])
 
+    def test_over_the_attempt_limits_other_hosts_are_turned_away_as_they_connect(self):
+        from twisted.internet.address import IPv4Address
+
+        tunnel, clock = server_tunnel()
+        control = open_session(tunnel)  # from 127.0.0.1
+        factory = tunnel.tunnel_factory()
+        # attempts from 200 hosts: the overall ceiling (32, then 16 a second) is reached
+        admitted = sum(tunnel.attempts.admit(f"10.0.{n // 250}.{n % 250}") is None
+                       for n in range(200))
+        self.assertEqual(admitted, 31)  # 32, less the session's own attempt
+        self.assertIsNone(factory.buildProtocol(IPv4Address("TCP", "10.9.9.9", 1)))
+        # the session's client still opens data connections
+        self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2)))
+        clock.advance(1)  # the ceiling refills: others may try again
+        self.assertIsNotNone(factory.buildProtocol(IPv4Address("TCP", "10.9.9.9", 1)))
+        self.assertIs(tunnel.session, control.protocol)
+
     def test_truncated_handshake_times_out(self):
         tunnel, clock = server_tunnel()
         client = FakeClient(tunnel)

@@ -90,6 +90,17 @@ class SelfSigned(TestCase):
         seen = await self.tunnel_bytes_seen("?tls=0")
         self.assertIn(SECRET, seen)
 
+    async def test_a_wrong_key_is_logged_by_the_server_too(self):
+        for mode in ("1", "0"):
+            server, tunnel_port, _ = await reverse_server(self, key="right-key",
+                                                          query=f"?tls={mode}")
+            client = spawn(self, f"client://wrong-key@127.0.0.1:{tunnel_port}/127.0.0.1:1")
+            await client.wait_for(rf"ERROR .*refusing server 127.0.0.1:{tunnel_port}: it does "
+                                  "not prove the tunnel key")
+            await server.wait_for(r"WARN .*authentication failed from 127\.0\.0\.1:\d+: a "
+                                  "wrong key, or not a nodepass client")
+            await client.stop()
+
     async def test_man_in_the_middle_is_refused(self):
         server, tunnel_port, _exposed = await reverse_server(self, query="?tls=1")
         mitm = await listen(self, _MitmFactory(tunnel_port))

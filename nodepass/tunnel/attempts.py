@@ -94,6 +94,15 @@ class Attempts:
             return self._refuse(f"over {self.overall.rate:g} attempts a second from everyone")
         return None
 
+    def saturated(self, host: str) -> bool:
+        """Would an attempt from ``host`` be refused now?  (Nothing is counted: a server
+        under a flood turns such connections away as they are accepted.)"""
+        source = self.sources.get(source_of(host))
+        if source is not None and (source.failures.level() < 1
+                                   or source.attempts.level() < 1):
+            return True
+        return self.overall.level() < 1
+
     def failed(self, host: str) -> None:
         """An attempt from ``host`` was wrong: it counts against the source."""
         self._source(source_of(host)).failures.take()

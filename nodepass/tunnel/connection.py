@@ -362,6 +362,11 @@ class ServerHello(_Timed):
                                   peer=self.conn.peer, why=str(e))
             self.conn.close()
             return
+        # A key attempt is admitted (attempts.py) before it costs anything: no TLS
+        # handshake, no PAKE for a source over its limits.
+        if self.handshake.kind is Kind.CONTROL and not self.tunnel.admit(self.conn):
+            self.conn.abort()
+            return
         self.conn.send(challenge)
         if credentials is not None:
             self.start_tls(options)
@@ -375,8 +380,8 @@ class ServerHello(_Timed):
 
 
 class ServerPake(_Timed):
-    """A control connection: the client's SPAKE2 message -> ours and our confirmation.
-    Attempts are admitted first (attempts.py): a refused one costs nothing."""
+    """A control connection (its attempt admitted): the client's SPAKE2 message -> ours
+    and our confirmation."""
 
     name = "waiting for PAKE"
     expects = Type.PAKE
@@ -388,9 +393,6 @@ class ServerPake(_Timed):
         self.handshake = handshake
 
     def expected(self, frame: Frame) -> None:
-        if not self.tunnel.admit(self.conn):
-            self.conn.abort()
-            return
         self.conn.send(self.handshake.on_pake(frame.payload))
         self.conn._become(ServerAuth(self.conn, self.tunnel, self.handshake, self.decoder,
                                      self.handed_on()))

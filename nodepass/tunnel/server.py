@@ -38,6 +38,23 @@ from nodepass.url import Address, ServerConfig, derived_key, format_targets
 REVERSE, FORWARD = "reverse", "forward"
 
 
+class _TunnelFactory(QuietFactory):
+    """The tunnel port's connections.  While key attempts are over their limits, a
+    connection from anyone but the session's client is closed as it is accepted: a
+    handshake flood then costs an accept, not a protocol, a TLS handshake or a PAKE."""
+
+    def __init__(self, tunnel: ServerTunnel) -> None:
+        super().__init__(TunnelConnection, tunnel.clock, accepted(tunnel))
+        self.tunnel = tunnel
+
+    def buildProtocol(self, addr: Any) -> Any:
+        host = getattr(addr, "host", "")
+        if not self.tunnel.session_host(host) and self.tunnel.attempts.saturated(host):
+            self.tunnel.attempts.refused += 1
+            return None
+        return super().buildProtocol(addr)
+
+
 class ServerTunnel(Service):
     """The server's state: the client session, the idle pool, the live relays."""
 
@@ -73,7 +90,7 @@ class ServerTunnel(Service):
     # -- factories -------------------------------------------------------
 
     def tunnel_factory(self) -> QuietFactory:
-        return QuietFactory(TunnelConnection, self.clock, accepted(self))
+        return _TunnelFactory(self)
 
     def target_factory(self) -> QuietFactory:
         return self.ingress.user_factory()
@@ -117,6 +134,11 @@ class ServerTunnel(Service):
         self.attempts.failed(conn.peer_host)
         self._auth_throttle.warn(self.log, "authentication failed from {peer}: a wrong key, "
                                            "or not a nodepass client", peer=conn.peer)
+
+    def session_host(self, host: str) -> bool:
+        """Is ``host`` where the live session's client is?  (Its data connections are
+        never turned away for others' attempts.)"""
+        return self.session is not None and self.session.peer_host == host
 
     def session_keys(self, session_id: bytes) -> SessionKeys | None:
         """The keys a data connection naming ``session_id`` authenticates with."""
