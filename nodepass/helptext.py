@@ -35,7 +35,8 @@ URL parts:
 Query parameters:
   log=debug|info|warn|error|fatal|none   log level (default info)
   tls=0|1|2    server and master: 0 plain, 1 self-signed certificate made at start,
-               2 the certificate in crt= and key= (the client adopts the server's mode)
+               2 the certificate in crt= and key=; client: the least mode it accepts
+               from the server (default 0: the server's; ca= or sni= mean 2)
   crt=PATH     PEM certificate (chain allowed), with tls=2
   key=PATH     PEM private key, with tls=2
   sni=NAME     client: the name to verify a tls=2 certificate as (default: the server host)
