@@ -8,29 +8,20 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.chromium import CHROMIUM_FLAGS, chromium
 from tests.fakemaster import KEY, MemoryMaster
 from tests.test_master_api import start_master
-
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    # no name resolves but loopback: a page that needed a CDN would not render
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-    "--virtual-time-budget=10000",
-]
 
 
 class SwaggerUI(TestCase):
     timeout = 90
 
     async def render(self, url):
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
-            self.skipTest("chromium is not installed: apt-get install chromium")
+        binary = chromium(self)
         profile = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, profile, True)
         dom, _, code = await getProcessOutputAndValue(
-            chromium, [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url])
+            binary, [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url])
         self.assertEqual(code, 0)
         return dom.decode()
 

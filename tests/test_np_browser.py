@@ -5,20 +5,11 @@ fetch with Cache-Control.  Headless Chromium, real master, every wait bounded.""
 from __future__ import annotations
 
 import json
-import shutil
-import signal
-import tempfile
 
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.trial.unittest import TestCase
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
-from tests.integration import listen
+from tests.chromium import chromium, open_page, page_server
 from tests.test_master_api import KEY, start_master
-from tests.test_master_docs import CHROMIUM_FLAGS
 from tests.test_np_api import NpApi, np_base, server_url
 
 PANEL = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>panel</title></head>
@@ -68,69 +59,17 @@ function report(result) {
 """
 
 
-class _Panel(Resource):
-    isLeaf = True
-
-    def __init__(self, page: bytes) -> None:
-        super().__init__()
-        self.page = page
-        self.reported: Deferred = Deferred()
-
-    def render_GET(self, request):
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        return self.page
-
-    def render_POST(self, request):
-        if not self.reported.called:
-            self.reported.callback(json.loads(request.content.read()))
-        return b""
-
-
-class _Browser(ProcessProtocol):
-    def __init__(self) -> None:
-        self.ended: Deferred = Deferred()
-        self.output = b""
-
-    def errReceived(self, data: bytes) -> None:
-        self.output = (self.output + data)[-4000:]
-
-    def processEnded(self, reason) -> None:
-        self.ended.callback(None)
-
-
 class BrowserPanel(TestCase):
     timeout = 90
 
     async def test_a_page_on_another_origin_lists_patches_and_follows_events(self):
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
-            self.skipTest("chromium is not installed: apt-get install chromium")
+        chromium(self)
         master = await start_master(self, query="?log=debug")
         np = NpApi(np_base(master))
         created = await np.ok("POST", "/instances", {"url": server_url()}, 201)
-        panel = _Panel((PANEL % {"base": json.dumps(np.base), "key": json.dumps(KEY)}).encode())
-        site = Site(panel)
-        site.noisy = False
-        origin = await listen(self, site)  # another port: another origin
-        profile = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, profile, True)
-        browser = _Browser()
-        flags = [f for f in CHROMIUM_FLAGS if not f.startswith("--virtual-time-budget")]
-        process = reactor.spawnProcess(browser, chromium, [
-            chromium, *flags, f"--user-data-dir={profile}", f"http://127.0.0.1:{origin}/"],
-            env=None)
-
-        async def close_browser():
-            if not browser.ended.called:
-                process.signalProcess(signal.SIGKILL)
-                await browser.ended
-
-        self.addCleanup(close_browser)
-        try:
-            result = await panel.reported.addTimeout(45, reactor)
-        except Exception:
-            raise AssertionError(f"the page reported nothing; chromium said:\n"
-                                 f"{browser.output.decode(errors='replace')}") from None
+        panel, origin = await page_server(  # another port: another origin
+            self, (PANEL % {"base": json.dumps(np.base), "key": json.dumps(KEY)}).encode())
+        result = await open_page(self, origin, panel)
         self.assertNotIn("error", result, result)
         self.assertEqual(result["ids"], ["********", created["id"]])
         self.assertEqual((result["patch"], result["alias"], result["tags"]),

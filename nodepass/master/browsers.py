@@ -10,11 +10,11 @@ has no key (``auth=0``), and opt-in with a key (``hosts=``, ``origins=``).  The 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 
 from twisted.web.iweb import IRequest
 
+from nodepass.endpoints import is_ip
 from nodepass.master.web import Refusal
 from nodepass.url import MasterConfig, URLError, is_loopback, parse_host, parse_origin
 
@@ -44,14 +44,6 @@ def host_of(value: bytes) -> str | None:
         return parse_host(match.group(1), "Host")
     except URLError:
         return None
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class HostCheck:
@@ -86,7 +78,7 @@ class HostCheck:
         if len(values) > 1:
             return self._refused("more than one Host header")
         host = host_of(values[0])
-        if host is not None and (host in self.names or (self.any_ip and _is_ip(host))):
+        if host is not None and (host in self.names or (self.any_ip and is_ip(host))):
             return None
         shown = values[0].decode("ascii", "replace")[:100]
         return self._refused(f"Host {shown!r} is not a name this master answers to")

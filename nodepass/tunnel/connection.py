@@ -379,18 +379,22 @@ class ServerHello(_Timed):
         self.conn._become(ServerAuth(self.conn, self.tunnel, handshake, decoder, timer))
 
 
-class ServerPake(_Timed):
-    """A control connection (its attempt admitted): the client's SPAKE2 message -> ours
-    and our confirmation."""
-
-    name = "waiting for PAKE"
-    expects = Type.PAKE
+class _ServerPhase(_Timed):
+    """A server handshake phase after HELLO: it carries the handshake along."""
 
     def __init__(self, conn: TunnelConnection, tunnel: Any, handshake: ServerHandshake,
                  decoder: FrameDecoder, timer: Any) -> None:
         super().__init__(conn, decoder, timer)
         self.tunnel = tunnel
         self.handshake = handshake
+
+
+class ServerPake(_ServerPhase):
+    """A control connection (its attempt admitted): the client's SPAKE2 message -> ours
+    and our confirmation."""
+
+    name = "waiting for PAKE"
+    expects = Type.PAKE
 
     def expected(self, frame: Frame) -> None:
         self.conn.send(self.handshake.on_pake(frame.payload))
@@ -398,17 +402,11 @@ class ServerPake(_Timed):
                                      self.handed_on()))
 
 
-class ServerAuth(_Timed):
+class ServerAuth(_ServerPhase):
     """The client's AUTH: its key confirmation (control) or its MAC (data)."""
 
     name = "waiting for AUTH"
     expects = Type.AUTH
-
-    def __init__(self, conn: TunnelConnection, tunnel: Any, handshake: ServerHandshake,
-                 decoder: FrameDecoder, timer: Any) -> None:
-        super().__init__(conn, decoder, timer)
-        self.tunnel = tunnel
-        self.handshake = handshake
 
     def expected(self, frame: Frame) -> None:
         try:
