@@ -28,7 +28,7 @@ setup(
         "nodepass.master",
         "twisted.plugins",
     ],
-    package_data={"twisted.plugins": ["nodepass_plugin.py"]},
+    package_data={"twisted.plugins": ["nodepass_plugin.py"], "nodepass.master": ["ui/*"]},
     install_requires=[
         "twisted[tls]>=24.7.0",
         "service-identity>=24.1.0",
@@ -47,6 +47,7 @@ setup(
             "treq>=24.9.1",
             "openapi-spec-validator>=0.7",
             "schemathesis>=4.0",
+            "selenium>=4.20",
         ],
         "lint": ["ruff>=0.6"],
     },

@@ -27,7 +27,7 @@ from nodepass.master.gate import unauthorized
 from nodepass.master.instances import Instance, InstanceError, iso
 from nodepass.master.metrics import exposition
 from nodepass.master.openapi import document
-from nodepass.master.registry import Registry
+from nodepass.master.registry import RECENT_LOGS, Registry
 from nodepass.master.web import (
     BodyError,
     KeyCheck,
@@ -267,6 +267,18 @@ class MasterAPI:
                            "window must be seconds, more than 0 and at most 604800")
         return 200, {"id": instance.id, "interval": self.registry.tunables.report_interval,
                      "window": window, "samples": self.registry.traffic(instance, window)}
+
+    @app.route("/instances/<string:instance_id>/logs", methods=["GET"], strict_slashes=False)
+    @_enveloped
+    async def instance_logs(self, request: IRequest, instance_id: str) -> tuple[int, Any]:
+        instance = self.registry.get(instance_id)
+        raw = request.args.get(b"limit", [b"%d" % RECENT_LOGS])[0]
+        if not raw.isdigit() or not 0 <= int(raw) <= RECENT_LOGS:
+            raise ApiError("INVALID_REQUEST", 400,
+                           f"limit must be a whole number from 0 to {RECENT_LOGS}")
+        lines = self.registry.logs(instance, int(raw))
+        return 200, {"id": instance.id, "logs": [
+            {**line, "time": iso(line["time"])} for line in lines]}
 
     @app.route("/info", methods=["GET"], strict_slashes=False)
     @_enveloped

@@ -45,16 +45,19 @@ class Gate:
     """The checks, in order, for a request whose headers are complete."""
 
     def __init__(self, config: MasterConfig, keys: KeyCheck, seed: Dialect,
-                 nodepass: Dialect, max_body: int = MAX_BODY) -> None:
+                 nodepass: Dialect, max_body: int = MAX_BODY,
+                 public: tuple[str, ...] = ()) -> None:
         self.hosts = HostCheck(config)
         self.origins = OriginPolicy(config)
         self.keys = keys
         self.max_body = max_body
         self.seed = seed
         self.dialects = (seed, nodepass)
-        # Exact paths, so that no spelling of a keyed route can pass for documentation.
-        self.public = frozenset(path.encode() for d in self.dialects
-                                for path in d.docs.public_paths(d.base))
+        # Exact paths, so that no spelling of a keyed route can pass for documentation
+        # (or for the dashboard's files, ``public``).
+        self.public = frozenset([*(path.encode() for d in self.dialects
+                                   for path in d.docs.public_paths(d.base)),
+                                 *(path.encode() for path in public)])
 
     def dialect_for(self, path: bytes) -> Dialect:
         """The dialect whose base ``path`` lies under (the longer base first, as one may

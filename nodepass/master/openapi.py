@@ -262,6 +262,30 @@ def document(prefix: str) -> dict[str, Any]:
                     },
                 },
             },
+            f"{base}/instances/{{id}}/logs": {
+                "parameters": [_ID],
+                "get": {
+                    "summary": "The instance's last log lines (200 are kept)",
+                    "operationId": "instanceLogs",
+                    "parameters": [{"name": "limit", "in": "query", "required": False,
+                                    "schema": {"type": "integer", "default": 200,
+                                               "minimum": 0, "maximum": 200},
+                                    "description": "how many of the last lines"}],
+                    "responses": {
+                        "200": _response("Lines, oldest first", {
+                            "type": "object", "required": ["id", "logs"],
+                            "properties": {"id": {"type": "string"}, "logs": {
+                                "type": "array", "items": {
+                                    "type": "object",
+                                    "required": ["time", "level", "message"],
+                                    "properties": {"time": {"type": "string"},
+                                                   "level": {"type": "string"},
+                                                   "message": {"type": "string"}}}}},
+                        }),
+                        **_errors(400, 401, 404),
+                    },
+                },
+            },
             f"{base}/events": {
                 "get": {
                     "summary": "Server-Sent Events: initial, create, update, delete, log, "

@@ -5,6 +5,7 @@ lifecycle's, its restarts the restart policy's, its traffic over time the histor
 from __future__ import annotations
 
 import secrets
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ from nodepass.master.views import count_by_status, describe
 from nodepass.tunables import Tunables
 from nodepass.url import ClientConfig, MasterConfig, ServerConfig, format_url, redacted
 
+RECENT_LOGS = 200  # log lines kept per instance, for the dashboard and GET .../logs
+
 
 class Registry:
     log = logs.logger("nodepass.master")
@@ -47,6 +50,7 @@ class Registry:
         self.master_id = store.setting("mid") or self._new_master_id()
         self.alias = store.setting("alias") or ""
         self.history = TrafficHistory(reactor)
+        self.recent_logs: dict[str, deque[dict[str, Any]]] = {}  # the last lines, each
         self.restarts = RestartPolicy(reactor, tunables.service_cooldown, self._restart_again,
                                       self._still_wanted)
         # Children get neither the master's key nor its own URL (they get theirs on stdin).
@@ -90,7 +94,14 @@ class Registry:
         self.hub.publish(kind, instance)
 
     def _logged(self, instance: Instance, level: str, text: str, line: str) -> None:
+        kept = self.recent_logs.setdefault(instance.id, deque(maxlen=RECENT_LOGS))
+        kept.append({"time": self.reactor.seconds(), "level": level, "message": text})
         self.hub.publish("log", instance, level=level, message=text, line=line)
+
+    def logs(self, instance: Instance, limit: int) -> list[dict[str, Any]]:
+        """The instance's last ``limit`` log lines (of RECENT_LOGS kept), oldest first."""
+        kept = self.recent_logs.get(instance.id, ())
+        return list(kept)[-limit:] if limit else []
 
     def _save(self, instance: Instance) -> None:
         """Commit what must survive a restart (before the API confirms a change)."""
@@ -216,6 +227,7 @@ class Registry:
             self.store.delete(instance.id)
             self.instances.pop(instance.id, None)
             self.history.forget(instance)
+            self.recent_logs.pop(instance.id, None)
             self.log.info("instance {id} deleted", id=instance.id)
             self._changed("delete", instance)
 

@@ -16,6 +16,7 @@ from twisted.internet.task import deferLater
 from nodepass import logs
 from nodepass.master import sysinfo
 from nodepass.master.api import MasterAPI
+from nodepass.master.dashboard import Dashboard
 from nodepass.master.gate import Gate
 from nodepass.master.npapi import NodePassAPI
 from nodepass.master.registry import Registry
@@ -90,8 +91,10 @@ def api_app(registry: Registry, config: MasterConfig, key: ApiKey, folder: str) 
     keys = KeyCheck(key, registry.reactor)
     seed = MasterAPI(registry, config.prefix, keys, folder, f"{config.np_prefix}/v1")
     nodepass = NodePassAPI(registry, config.np_prefix, keys, TcpPing(registry.reactor))
+    dashboard = Dashboard(config.prefix, auth=bool(config.auth))
     sysinfo.prime()
-    return ApiApp(mount(seed, nodepass), seed, nodepass, Gate(config, keys, seed, nodepass))
+    return ApiApp(mount(seed, nodepass, dashboard), seed, nodepass,
+                  Gate(config, keys, seed, nodepass, public=tuple(dashboard.public_paths())))
 
 
 def to_terminal(text: str, fd: int = 2) -> bool:

@@ -198,10 +198,13 @@ def allowed_methods(request: IRequest, failure: Failure) -> list[str]:
     return _allow(request, list(getattr(failure.value, "valid_methods", None) or []))
 
 
-def mount(seed: Any, nodepass: Any) -> Klein:
+def mount(seed: Any, nodepass: Any, dashboard: Any = None) -> Klein:
     """One Klein app serving each dialect's routes under its base (``{prefix}/v1``,
-    ``{np}/v1``); a path under neither gets the seed dialect's 404."""
+    ``{np}/v1``), and the dashboard at ``{prefix}/``; a path under neither gets the seed
+    dialect's 404."""
     root = Klein()
+    if dashboard is not None:
+        dashboard.route(root, seed)
     for dialect in (seed, nodepass):
         dialect.docs.route(root, dialect.base, dialect)
         root.route(f"{dialect.base}/", branch=True, endpoint=dialect.base)(
