@@ -196,12 +196,14 @@ function replaceAll(list) {
   }
   for (const id of [...state.instances.keys()]) if (!seen.has(id)) remove(id);
   state.structural = true;
+  if (state.selected && !state.instances.has(state.selected)) location.hash = "#/";
   schedule();
 }
 
 function upsert(instance) {
   if (!state.instances.has(instance.id)) state.structural = true;
   state.instances.set(instance.id, instance);
+  if (state.selected === instance.id && state.formsFor !== instance.id) fillForms(instance);
   observe(instance, Date.now());
   state.dirty.add(instance.id);
 }
@@ -547,6 +549,7 @@ function route() {
 
 async function openDetail(id) {
   $("detail-error").textContent = "";
+  state.formsFor = null;
   const instance = state.instances.get(id);
   if (instance) fillForms(instance);
   state.chartsAt = 0;
@@ -566,6 +569,7 @@ async function openDetail(id) {
 }
 
 function fillForms(instance) {
+  state.formsFor = instance.id; // filled once per visit: an edit in progress is kept
   $("alias-input").value = instance.alias || "";
   $("tags-input").value = fmt.tags(instance.tags).join("\n");
   $("restart-input").checked = Boolean(instance.restart);
