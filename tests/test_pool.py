@@ -4,7 +4,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nodepass.tunnel.pool import ClientPool, IdlePool
+from nodepass.tunnel.pool import MAX_DIALING, ClientPool, IdlePool
 
 
 class Conn:
@@ -120,8 +120,21 @@ class ClientPoolTests(SynchronousTestCase):
         self.assertEqual(len(dialer.pending), 10)
         pool.demand(12)  # 10 already in flight
         self.assertEqual(len(dialer.pending), 12)
-        pool.demand(500)
-        self.assertEqual(len(dialer.pending), 50)
+        pool.demand(500)  # bounded by the maximum, and dialed MAX_DIALING at a time
+        self.assertEqual((len(dialer.pending), pool.queued), (MAX_DIALING, 50 - MAX_DIALING))
+        self.assertEqual(len(dialer.complete_all()), 50)
+        self.assertEqual((pool.opening, pool.queued, len(pool.idle)), (0, 0, 50))  # its max
+
+    def test_at_most_max_dialing_are_opened_at_once(self):
+        pool, _, dialer = client_pool(min_capacity=100, max_capacity=100)
+        pool.start()
+        self.assertEqual(len(dialer.pending), MAX_DIALING)
+        dialer.pending.pop(0).callback(Conn())  # one done: the next one starts
+        self.assertEqual(len(dialer.pending), MAX_DIALING)
+        dialer.pending.pop(0).errback(Exception("refused"))  # one failed: likewise
+        self.assertEqual(len(dialer.pending), MAX_DIALING)
+        dialer.complete_all()
+        self.assertEqual(len(pool.idle), 99)  # the failed one waits for the next round
 
     def test_stale_connection_is_dropped(self):
         pool, _, dialer = client_pool()

@@ -26,6 +26,10 @@ from nodepass import logs
 from nodepass.timers import cancelled
 
 INTERVAL_STEP = 0.1
+# Data connections being opened at once; more wait their turn.  Each is a TCP (and
+# under TLS a TLS) handshake: a thousand at once finish no sooner on two cores, keep
+# the first users waiting for the last, and leave the heap fragmented for good.
+MAX_DIALING = 32
 POOL_WAIT_TIMEOUT = 5.0  # how long a user waits for a pooled connection
 
 
@@ -58,7 +62,8 @@ class ClientPool:
         # Idle connections, and (in forward mode, where this end launches them) the
         # users waiting for one.
         self.ready = IdlePool(clock, max_capacity, POOL_WAIT_TIMEOUT, self.demand)
-        self.opening = 0
+        self.opening = 0  # being dialed
+        self.queued = 0  # wanted, waiting for a dial (MAX_DIALING)
         self.taken_in_round = 0
         self.failed_in_round = 0
         self.last_failure = ""
@@ -88,17 +93,21 @@ class ClientPool:
 
     def stop(self) -> None:
         self.running = False
+        self.queued = 0
         self._round_call = cancelled(self._round_call)
         self.ready.flush()
 
     def refill(self) -> None:
-        for _ in range(self.capacity - len(self.idle) - self.opening):
-            self._open()
+        self._want(self.capacity - len(self.idle) - self.opening - self.queued)
 
     def demand(self, waiting: int) -> None:
         """The server has ``waiting`` users and no idle connection for them."""
-        extra = min(waiting, self.max_capacity) - self.opening
-        for _ in range(max(0, extra)):
+        self._want(min(waiting, self.max_capacity) - self.opening - self.queued)
+
+    def _want(self, count: int) -> None:
+        self.queued += max(0, count)
+        while self.queued > 0 and self.opening < MAX_DIALING:
+            self.queued -= 1
             self._open()
 
     def taken(self, conn: Closable) -> None:
@@ -144,11 +153,14 @@ class ClientPool:
         self.opening -= 1
         if not self.running or not self.ready.add(conn):
             conn.close()
+        self._want(0)
 
     def _failed(self, reason: Failure) -> None:
         self.opening -= 1
         self.failed_in_round += 1
         self.last_failure = reason.getErrorMessage()
+        if self.running:  # (the next round retries what failed; the queue goes on)
+            self._want(0)
 
     def _schedule(self) -> None:
         self._round_call = self._clock.callLater(self.interval, self._round)
