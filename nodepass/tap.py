@@ -123,7 +123,7 @@ def _tls_at_start(config: Config) -> Credentials | None:
 
     if isinstance(config, ClientConfig):
         if config.ca is not None:
-            tls.verifying_options("localhost", config.ca)
+            tls.verifying_tls("localhost", config.ca)
         return None
     if config.tls == 2:
         assert config.crt is not None and config.key is not None

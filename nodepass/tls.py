@@ -6,17 +6,22 @@
 - tls=2: the ``crt``/``key`` PEM files, checked at start (readable, PEM, key
   matching the certificate), re-read every RELOAD_INTERVAL and on SIGHUP.
   Clients verify the chain (system trust store or ``ca=FILE``) and the name
-  (the server's host, or ``sni=NAME``) with service_identity.
+  (the server's host, or ``sni=NAME``) with OpenSSL's own checks.
 
-TLS 1.3 is the minimum everywhere.
+Tunnel connections use the standard library's ``ssl`` contexts (see
+nodepass/tunnel/tls_transport.py); the master's HTTPS listener uses Twisted's
+pyOpenSSL options, made only when it asks for them.  TLS 1.3 is the minimum
+everywhere.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
-import ipaddress
+import os
 import signal
+import ssl
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -25,22 +30,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
-from service_identity import VerificationError
-from service_identity.cryptography import (
-    verify_certificate_hostname,
-    verify_certificate_ip_address,
-)
 from twisted.application.service import Service
-from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.task import LoopingCall
-from zope.interface import implementer
 
 from nodepass import logs
 
 SELF_SIGNED_DAYS = 365
-_MIN = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_3}
 
 
 class TLSConfigError(ValueError):
@@ -60,13 +55,26 @@ class Credentials:
     def fingerprint(self) -> bytes:
         return fingerprint(self.leaf)
 
-    def server_options(self) -> ssl.CertificateOptions:
-        return ssl.CertificateOptions(
+    def server_options(self) -> Any:
+        """Twisted's pyOpenSSL options (the master's HTTPS listener)."""
+        from OpenSSL import crypto
+        from twisted.internet import ssl as tssl
+
+        return tssl.CertificateOptions(
             privateKey=crypto.PKey.from_cryptography_key(self.key),
             certificate=crypto.X509.from_cryptography(self.leaf),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in self.chain[1:]],
-            **_MIN,
+            raiseMinimumTo=tssl.TLSVersion.TLSv1_3,
         )
+
+    def server_context(self) -> ssl.SSLContext:
+        """The standard library's context a tunnel server accepts TLS with."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.num_tickets = 0  # sessions are never resumed: no tickets to make or keep
+        certs, key = self.pem()
+        _load_chain(context, certs + key)
+        return context
 
     def pem(self) -> tuple[bytes, bytes]:
         certs = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
@@ -74,6 +82,26 @@ class Credentials:
                                      serialization.PrivateFormat.PKCS8,
                                      serialization.NoEncryption())
         return certs, key
+
+
+def _load_chain(context: ssl.SSLContext, pem: bytes) -> None:
+    """``load_cert_chain`` reads only files: the PEM goes to an anonymous file in
+    memory (memfd), or where there is none to a private temporary directory, for the
+    time of the call."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("nodepass-credentials", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(fd), "wb") as f:
+                f.write(pem)
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="nodepass-") as private:  # 0700
+        path = os.path.join(private, "credentials.pem")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
+            f.write(pem)
+        context.load_cert_chain(path)
 
 
 def fingerprint(cert: x509.Certificate) -> bytes:
@@ -157,16 +185,21 @@ class ServerCredentials:
         self._set(credentials)
 
     def _set(self, credentials: Credentials) -> None:
+        # built now: a bad key fails here, not per connection
+        self.context = credentials.server_context()
         self.credentials = credentials
-        self.options = credentials.server_options()
-        self.options.getContext()  # build now: a bad key fails here, not per connection
+        self._options: Any = None
 
-    def current(self) -> tuple[ssl.CertificateOptions, bytes]:
-        return self.options, self.credentials.fingerprint
+    def current(self) -> tuple[ssl.SSLContext, bytes]:
+        """The context a new tunnel connection takes, and its certificate's fingerprint."""
+        return self.context, self.credentials.fingerprint
 
-    def getContext(self) -> SSL.Context:
-        """For TLS listeners: each new connection gets the current certificate."""
-        return self.options.getContext()
+    def getContext(self) -> Any:
+        """For the master's HTTPS listener (pyOpenSSL): each new connection gets the
+        current certificate."""
+        if self._options is None:
+            self._options = self.credentials.server_options()
+        return self._options.getContext()
 
     def reload(self) -> bool:
         """Re-read the files; on any problem keep the old certificate and log why."""
@@ -177,7 +210,7 @@ class ServerCredentials:
             if fresh.fingerprint == self.credentials.fingerprint:
                 return False
             self._set(fresh)
-        except (TLSConfigError, SSL.Error) as e:
+        except (TLSConfigError, ssl.SSLError) as e:
             self.log.error("certificate reload failed, keeping the current one: {why}", why=e)
             return False
         self.log.info("certificate reloaded from {crt}: fingerprint {fp}", crt=self.crt,
@@ -200,73 +233,62 @@ _VERIFY_REASONS = {
 }
 
 
-def pinning_options() -> ssl.CertificateOptions:
+@dataclass(frozen=True)
+class ClientTLS:
+    """What a client dials TLS with: its context, and the name it verifies (None when
+    it pins the certificate instead, tls=1)."""
+
+    context: ssl.SSLContext
+    hostname: str | None
+
+    def describe(self, error: ssl.SSLError) -> str:
+        """Why the handshake failed, in words: "expired", "unknown CA", a wrong name."""
+        if isinstance(error, ssl.SSLCertVerificationError):
+            if error.verify_code in (62, 64):  # the host name, the IP address
+                return (f"the certificate does not match the name {self.hostname!r} "
+                        "(hostname mismatch; set sni=NAME to verify another name)")
+            return _VERIFY_REASONS.get(error.verify_code,
+                                       error.verify_message or f"verify error {error.verify_code}")
+        return error.reason or str(error)
+
+
+def _client_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+def pinning_tls() -> ClientTLS:
     """tls=1: accept the TLS layer's certificate; the handshake's attestation pins it."""
-    return ssl.CertificateOptions(verify=False, **_MIN)
+    context = _client_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return ClientTLS(context, None)
 
 
-def verifying_options(hostname: str, ca_path: str | None) -> IOpenSSLClientConnectionCreator:
-    """tls=2: chain against the system trust store or ``ca_path``; name by service_identity."""
+def verifying_tls(hostname: str, ca_path: str | None) -> ClientTLS:
+    """tls=2: the chain against the system trust store or ``ca_path``; the name (a DNS
+    name or an IP address) by OpenSSL."""
+    context = _client_context()
     if ca_path is None:
-        trust = ssl.platformTrust()
+        context.load_default_certs()
     else:
         data = _read(ca_path, "ca")
         try:
             certs = x509.load_pem_x509_certificates(data)
         except ValueError:
             raise TLSConfigError(f"ca file {ca_path!r} holds no PEM certificate") from None
-        trust = ssl.trustRootFromCertificates(
-            [ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certs])
-    return ssl.optionsForClientTLS(hostname, trustRoot=trust, extraCertificateOptions=_MIN)
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class VerifyingCreator:
-    """tls=2 for one connection: OpenSSL checks the chain, service_identity the name,
-    and every reason for a refusal is kept so the log can say "expired" or
-    "unknown CA" rather than "handshake failure"."""
-
-    def __init__(self, inner: IOpenSSLClientConnectionCreator, hostname: str) -> None:
-        self._inner = inner
-        self._hostname = hostname
-        self.problems: list[str] = []
-
-    def clientConnectionForTLS(self, tls_protocol: Any) -> SSL.Connection:
-        # The inner creator sets SNI and the trust roots; its verify callback (which
-        # would check the name) is replaced by ours, which checks the name itself.
-        connection = self._inner.clientConnectionForTLS(tls_protocol)
-        connection.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
-        return connection
-
-    def _verify(self, conn: Any, cert: Any, errno: int, depth: int, ok: int) -> bool:
-        if not ok:
-            self.problems.append(_VERIFY_REASONS.get(errno, f"verify error {errno}"))
-            return False
-        if depth != 0:
-            return True
-        try:
-            _check_name(cert.to_cryptography(), self._hostname)
-        except VerificationError:
-            self.problems.append(f"the certificate does not match the name {self._hostname!r}"
-                                 " (hostname mismatch; set sni=NAME to verify another name)")
-            return False
-        return True
-
-
-def _check_name(cert: x509.Certificate, hostname: str) -> None:
-    try:
-        ipaddress.ip_address(hostname)
-    except ValueError:
-        verify_certificate_hostname(cert, hostname)
-    else:
-        verify_certificate_ip_address(cert, hostname)
+        context.load_verify_locations(
+            cadata="".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs))
+    return ClientTLS(context, hostname)
 
 
 def peer_fingerprint(transport: Any) -> bytes | None:
-    cert = transport.getPeerCertificate()
-    if cert is None:
+    """SHA-256 of the certificate the peer of a tunnel connection showed."""
+    der = transport.peer_certificate()
+    if der is None:
         return None
-    return fingerprint(cert.to_cryptography())
+    return hashlib.sha256(der).digest()
 
 
 class CertificateReloader(Service):

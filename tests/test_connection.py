@@ -119,9 +119,9 @@ class Refusals(SynchronousTestCase):
         self.assertEqual(type(data.protocol.state).__name__, "Datagrams")
         self.assertEqual(tunnel.report().udp_sessions, 1)
         with capturedLogs() as events:
-            data.send(wire.frame(Type.DATA, b"x"))
+            data.send(wire.frame(Type.PING, b"x"))
         (warning,) = [e for e in events if e.get("log_level") == LogLevel.warn]
-        self.assertIn("DATA frame is not allowed here", warning["why"])
+        self.assertIn("PING frame is not allowed here", warning["why"])
         self.assertTrue(data.transport.disconnecting)
         data.lose()
         self.assertEqual(tunnel.report().udp_sessions, 0)  # the session ended with it
@@ -270,7 +270,7 @@ def _every_state():
                                              Opener(b"o" * 32)),
         "Pooled": lambda conn, o: c.Pooled(conn, o, FrameDecoder(), launches),
         "Launched": lambda conn, o: c.Launched(conn),
-        "Streaming": lambda conn, o: c.Streaming(conn, o, None),
+        "Streaming": lambda conn, o: c.Streaming(conn, o),
         "AwaitingSession": lambda conn, o: c.AwaitingSession(conn, b""),
         "Datagrams": lambda conn, o: c.Datagrams(conn, o, FrameDecoder(allowed=DATAGRAM_TYPES)),
         "Closed": lambda conn, o: c.Closed(conn),

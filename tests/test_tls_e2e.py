@@ -323,7 +323,7 @@ class _Peek(Protocol):
             self.transport.startTLS(ssl.CertificateOptions(verify=False))
             self.transport.write(self.handshake.pake())
         elif frame is not None and frame.type is Type.PAKE:
-            seen = tls.peer_fingerprint(self.transport)
+            seen = tls.fingerprint(self.transport.getPeerCertificate().to_cryptography())
             self.transport.write(self.handshake.on_pake(frame.payload, seen))
             self.done.callback(seen)
 

@@ -21,12 +21,7 @@ from nodepass import logs
 from nodepass.backoff import backoff
 from nodepass.endpoints import describe_failure, dial_endpoint
 from nodepass.stats import Report, snapshot
-from nodepass.tls import (
-    VerifyingCreator,
-    fingerprint_text,
-    pinning_options,
-    verifying_options,
-)
+from nodepass.tls import ClientTLS, fingerprint_text, pinning_tls, verifying_tls
 from nodepass.tunables import Tunables
 from nodepass.tunnel.channel import QuietFactory
 from nodepass.tunnel.connection import TunnelConnection, dialed
@@ -90,7 +85,7 @@ class ClientTunnel(MultiService):
         self.session_id = b""
         self.session_keys: SessionKeys | None = None
         self.session_tls = 0
-        self._tls_options: dict[int, Any] = {}
+        self._tls_options: dict[int, ClientTLS] = {}
         self._tls_throttle = logs.Throttle(reactor, 60.0)
         self.pool = ClientPool(reactor, self._dial_data,
                                config.min or tunables.min_pool_capacity,
@@ -148,18 +143,15 @@ class ClientTunnel(MultiService):
             self.log.info("server {peer} is shutting down", peer=conn.peer)
         conn.close()
 
-    def tls_creator(self, mode: int) -> Any:
+    def tls_creator(self, mode: int) -> ClientTLS:
         """What this client dials TLS with: pinning (tls=1) or verifying (tls=2)."""
         if mode not in self._tls_options:
             if mode == 1:
-                self._tls_options[mode] = pinning_options()
+                self._tls_options[mode] = pinning_tls()
             else:
                 name = self.config.sni or self.config.tunnel.host
-                self._tls_options[mode] = verifying_options(name, self.config.ca)
-        options = self._tls_options[mode]
-        if mode == 1:
-            return options
-        return VerifyingCreator(options, self.config.sni or self.config.tunnel.host)
+                self._tls_options[mode] = verifying_tls(name, self.config.ca)
+        return self._tls_options[mode]
 
     def refuse_mode(self, kind: Kind, mode: int) -> str | None:
         """Why this client will not take the TLS mode a server offers, or None: below

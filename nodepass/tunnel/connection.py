@@ -10,7 +10,7 @@ may do::
         -> control        the session's signal channel (heartbeats, DEMAND, GOODBYE)
         -> pooled         an idle data connection, waiting to be launched
               -> launched     LAUNCH(TCP) crossed; the stream waits for its relay
-                    -> streaming  joined to a relay: plain bytes, or DATA/EOF frames
+                    -> streaming  joined to a relay: the stream's bytes as they are
               -> datagrams    LAUNCH(UDP) crossed: a UDP session's DATAGRAM frames
         -> busy           the server is held by another client (client side)
     any -> closed
@@ -34,8 +34,8 @@ from twisted.python.failure import Failure
 from nodepass import logs
 from nodepass.timers import cancelled
 from nodepass.tls import fingerprint_text, peer_fingerprint
-from nodepass.tunnel import splice, wire
-from nodepass.tunnel.channel import peer_of, tune
+from nodepass.tunnel import splice, tls_transport, wire
+from nodepass.tunnel.channel import peer_of, tune, write_through
 from nodepass.tunnel.handshake import (
     AuthenticationError,
     ClientHandshake,
@@ -47,7 +47,6 @@ from nodepass.tunnel.handshake import (
 from nodepass.tunnel.relay import RelayProtocol
 from nodepass.tunnel.wire import (
     DATAGRAM_TYPES,
-    STREAM_TYPES,
     Frame,
     FrameDecoder,
     Kind,
@@ -322,10 +321,12 @@ class _Timed(Framed):
         """The one frame this phase waits for (``expects``) has come."""
         raise NotImplementedError
 
-    def start_tls(self, options: Any) -> None:
+    def start_tls(self, context: Any, server_side: bool, hostname: str | None = None,
+                  describe: Callable[[Any], str] = str) -> None:
+        """TLS from here on (the standard library's, on this very transport)."""
         if self.decoder.buffered:
             raise ProtocolError("data sent before TLS started")
-        self.conn.transport.startTLS(options)
+        tls_transport.start_tls(self.conn.transport, context, server_side, hostname, describe)
         self.conn.tls = True
 
 
@@ -354,7 +355,7 @@ class ServerHello(_Timed):
     def expected(self, frame: Frame) -> None:
         credentials = self.tunnel.credentials
         if credentials is not None:
-            options, self.handshake.binding = credentials.current()
+            context, self.handshake.binding = credentials.current()
         try:
             challenge = self.handshake.on_hello(frame.payload)
         except AuthenticationError as e:
@@ -369,7 +370,7 @@ class ServerHello(_Timed):
             return
         self.conn.send(challenge)
         if credentials is not None:
-            self.start_tls(options)
+            self.start_tls(context, server_side=True)
         handshake, decoder, timer = self.handshake, self.decoder, self.handed_on()
         if handshake.kind is Kind.CONTROL:
             self.conn._become(ServerPake(self.conn, self.tunnel, handshake, decoder, timer))
@@ -499,7 +500,7 @@ class ClientHello(_Timed):
             return
         creator = self.tunnel.tls_creator(mode) if mode else None
         if creator is not None:
-            self.start_tls(creator)
+            self.start_tls(creator.context, False, creator.hostname, creator.describe)
         timer = self.handed_on()
         if self.kind is Kind.CONTROL:
             self.conn.send(self.handshake.pake())
@@ -540,10 +541,8 @@ class _ClientTls(_Timed):
     def lost(self, reason: Failure) -> None:
         if not self.conn.closing:  # not refused by us: the server or TLS ended it
             if self.creator is not None:
-                problems = getattr(self.creator, "problems", None)
-                why = "; ".join(dict.fromkeys(problems)) if problems else \
-                    reason.getErrorMessage()
-                self.hello.tunnel.tls_failed(why)
+                why = getattr(self.conn.transport, "tls_problem", None)
+                self.hello.tunnel.tls_failed(why or reason.getErrorMessage())
             elif self.hello.kind is Kind.CONTROL:
                 self.hello.tunnel.closed_in_handshake(self.conn)
         self.hello.handshake_lost(reason)
@@ -752,59 +751,33 @@ class Launched(State):
         self.attempt = None
         conn = self.conn
         conn.relay = relay
-        # Under TLS the stream travels in DATA/EOF frames: Twisted's TLS transport
-        # cannot half-close, so an EOF frame carries the end of a direction.
-        conn._become(Streaming(conn, relay, FrameDecoder(allowed=STREAM_TYPES)
-                               if conn.tls else None))
+        conn._become(Streaming(conn, relay))
 
 
 class Streaming(State):
-    """Joined to a relay: plain bytes, or DATA/EOF frames under TLS."""
+    """Joined to a relay: the stream's bytes as they are, both ways.  Its end is a TCP
+    half-close, or under TLS a close_notify (tls_transport.py)."""
 
     name = "streaming"
 
-    def __init__(self, conn: TunnelConnection, relay: Any,
-                 framed: FrameDecoder | None) -> None:
+    def __init__(self, conn: TunnelConnection, relay: Any) -> None:
         super().__init__(conn)
         self.relay = relay
-        self.framed = framed
 
     def data(self, data: bytes) -> None:
-        if self.framed is None:
-            self.relay.carry(self.conn, data)
-            return
-        try:
-            self.framed.feed(data)
-            while self.conn.state is self and (frame := self.framed.next_frame()) is not None:
-                if frame.type is Type.DATA:
-                    self.relay.carry(self.conn, frame.payload)
-                else:
-                    self.relay.read_closed(self.conn)
-        except ProtocolError as e:
-            self.conn.protocol_error(str(e))
+        self.relay.carry(self.conn, data)
 
     def eof(self) -> None:
-        if self.framed is None:
-            self.relay.read_closed(self.conn)
-        else:
-            # Under TLS the stream's end is an EOF frame; a TCP-level end means the peer
-            # is gone (its TLS layer closed): close ours too, or it lingers in CLOSE-WAIT.
-            self.conn.abort()
+        self.relay.read_closed(self.conn)
 
     def lost(self, reason: Failure) -> None:
         self.relay.lost(self.conn)
 
     def send_stream(self, data: bytes) -> None:
-        if self.framed is None:
-            self.conn.transport.write(data)
-        else:
-            self.conn.transport.writeSequence(wire.stream_data(data))
+        write_through(self.conn.transport, data)
 
     def end_stream(self) -> None:
-        if self.framed is None:
-            self.conn.transport.loseWriteConnection()
-        else:
-            self.conn.transport.write(wire.frame(Type.EOF))
+        self.conn.transport.loseWriteConnection()
 
 
 class AwaitingSession(State):

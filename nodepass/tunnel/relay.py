@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from nodepass import logs
 from nodepass.tunnel import splice
+from nodepass.tunnel.channel import write_through
 from nodepass.tunnel.firstbytes import FirstBytes
 from nodepass.tunnel.limits import Pacer, TokenBucket, Valve
 
@@ -60,7 +61,7 @@ class RelayProtocol(Protocol):
         self.relay.carry(self, data)
 
     def send_stream(self, data: bytes) -> None:
-        self.transport.write(data)
+        write_through(self.transport, data)
 
     def end_stream(self) -> None:
         self.transport.loseWriteConnection()
@@ -134,9 +135,8 @@ class Relay:
         self.a.transport.registerProducer(self._valves[id(self.b)], True)
         self.b.transport.registerProducer(self._valves[id(self.a)], True)
         self._producing_for = {id(self.a), id(self.b)}
-        # Resume every side whose connection can still be read: even after an EOF *frame*
-        # (TLS) the connection must be read to see the peer's close; only a TCP-level EOF
-        # (b_eof) means there is nothing left to read.
+        # Resume every side whose connection can still be read: an end of stream seen
+        # before the join (b_eof) means there is nothing left to read on ``b``.
         readable = [self.a] if b_eof else [self.a, self.b]
         if b_pending:
             self.b.dataReceived(b_pending)

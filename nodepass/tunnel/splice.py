@@ -40,8 +40,8 @@ def available() -> bool:
 def plain_tcp(transport: Any) -> bool:
     """A transport whose socket we may take: TCP and not TLS.  The callers make sure
     nothing is left in its write buffer (they write synchronously, see send_now)."""
-    return available() and not getattr(transport, "TLS", True) and hasattr(transport,
-                                                                          "getHandle")
+    return (available() and not getattr(transport, "TLS", True)
+            and not getattr(transport, "tls_started", False) and hasattr(transport, "getHandle"))
 
 
 def send_now(transport: Any, data: bytes) -> int:

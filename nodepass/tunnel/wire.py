@@ -14,7 +14,7 @@ from enum import IntEnum
 from typing import NamedTuple
 
 MAGIC = b"NPT"
-VERSION = 2
+VERSION = 3
 PREAMBLE = MAGIC + bytes([VERSION])
 NONCE_SIZE = 32
 MAC_SIZE = 32
@@ -53,8 +53,7 @@ class Type(IntEnum):
     DEMAND = 18
     GOODBYE = 19
     LAUNCH = 32
-    DATA = 33
-    EOF = 34
+    # 33 and 34 (DATA, EOF: a stream under TLS, version 2) are retired
     DATAGRAM = 35
 
 
@@ -83,16 +82,12 @@ MAX_PAYLOAD: dict[Type, int] = {
     Type.DEMAND: _DEMAND.size + TAG_SIZE,
     Type.GOODBYE: 1 + TAG_SIZE,
     Type.LAUNCH: 2 + 2 * MAX_ADDRESS + 1 + TAG_SIZE,
-    Type.DATA: 0xFFFF,
-    Type.EOF: 0,
     Type.DATAGRAM: 0xFFFF,
 }
 
-# Frames of a launched data connection's byte stream under TLS; never before LAUNCH.
-STREAM_TYPES = frozenset({Type.DATA, Type.EOF})
 # Frames of a data connection launched for UDP: one datagram each, boundaries kept.
 DATAGRAM_TYPES = frozenset({Type.DATAGRAM})
-SIGNAL_TYPES = frozenset(Type) - STREAM_TYPES - DATAGRAM_TYPES
+SIGNAL_TYPES = frozenset(Type) - DATAGRAM_TYPES
 
 
 class Frame(NamedTuple):
@@ -251,16 +246,6 @@ def parse_demand(payload: bytes) -> int:
 
 def goodbye_payload(reason: Goodbye) -> bytes:
     return bytes([reason])
-
-
-def stream_data(data: bytes) -> list[bytes]:
-    """``data`` as DATA frames (header and payload pieces, for writeSequence)."""
-    pieces = []
-    for start in range(0, len(data), 0xFFFF):
-        chunk = data[start : start + 0xFFFF]
-        pieces.append(_HEADER.pack(Type.DATA, len(chunk)))
-        pieces.append(chunk)
-    return pieces
 
 
 _DATAGRAM_HEADER = bytes([Type.DATAGRAM])
