@@ -1,7 +1,7 @@
 """nodepass benchmarks: each workload directly against the backends and through a
 real nodepass server + client pair, in the same run, on 127.0.0.1.
 
-    python bench/run.py [--quick] [--tls 0,1] [--repeat 3] [--json bench/results/latest.json]
+    python bench/run.py [--quick] [--tls 0,1] [--repeat 3] [--peer CMD] [--json FILE]
 
 Workloads (sizes shrink with --quick):
 - bulk_up / bulk_down: MiB over one connection, sha256-verified; MB/s
@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import socket
 import statistics
@@ -54,12 +55,14 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, *args: str, env: dict | None = None) -> subprocess.Popen:
+    def start(self, *args: str, env: dict | None = None,
+              program: list[str] | None = None) -> subprocess.Popen:
+        """``python ARGS`` (this interpreter), or ``PROGRAM ARGS``."""
         environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         log = os.environ.get("BENCH_LOG_DIR")
         out = (open(os.path.join(log, f"{len(self.procs)}.log"), "w")  # noqa: SIM115
                if log else subprocess.DEVNULL)  # BENCH_LOG_DIR=DIR keeps each process's log
-        proc = subprocess.Popen([sys.executable, *args], env=environment,
+        proc = subprocess.Popen([*(program or [sys.executable]), *args], env=environment,
                                 stdout=out, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
@@ -280,17 +283,34 @@ def median(values: list) -> float:
     return statistics.median(values)
 
 
-def setups(args: argparse.Namespace) -> list[tuple[str, str | None, str]]:
-    """(label, server query or None for no server, client query) for each column."""
-    columns: list[tuple[str, str | None, str]] = [
-        (f"tls={tls}", f"?tls={tls}&log=warn", "?log=warn&mode=2") for tls in args.tls]
+Column = tuple[str, str | None, str, list[str] | None]
+
+
+def setups(args: argparse.Namespace) -> list[Column]:
+    """(label, server query or None for no server, client query, the program: None for
+    this nodepass, else the --peer command) for each column."""
+    columns: list[Column] = [
+        (f"tls={tls}", f"?tls={tls}&log=warn", "?log=warn&mode=2", None) for tls in args.tls]
     if "forward" in args.modes:
-        columns.append(("forward", "?tls=0&mode=2&log=warn", "?log=warn&mode=2"))
+        columns.append(("forward", "?tls=0&mode=2&log=warn", "?log=warn&mode=2", None))
     if "single-end" in args.modes:
-        columns.append(("single-end", None, "?mode=1&log=warn"))
+        columns.append(("single-end", None, "?mode=1&log=warn", None))
     if "block" in args.modes:  # every user's first bytes judged: no splice fast path
-        columns.append(("block=123", "?tls=0&block=123&log=warn", "?log=warn&mode=2"))
+        columns.append(("block=123", "?tls=0&block=123&log=warn", "?log=warn&mode=2", None))
+    if args.peer:
+        program = shlex.split(args.peer)
+        name = args.peer_name or os.path.basename(program[0])
+        columns += [(f"{name} tls={tls}", f"?tls={tls}&log=warn", "?log=warn&mode=2", program)
+                    for tls in args.tls]
     return columns
+
+
+def start_tunnel_end(procs: Procs, program: list[str] | None, url: str,
+                     env: dict) -> subprocess.Popen:
+    """This nodepass (``python -m nodepass URL``) or the --peer program (``PROGRAM URL``)."""
+    if program is None:
+        return procs.start("-m", "nodepass", url, env=env)
+    return procs.start(url, env=env, program=program)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -313,7 +333,7 @@ def run(args: argparse.Namespace) -> dict:
         targets = {"direct": {"echo": echo, "sink": sink, "source": source, "udp": udp_port,
                               "iperf": iperf}}
         servers = {}
-        for label, server_query, client_query in setups(args):
+        for label, server_query, client_query, program in setups(args):
             ports = {}
             for name, backend in (("echo", echo), ("sink", sink), ("source", source),
                                   ("udp", udp_port), ("iperf", iperf)):
@@ -325,19 +345,19 @@ def run(args: argparse.Namespace) -> dict:
                     ports[name] = None
                     continue
                 if server_query is None:  # single-end: the client alone forwards
-                    client = procs.start("-m", "nodepass",
-                                         f"client://127.0.0.1:{exposed}/127.0.0.1:{backend}"
-                                         f"{client_query}", env=env)
+                    client = start_tunnel_end(
+                        procs, program, f"client://127.0.0.1:{exposed}/127.0.0.1:{backend}"
+                        f"{client_query}", env)
                     servers[(label, name)] = (client,)
                 else:
                     forward = "mode=2" in server_query
-                    server = procs.start(
-                        "-m", "nodepass", f"server://bench@127.0.0.1:{tunnel}/127.0.0.1:"
-                        f"{backend if forward else exposed}{server_query}", env=env)
+                    server = start_tunnel_end(
+                        procs, program, f"server://bench@127.0.0.1:{tunnel}/127.0.0.1:"
+                        f"{backend if forward else exposed}{server_query}", env)
                     wait_port(tunnel)
-                    client = procs.start(
-                        "-m", "nodepass", f"client://bench@127.0.0.1:{tunnel}/127.0.0.1:"
-                        f"{exposed if forward else backend}{client_query}", env=env)
+                    client = start_tunnel_end(
+                        procs, program, f"client://bench@127.0.0.1:{tunnel}/127.0.0.1:"
+                        f"{exposed if forward else backend}{client_query}", env)
                     servers[(label, name)] = (server, client)
                 ports[name] = exposed
                 wait_port(exposed)
@@ -431,6 +451,11 @@ def main() -> None:
                         help="extra columns: forward (server mode=2, tls=0), single-end "
                              "(client mode=1), block (server block=123, tls=0), e.g. "
                              "forward,single-end")
+    parser.add_argument("--peer", default="",
+                        help="another program that takes NodePass URLs (a NodePass binary, "
+                             "say): a column for it per --tls mode, started as PEER URL")
+    parser.add_argument("--peer-name", default="", help="its column's name (default: the "
+                                                        "program's file name)")
     parser.add_argument("--json", default=str(HERE / "results" / "latest.json"))
     args = parser.parse_args()
     args.tls = [int(t) for t in args.tls.split(",") if t]

@@ -5,6 +5,8 @@ import hashlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from nodepass.tunnel.handshake import ClientHandshake
 from nodepass.tunnel.wire import FrameDecoder, Kind, Type
 from tests import certs
 from tests.integration import (
+    WAIT,
     DigestAfterEOF,
     _OneShot,
     echo_backend,
@@ -31,7 +34,7 @@ from tests.integration import (
     spawn,
     tunnel_pair,
 )
-from tests.procs import run_nodepass
+from tests.procs import REPO, clean_env, run_nodepass
 
 SECRET = b"this payload must never cross the tunnel in clear " * 64
 
@@ -54,6 +57,23 @@ class SelfSigned(TestCase):
         line = await client.wait_for("tunnel session open")
         fingerprint = (await server.wait_for("tls=1: certificate fingerprint")).rsplit(" ", 1)[1]
         self.assertIn(f"tls=1, certificate {fingerprint}", line)
+
+    def test_tunnel_processes_run_tls_without_pyopenssl(self):
+        """Their TLS is the standard library's: a fresh server or client process never
+        loads pyOpenSSL, though Twisted's TCP and endpoint modules would (4 MiB); a
+        master, whose HTTPS listener is Twisted's, still does."""
+        probe = ("import sys; from nodepass import tap; o = tap.Options({}); "
+                 "o.parseOptions([sys.argv[1]]); import twisted.internet.endpoints, "
+                 "twisted.internet.tcp; print('OpenSSL.SSL' in sys.modules)")
+        loaded = {}
+        for url in ("server://k@127.0.0.1:0/127.0.0.1:1?tls=1",
+                    "client://k@127.0.0.1:1/127.0.0.1:2?tls=1",
+                    f"master://127.0.0.1:0?state={folder(self)}"):
+            done = subprocess.run([sys.executable, "-c", probe, url], capture_output=True,
+                                  text=True, timeout=WAIT, env=clean_env(), cwd=REPO)
+            self.assertEqual(done.returncode, 0, done.stderr)
+            loaded[url.split(":", 1)[0]] = done.stdout.strip()
+        self.assertEqual(loaded, {"server": "False", "client": "False", "master": "True"})
 
     async def test_finished_connections_are_released_on_both_ends(self):
         # Regression: an EOF frame that arrived with LAUNCH left the client's TLS connection

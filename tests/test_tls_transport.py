@@ -38,9 +38,9 @@ class Peer(Collector):
     """A Collector that starts TLS first: what it writes before the handshake ends waits."""
 
     def __init__(self, chunks, context, server_side, hostname=None, describe=str,
-                 half_close=True):
+                 half_close=True, session=None):
         super().__init__(chunks, half_close)
-        self.context, self.server_side = context, server_side
+        self.context, self.server_side, self.session = context, server_side, session
         self.hostname, self.describe = hostname, describe
         self.ended_by_peer = False
         self.reason = None
@@ -48,12 +48,13 @@ class Peer(Collector):
     def connectionMade(self):
         self.transport.bufferSize = READ_SIZE
         tls_transport.start_tls(self.transport, self.context, self.server_side, self.hostname,
-                                self.describe)
+                                self.describe, self.session)
         super().connectionMade()
 
     def dataReceived(self, data):
         if not hasattr(self, "seen"):
             self.seen = tls.peer_fingerprint(self.transport)
+            self.resumed = self.transport.tls_resumed()
         super().dataReceived(data)
 
     def readConnectionLost(self):
@@ -147,6 +148,23 @@ class StdlibTLS(TestCase):
         leaf = tls.load_credentials(str(self.dir / "server.crt"),
                                     str(self.dir / "server.key")).fingerprint
         self.assertEqual(client.seen, leaf)
+
+    async def test_a_client_resumes_the_session_it_kept(self):
+        """The server gives a ticket with every handshake; a client that kept the last
+        session resumes it (no certificate, no signature) and still sees the server's
+        certificate."""
+        pinning = tls.pinning_tls()
+        seen = []
+        for _ in range(3):
+            _server, client = await self.connect(
+                lambda: Peer(iter([b"hello"]), self.server_context, True),
+                lambda: Peer(iter([]), pinning.context, False,
+                             session=pinning.session))
+            await client.done.addTimeout(WAIT, reactor)
+            seen.append((client.resumed, client.seen))
+            pinning.remember(client.transport)
+        self.assertEqual([resumed for resumed, _ in seen], [False, True, True])
+        self.assertEqual(len({fingerprint for _, fingerprint in seen}), 1)
 
     def test_only_a_live_tcp_transport_takes_it(self):
         with self.assertRaises(TypeError):

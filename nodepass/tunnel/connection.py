@@ -157,7 +157,7 @@ class TunnelConnection(RelayProtocol):
         self.state.end_stream()
 
     def send_datagram(self, payload: bytes) -> None:
-        self.transport.write(wire.datagram(payload))
+        write_through(self.transport, wire.datagram(payload))
 
     def close(self) -> None:
         """Close after what is buffered is written; its phase hears the loss."""
@@ -322,11 +322,12 @@ class _Timed(Framed):
         raise NotImplementedError
 
     def start_tls(self, context: Any, server_side: bool, hostname: str | None = None,
-                  describe: Callable[[Any], str] = str) -> None:
+                  describe: Callable[[Any], str] = str, session: Any = None) -> None:
         """TLS from here on (the standard library's, on this very transport)."""
         if self.decoder.buffered:
             raise ProtocolError("data sent before TLS started")
-        tls_transport.start_tls(self.conn.transport, context, server_side, hostname, describe)
+        tls_transport.start_tls(self.conn.transport, context, server_side, hostname, describe,
+                                session)
         self.conn.tls = True
 
 
@@ -500,7 +501,8 @@ class ClientHello(_Timed):
             return
         creator = self.tunnel.tls_creator(mode) if mode else None
         if creator is not None:
-            self.start_tls(creator.context, False, creator.hostname, creator.describe)
+            self.start_tls(creator.context, False, creator.hostname, creator.describe,
+                           creator.session)
         timer = self.handed_on()
         if self.kind is Kind.CONTROL:
             self.conn.send(self.handshake.pake())
@@ -538,6 +540,12 @@ class _ClientTls(_Timed):
             return b""
         return peer_fingerprint(self.conn.transport) or b""
 
+    def trusted(self) -> None:
+        """The server proved itself on this connection: its TLS session (whose ticket
+        came before this frame) is the one the next connection resumes."""
+        if self.creator is not None:
+            self.creator.remember(self.conn.transport)
+
     def lost(self, reason: Failure) -> None:
         if not self.conn.closing:  # not refused by us: the server or TLS ended it
             if self.creator is not None:
@@ -563,6 +571,7 @@ class ClientPake(_ClientTls):
         except AuthenticationError:
             hello.tunnel.key_refused(conn, fingerprint_text(seen) if seen else "")
             return
+        self.trusted()
         conn.send(auth)
         conn._become(ClientWelcome(hello, self.handed_on()))
 
@@ -587,6 +596,7 @@ class ClientAttest(_ClientTls):
         if self.hello.handshake.tls_mode == 1 and pinned and seen != pinned:
             tunnel.tls_refused(conn, "its certificate changed within the session")
             return
+        self.trusted()
         conn.send(self.hello.handshake.auth())
         conn._become(ClientWelcome(self.hello, self.handed_on()))
 

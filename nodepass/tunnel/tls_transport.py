@@ -64,11 +64,12 @@ class TLSMixin:
     connected: bool
 
     def _start(self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None,
-               describe: Callable[[ssl.SSLError], str]) -> None:
+               describe: Callable[[ssl.SSLError], str], session: ssl.SSLSession | None
+               ) -> None:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                     server_hostname=server_hostname)
+                                     server_hostname=server_hostname, session=session)
         self._handshaking = True
         self._held: list[bytes] = []  # written before the handshake ended
         self._then_lose: Callable[[], None] | None = None  # asked before it ended, too
@@ -94,42 +95,44 @@ class TLSMixin:
 
     def _decrypt(self, ciphertext: memoryview) -> Any:
         """Feed ``ciphertext`` to OpenSSL a record's size at a time (a memory BIO keeps
-        the largest size it ever held), and deliver what it decrypts in one call."""
+        the largest size it ever held), and deliver what it decrypts in one call.  More
+        is fed only once OpenSSL holds nothing unread, so the usual read ends without
+        the cost of an SSLWantReadError."""
         _, plain = _scratch(self.bufferSize)
-        got, result, start = 0, None, 0
+        got, result, start, size = 0, None, 0, len(ciphertext)
         tls, incoming = self._tls, self._incoming
         while result is None:
-            if start < len(ciphertext):
-                incoming.write(ciphertext[start:start + _RECORD_IN])
-                start += _RECORD_IN
-            elif not incoming.eof:
-                break
+            if not incoming.pending and not tls.pending():
+                if start < size:
+                    incoming.write(ciphertext[start:start + _RECORD_IN])
+                    start += _RECORD_IN
+                elif not incoming.eof:
+                    break
             if self._handshaking:
                 result = self._handshake()
-                if self._handshaking:
+                if self._handshaking or result is not None:
                     continue
-            while result is None:
-                try:
-                    count = tls.read(len(plain) - got, plain[got:])
-                except ssl.SSLWantReadError:
+            try:
+                count = tls.read(len(plain) - got, plain[got:])
+            except ssl.SSLWantReadError:
+                if start >= size and not incoming.eof:
                     break
-                except ssl.SSLZeroReturnError:
-                    result = main.CONNECTION_DONE
-                    break
-                except (ssl.SSLError, ValueError):
-                    result = main.CONNECTION_LOST  # truncated (a TCP end, no close_notify)
-                    break
-                if not count:
-                    result = main.CONNECTION_DONE
-                    break
-                got += count
-                if got == len(plain):
-                    self._deliver(plain[:got])
-                    got = 0
-                    if self.disconnected:
-                        return None
-            if incoming.eof and result is None:
-                result = main.CONNECTION_LOST
+                continue
+            except ssl.SSLZeroReturnError:
+                result = main.CONNECTION_DONE
+                break
+            except (ssl.SSLError, ValueError):
+                result = main.CONNECTION_LOST  # truncated (a TCP end, no close_notify)
+                break
+            if not count:
+                result = main.CONNECTION_DONE
+                break
+            got += count
+            if got == len(plain):
+                self._deliver(plain[:got])
+                got = 0
+                if self.disconnected:
+                    return None
         if got and not self.disconnected:
             self._deliver(plain[:got])
         return result
@@ -236,6 +239,13 @@ class TLSMixin:
             self._close_notify()
         super()._closeSocket(orderly)  # type: ignore[misc]
 
+    def tls_session(self) -> ssl.SSLSession | None:
+        """This connection's TLS session (a client resumes it on its next connection)."""
+        return None if self._handshaking else self._tls.session
+
+    def tls_resumed(self) -> bool:
+        return not self._handshaking and self._tls.session_reused
+
     def peer_certificate(self) -> bytes | None:
         """The peer's certificate (DER), once the handshake ended."""
         if self._handshaking:
@@ -259,10 +269,12 @@ def supported(transport: Any) -> bool:
 
 def start_tls(transport: Any, context: ssl.SSLContext, server_side: bool,
               server_hostname: str | None = None,
-              describe: Callable[[ssl.SSLError], str] = str) -> None:
+              describe: Callable[[ssl.SSLError], str] = str,
+              session: ssl.SSLSession | None = None) -> None:
     """From now on ``transport`` (a live TCP connection) speaks TLS: what it already
-    buffered goes first, in the clear; the handshake starts now."""
+    buffered goes first, in the clear; the handshake starts now (a client resumes
+    ``session`` when the server still takes it)."""
     if not supported(transport):
         raise TypeError(f"cannot start TLS on {transport!r}")
     transport.__class__ = _tls_class(type(transport))
-    transport._start(context, server_side, server_hostname, describe)
+    transport._start(context, server_side, server_hostname, describe, session)
