@@ -25,11 +25,13 @@ from tests.integration import (
     DigestAfterEOF,
     _OneShot,
     echo_backend,
+    eventually,
     exchange,
     listen,
     pattern_bytes,
     recording_proxy,
     reverse_server,
+    rss_kib,
     sleep,
     spawn,
     tunnel_pair,
@@ -74,6 +76,23 @@ class SelfSigned(TestCase):
             self.assertEqual(done.returncode, 0, done.stderr)
             loaded[url.split(":", 1)[0]] = done.stdout.strip()
         self.assertEqual(loaded, {"server": "False", "client": "False", "master": "True"})
+
+    async def test_an_idle_tls_connection_costs_little_at_each_end(self):
+        """Fresh pairs keeping 16 and 216 pooled TLS connections: the difference per
+        connection stays far under what pyOpenSSL cost (55-115 KiB per end); 16-23 KiB
+        measured (bench/idle_memory.py), 48 allowed here for the noise of a test run."""
+        pairs = {}
+        for pool in (16, 216):
+            server, client, _ = await tunnel_pair(self, 9, server_query=f"?tls=1&max={pool}",
+                                                  client_query=f"?min={pool}")
+            pairs[pool] = (server, client)
+        for pool, ends in pairs.items():
+            for end in ends:
+                await eventually(lambda e=end, n=pool: _sockets(e.pid) > n)
+        await sleep(1.0)  # the last handshakes end
+        for side in (0, 1):
+            per_connection = (rss_kib(pairs[216][side].pid) - rss_kib(pairs[16][side].pid)) / 200
+            self.assertLess(per_connection, 48, ("server", "client")[side])
 
     async def test_finished_connections_are_released_on_both_ends(self):
         # Regression: an EOF frame that arrived with LAUNCH left the client's TLS connection
@@ -346,6 +365,11 @@ class _Peek(Protocol):
             seen = tls.fingerprint(self.transport.getPeerCertificate().to_cryptography())
             self.transport.write(self.handshake.on_pake(frame.payload, seen))
             self.done.callback(seen)
+
+
+def _sockets(pid):
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
 
 
 async def _served_fingerprint(port):

@@ -188,8 +188,9 @@ class TLSMixin:
         held, self._held = self._held, []
         if held:
             self.write(b"".join(held))
-        if self._then_lose is not None:
-            self._then_lose()
+        then_lose, self._then_lose = self._then_lose, None
+        if then_lose is not None:
+            then_lose()
         return None
 
     def _flush_alert(self) -> None:
@@ -239,16 +240,24 @@ class TLSMixin:
             self._close_notify()
         super()._closeSocket(orderly)  # type: ignore[misc]
 
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)  # type: ignore[misc]
+        # OpenSSL's memory goes now: the protocol (a state machine, full of cycles) may
+        # keep this transport until the garbage collector's next full pass, and that
+        # pass is driven by counts of Python objects, blind to OpenSSL's kilobytes.
+        self._tls = self._incoming = self._outgoing = None  # type: ignore[assignment]
+        self._held = []
+
     def tls_session(self) -> ssl.SSLSession | None:
         """This connection's TLS session (a client resumes it on its next connection)."""
-        return None if self._handshaking else self._tls.session
+        return None if self._handshaking or self._tls is None else self._tls.session
 
     def tls_resumed(self) -> bool:
-        return not self._handshaking and self._tls.session_reused
+        return not self._handshaking and self._tls is not None and self._tls.session_reused
 
     def peer_certificate(self) -> bytes | None:
         """The peer's certificate (DER), once the handshake ended."""
-        if self._handshaking:
+        if self._handshaking or self._tls is None:
             return None
         return self._tls.getpeercert(binary_form=True)
 
