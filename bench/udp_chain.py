@@ -48,36 +48,44 @@ tunnel.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 poller = select.epoll()
 poller.register(tunnel, select.EPOLLIN)
 poller.register(udp, select.EPOLLIN)
-user = None
+user, held = None, b""  # (user: the last sender)
 while True:
     for fd, _ in poller.poll():
         if fd == udp.fileno():
             data, source = udp.recvfrom(65535)
-            user = user or source
+            user = source
             tunnel.sendall(b"\x23" + struct.pack("!H", len(data)) + data)
-        else:
-            data = tunnel.recv(65536)
-            if not data:
-                sys.exit(0)
+            continue
+        data = tunnel.recv(65536)
+        if not data:
+            sys.exit(0)
+        held += data
+        while len(held) >= 3 and len(held) >= 3 + (size := struct.unpack("!H", held[1:3])[0]):
+            payload, held = held[3:3 + size], held[3 + size:]
             if role == "far":
-                udp.send(data[3:])
+                udp.send(payload)
             else:
-                udp.sendto(data[3:], user)
+                udp.sendto(payload, user)
 """
 
 
-def round_trips(port: int, count: int) -> float:
+def round_trips(port: int, count: int) -> tuple[float, int]:
+    """Round trips per second, and how many datagrams were lost (1 s without an answer)."""
     payload = b"u" * 512
+    lost = 0
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(1.0)
         s.connect(("127.0.0.1", port))
         start = time.perf_counter()
         for _ in range(count):
             s.send(payload)
-            s.recv(2048)
+            try:
+                s.recv(2048)
+            except TimeoutError:
+                lost += 1
             if time.perf_counter() - start > 60:
                 raise RuntimeError("udp_chain: deadline")
-        return count / (time.perf_counter() - start)
+        return count / (time.perf_counter() - start), lost
 
 
 def main() -> None:
@@ -95,14 +103,17 @@ def main() -> None:
             if proc.stdout is None or proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"the {role} relay did not start")
         time.sleep(0.3)
-        direct, chain = [], []
+        direct, chain, lost = [], [], 0
         for _ in range(args.repeat):
-            direct.append(round_trips(echo, args.count))
-            chain.append(round_trips(near, args.count))
+            for port, rates in ((echo, direct), (near, chain)):
+                rate, missing = round_trips(port, args.count)
+                rates.append(rate)
+                lost += missing
         d, c = statistics.median(direct), statistics.median(chain)
         print("| udp 512 B round trips/s | direct | two do-nothing relays |")
         print("|---|---|---|")
         print(f"| median of {args.repeat} x {args.count:,} | {d:,.0f} | {c:,.0f} ({c / d:.2f}x) |")
+        print(f"\nlost: {lost} (a loss costs the 1 s wait, so a run with losses reads slow)")
     finally:
         for proc in procs:
             proc.kill()
