@@ -35,6 +35,7 @@ setup(
         "pyopenssl>=24.2.0",
         "cryptography>=43.0.0",
         "spake2>=0.9",
+        "autobahn>=24.4.2",
         "klein>=24.8.0",
         "werkzeug>=3.0",
         "swagger-ui-py>=25.7.1",

@@ -92,7 +92,8 @@ class _TunnelConfig(_Config):
     max: int | None = None  # pool capacity bound; None = MAX_POOL_CAPACITY (the server's wins)
     dns: float = DEFAULT_DNS_TTL  # seconds a resolved target name is kept; 0 = every time
     block: str = ""  # digits of BLOCKABLE: kinds of first bytes refused from users
-    type: int = 0  # the pool transport: 0 = TCP
+    type: int = 0  # the pool transport: 0 = TCP, 2 = WebSocket
+    path: str = "/"  # type=2: the WebSocket's HTTP path
 
     @property
     def targets(self) -> tuple[Address, ...]:
@@ -223,13 +224,22 @@ def _block(text: str) -> str:
     return "".join(sorted(text))
 
 
+BUILT_POOL_TYPES = (0, 2)
+
+
 def _pool_type(text: str) -> int:
-    if text in ("1", "2", "3"):
+    if text in ("1", "3"):
         raise URLError(f"query: type={text} ({POOL_TYPES[int(text)]}) is not available yet "
-                       "(allowed: 0, the TCP pool)")
-    if text != "0":
+                       "(allowed: 0, the TCP pool; 2, WebSocket)")
+    if text not in ("0", "2"):
         raise ValueError(text)
-    return 0
+    return int(text)
+
+
+def _ws_path(text: str) -> str:
+    if not text.startswith("/") or any(c.isspace() or c in "?#" for c in text):
+        raise ValueError(text)
+    return text
 
 
 def _prefix_param(text: str) -> str:
@@ -355,7 +365,8 @@ _PARAMS = {
                format_duration, default=DEFAULT_DNS_TTL),
         _Param("block", _block, "0, or digits of 1 (SOCKS), 2 (HTTP), 3 (TLS), like 13",
                default=""),
-        _Param("type", _pool_type, "0, the TCP pool", default=0),
+        _Param("type", _pool_type, "0 (TCP) or 2 (WebSocket)", default=0),
+        _Param("path", _ws_path, "an HTTP path like /tunnel, for type=2", default="/"),
         _Param("np", _prefix_param, "a path like /api/np: the NodePass dialect's prefix",
                lambda v: quote(v, safe=_PATH_SAFE), default=None),
         _Param("hosts", _hosts, "names this master answers to, like api.example.com,10.0.0.5",
@@ -368,8 +379,8 @@ _PARAMS = {
 
 _CONTROLS = ("mode", "read", "rate", "slot", "proxy", "dial", "notcp", "noudp", "dns", "block")
 _MODE_PARAMS: Mapping[str, tuple[str, ...]] = {
-    "server": ("log", "tls", "crt", "key", *_CONTROLS, "max", "type"),
-    "client": ("log", "tls", "sni", "ca", *_CONTROLS, "min", "max", "type"),
+    "server": ("log", "tls", "crt", "key", *_CONTROLS, "max", "type", "path"),
+    "client": ("log", "tls", "sni", "ca", *_CONTROLS, "min", "max", "type", "path"),
     "master": ("log", "tls", "crt", "key", "auth", "state", "persist", "np", "hosts",
                "origins", "insecure"),
 }

@@ -98,30 +98,37 @@ class Backpressure(TestCase):
     timeout = 180
 
     async def test_slow_backend_keeps_memory_bounded_and_bytes_intact(self):
-        from tests.integration import rss_kib
+        await slow_backend_holds_memory(self, "", 256 * MIB)
 
-        readers = []
-        backend = await listen(self, Factory.forProtocol(lambda: _PausedDigest(readers)))
-        server, client, exposed = await tunnel_pair(self, backend)
-        await sleep(0.5)
-        idle = {d.name: rss_kib(d.pid) for d in (server, client)}
-        size = 256 * MIB
-        transfer = ensureDeferred(exchange(exposed, pattern_bytes(size, seed=3), timeout=150))
-        await eventually(lambda: readers, timeout=10)
-        peak = dict(idle)
-        for _ in range(30):  # 3 s with the backend reading nothing
-            await sleep(0.1)
-            for d in (server, client):
-                peak[d.name] = max(peak[d.name], rss_kib(d.pid))
-        self.assertEqual(readers[0].size, 0)
-        readers[0].transport.resumeProducing()
-        result = await transfer
-        for name in idle:
-            grown = (peak[name] - idle[name]) / 1024
-            self.assertLess(grown, 64, f"{name} grew by {grown:.1f} MiB while the backend "
-                                       "was not reading")
-        expected = hashlib.sha256(b"".join(pattern_bytes(size, seed=3))).hexdigest()
-        self.assertEqual(result.received.decode(), expected)
+
+async def slow_backend_holds_memory(case, server_query: str, size: int,
+                                    client_query: str = "") -> None:
+    """``size`` bytes toward a backend that reads nothing for 3 s: neither end grows by
+    64 MiB or more meanwhile, and every byte arrives once it reads."""
+    from tests.integration import rss_kib
+
+    readers = []
+    backend = await listen(case, Factory.forProtocol(lambda: _PausedDigest(readers)))
+    server, client, exposed = await tunnel_pair(case, backend, server_query=server_query,
+                                                client_query=client_query)
+    await sleep(0.5)
+    idle = {d.name: rss_kib(d.pid) for d in (server, client)}
+    transfer = ensureDeferred(exchange(exposed, pattern_bytes(size, seed=3), timeout=150))
+    await eventually(lambda: readers, timeout=10)
+    peak = dict(idle)
+    for _ in range(30):  # 3 s with the backend reading nothing
+        await sleep(0.1)
+        for d in (server, client):
+            peak[d.name] = max(peak[d.name], rss_kib(d.pid))
+    case.assertEqual(readers[0].size, 0)
+    readers[0].transport.resumeProducing()
+    result = await transfer
+    for name in idle:
+        grown = (peak[name] - idle[name]) / 1024
+        case.assertLess(grown, 64, f"{name} grew by {grown:.1f} MiB while the backend "
+                                   "was not reading")
+    expected = hashlib.sha256(b"".join(pattern_bytes(size, seed=3))).hexdigest()
+    case.assertEqual(result.received.decode(), expected)
 
 
 class _Recorded(DigestAfterEOF):

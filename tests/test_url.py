@@ -182,7 +182,7 @@ class Refusals(SynchronousTestCase):
         ("server://@h:1/h:2", "key: empty key before '@'"),
         ("server://h:1/h:2?tsl=1",
          "query: unknown parameter 'tsl' for server:// (allowed: log, tls, crt, key, mode, "
-         "read, rate, slot, proxy, dial, notcp, noudp, dns, block, max, type)"),
+         "read, rate, slot, proxy, dial, notcp, noudp, dns, block, max, type, path)"),
         ("server://h:1/h:2?min=8", "unknown parameter 'min' for server:// (min is the client's "
          "pool floor; a server bounds the pool with max)"),
         ("client://h:1/h:2?min=0", "bad value '0' for 'min' (allowed: 1-65536 pooled"),
@@ -194,10 +194,13 @@ class Refusals(SynchronousTestCase):
          "(SOCKS), 2 (HTTP), 3 (TLS), like 13)"),
         ("server://h:1/h:2?block=11", "bad value '11' for 'block'"),
         ("server://h:1/h:2?block=10", "bad value '10' for 'block'"),
-        ("server://h:1/h:2?type=2", "query: type=2 (WebSocket) is not available yet (allowed: "
-         "0, the TCP pool)"),
+        ("server://h:1/h:2?type=3", "query: type=3 (HTTP/2) is not available yet (allowed: "
+         "0, the TCP pool; 2, WebSocket)"),
         ("client://h:1/h:2?type=1", "type=1 (QUIC) is not available yet"),
-        ("server://h:1/h:2?type=4", "bad value '4' for 'type' (allowed: 0, the TCP pool)"),
+        ("server://h:1/h:2?type=4", "bad value '4' for 'type' (allowed: 0 (TCP) or 2 "
+         "(WebSocket))"),
+        ("server://h:1/h:2?type=2&path=tunnel", "bad value 'tunnel' for 'path' (allowed: an "
+         "HTTP path like /tunnel, for type=2)"),
         ("master://h:1/api?np=/api", "query: np=/api would overlap the API at /api/v1"),
         ("master://h:1/api?np=/api/v1/x", "would overlap the API at /api/v1"),
         ("master://h:1/api?np=np", "bad value 'np' for 'np' (allowed: a path like /api/np"),

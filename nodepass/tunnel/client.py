@@ -23,6 +23,7 @@ from nodepass.endpoints import describe_failure, dial_endpoint
 from nodepass.stats import Report, snapshot
 from nodepass.tls import ClientTLS, fingerprint_text, pinning_tls, verifying_tls
 from nodepass.tunables import Tunables
+from nodepass.tunnel import carriers
 from nodepass.tunnel.channel import QuietFactory
 from nodepass.tunnel.connection import TunnelConnection, dialed
 from nodepass.tunnel.control import ControlSession
@@ -74,9 +75,11 @@ class ClientTunnel(MultiService):
         self.on_fatal = on_fatal
         self.key = derived_key(config).encode()
         self.endpoint = server or dial_endpoint(reactor, config.tunnel)
-        control_factory = QuietFactory(TunnelConnection, reactor, dialed(self, Kind.CONTROL))
+        self._tls_options: dict[int, ClientTLS] = {}
+        self.data_type, self.data_path = config.type, config.path  # the server's, once known
         self.control_service = ClientService(
-            _ReportingEndpoint(self.endpoint, self._dial_failed), control_factory, clock=reactor,
+            _ReportingEndpoint(self.endpoint, self._dial_failed), self._control_factory(),
+            clock=reactor,
             retryPolicy=backoff(tunables.service_cooldown, RECONNECT_JITTER, rand))
         self.control_service.setServiceParent(self)
         self.session: TunnelConnection | None = None
@@ -85,7 +88,6 @@ class ClientTunnel(MultiService):
         self.session_id = b""
         self.session_keys: SessionKeys | None = None
         self.session_tls = 0
-        self._tls_options: dict[int, ClientTLS] = {}
         self._tls_throttle = logs.Throttle(reactor, 60.0)
         self.pool = ClientPool(reactor, self._dial_data,
                                config.min or tunables.min_pool_capacity,
@@ -110,6 +112,10 @@ class ClientTunnel(MultiService):
         if not isinstance(interval, int) or interval <= 0:
             interval = int(self.tunables.report_interval * 1000)
         max_pool = settings.get("max_pool")
+        if settings.get("type") == 2 and isinstance(settings.get("path"), str):
+            self.data_type, self.data_path = 2, settings["path"]
+        else:
+            self.data_type, self.data_path = self.config.type, self.config.path
         control = ControlSession(
             self.clock, interval / 1000.0, conn.send_signal,
             on_dead=lambda: self._session_dead(conn),
@@ -212,10 +218,30 @@ class ClientTunnel(MultiService):
 
     # -- data connections ------------------------------------------------
 
+    def _control_factory(self) -> Any:
+        """TCP; or with type=2 on this URL a WebSocket (a server behind an HTTP proxy),
+        in TLS from the start when this client asks for TLS."""
+        first = dialed(self, Kind.CONTROL)
+        if self.config.type != 2:
+            return QuietFactory(TunnelConnection, self.clock, first)
+        least = self.config.required_tls
+        return self._websocket(least, self.config.path,
+                               lambda: TunnelConnection(self.clock, first))
+
+    def _websocket(self, tls_mode: int, path: str, make_inner: Callable[[], Any]) -> Any:
+        return carriers.WebSocketDialing(
+            self.tls_creator(tls_mode) if tls_mode else None,
+            self.config.sni or self.config.tunnel.host, self.config.tunnel.port, path,
+            make_inner)
+
     def _dial_data(self) -> Deferred[TunnelConnection]:
         assert self.session_keys is not None
-        factory = QuietFactory(TunnelConnection, self.clock,
-                               dialed(self, Kind.DATA, (self.session_id, self.session_keys)))
+        first = dialed(self, Kind.DATA, (self.session_id, self.session_keys))
+        if self.data_type == 2:
+            factory = self._websocket(self.session_tls, self.data_path,
+                                      lambda: TunnelConnection(self.clock, first))
+        else:
+            factory = QuietFactory(TunnelConnection, self.clock, first)
         return self.endpoint.connect(factory).addCallback(lambda conn: conn.ready)
 
     def launched(self, conn: TunnelConnection, launch: Launch) -> None:

@@ -326,8 +326,12 @@ class _Timed(Framed):
         """TLS from here on (the standard library's, on this very transport)."""
         if self.decoder.buffered:
             raise ProtocolError("data sent before TLS started")
-        tls_transport.start_tls(self.conn.transport, context, server_side, hostname, describe,
-                                session)
+        carried_in_tls = getattr(self.conn.transport, "carrier_tls", None)
+        if carried_in_tls is None:
+            tls_transport.start_tls(self.conn.transport, context, server_side, hostname,
+                                    describe, session)
+        elif not carried_in_tls:  # a WebSocket: its TLS (wss) comes first, or not at all
+            raise ProtocolError("TLS asked for inside a WebSocket that is not in TLS (wss)")
         self.conn.tls = True
 
 

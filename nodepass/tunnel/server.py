@@ -21,7 +21,7 @@ from nodepass import __version__, logs
 from nodepass.stats import Report, snapshot
 from nodepass.tls import ServerCredentials, fingerprint_text
 from nodepass.tunables import Tunables
-from nodepass.tunnel import wire
+from nodepass.tunnel import carriers, wire
 from nodepass.tunnel.attempts import Attempts
 from nodepass.tunnel.channel import QuietFactory
 from nodepass.tunnel.connection import TunnelConnection, accepted
@@ -89,8 +89,11 @@ class ServerTunnel(Service):
 
     # -- factories -------------------------------------------------------
 
-    def tunnel_factory(self) -> QuietFactory:
-        return _TunnelFactory(self)
+    def tunnel_factory(self) -> Any:
+        """What the tunnel port runs: the tunnel connection itself (type=0), or a
+        sniffer that also takes WebSockets at ``path`` (type=2)."""
+        return carriers.accepting(_TunnelFactory(self), self, self.config.type,
+                                  self.config.path)
 
     def target_factory(self) -> QuietFactory:
         return self.ingress.user_factory()
@@ -167,6 +170,8 @@ class ServerTunnel(Service):
             "version": __version__,
             "heartbeat_ms": int(self.tunables.report_interval * 1000),
             "max_pool": self.max_pool,
+            "type": self.config.type,
+            "path": self.config.path,
             "mode": self.mode,
         }
         control = ControlSession(

@@ -137,6 +137,14 @@ class TLSMixin:
             self._deliver(plain[:got])
         return result
 
+    def take_read(self, data: bytes) -> bool:
+        """Bytes read before TLS started that belong to it (a ClientHello a sniffing
+        protocol saw first); False when they end the connection (it is aborted)."""
+        if self._decrypt(memoryview(data)) is None:
+            return True
+        self.abortConnection()  # type: ignore[attr-defined]
+        return False
+
     def _deliver(self, data: memoryview) -> None:
         self.protocol.dataReceived(bytes(data))
 

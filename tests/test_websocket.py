@@ -1,0 +1,268 @@
+"""type=2: the tunnel carried in WebSockets, end to end on real processes, directly and
+behind real reverse proxies (nginx, haproxy) started by the test."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory
+from twisted.trial.unittest import TestCase
+
+from tests.integration import (
+    WAIT,
+    DigestAfterEOF,
+    UdpEcho,
+    echo_backend,
+    eventually,
+    exchange,
+    listen,
+    need,
+    pattern_bytes,
+    peer,
+    reverse_server,
+    spawn,
+    tunnel_pair,
+    udp_backend,
+)
+from tests.test_tunnel_e2e import slow_backend_holds_memory
+
+
+async def check_tunnel(case: TestCase, exposed: int, size: int = 64 * 1024 * 1024) -> None:
+    """Bytes both ways with a half-close: the backend answers the sha256 of ``size`` bytes
+    only after the user's end of stream crossed."""
+    data_digest = hashlib.sha256()
+    for chunk in pattern_bytes(size, seed=2):
+        data_digest.update(chunk)
+    result = await exchange(exposed, pattern_bytes(size, seed=2), timeout=60)
+    case.assertEqual(bytes(result.received), data_digest.hexdigest().encode())
+
+
+class Direct(TestCase):
+    """A type=2 server; clients that learn the type (data connections as WebSockets),
+    and clients that also open their control connection as one (type=2 on their URL)."""
+
+    timeout = 120
+
+    async def test_tcp_with_half_close_and_64_mib_without_and_with_tls(self):
+        backend = await listen(self, Factory.forProtocol(DigestAfterEOF))
+        for tls, client_query in ((0, ""), (1, ""), (1, "?type=2&tls=1"), (0, "?type=2")):
+            server, client, exposed = await tunnel_pair(
+                self, backend, server_query=f"?type=2&tls={tls}", client_query=client_query)
+            await check_tunnel(self, exposed, 64 * 1024 * 1024 if tls else 8 * 1024 * 1024)
+            for daemon in (server, client):
+                self.assertEqual(daemon.count("Traceback") + daemon.count("Unhandled"), 0,
+                                 "\n".join(daemon.lines))
+            await server.stop()
+            await client.stop()
+
+    async def test_udp_sessions_cross(self):
+        backend = await udp_backend(self, UdpEcho())
+        _, _, exposed = await tunnel_pair(self, backend, server_query="?type=2&tls=1",
+                                          REPORT_INTERVAL="1s")
+        p = await peer(self, exposed)
+        for n in range(20):
+            self.assertEqual(await p.ask(b"datagram %d" % n), [b"datagram %d" % n])
+
+    async def test_backpressure_into_a_slow_target(self):
+        await slow_backend_holds_memory(self, "?type=2&tls=1", 128 * 1024 * 1024)
+
+    async def test_a_wrong_key_is_refused(self):
+        server, tunnel_port, _ = await reverse_server(self, key="right", query="?type=2&tls=1")
+        client = spawn(self, f"client://wrong@127.0.0.1:{tunnel_port}/127.0.0.1:9?type=2&tls=1")
+        await client.wait_for("authentication failed|key", timeout=WAIT)
+        await server.wait_for("authentication failed", timeout=WAIT)
+        self.assertEqual(server.count("tunnel session open"), 0)
+
+    async def test_the_tunnel_comes_back_after_the_server_restarts(self):
+        backend = await echo_backend(self)
+        server, client, exposed = await tunnel_pair(self, backend, server_query="?type=2",
+                                                    client_query="?type=2")
+        tunnel_port = await server.listening_port("tunnel")
+        await server.stop()
+        again = spawn(self, f"server://secret@127.0.0.1:{tunnel_port}/127.0.0.1:0?type=2")
+        await again.wait_for("tunnel session open", timeout=WAIT)
+        await client.wait_for("tunnel session open", nth=2, timeout=WAIT)
+        exposed = await again.listening_port("target")
+        result = await exchange(exposed, iter([b"back again"]))
+        self.assertEqual(bytes(result.received), b"back again")
+
+    async def test_a_plain_http_client_and_a_keyless_websocket_are_refused(self):
+        backend = await echo_backend(self)
+        server, _, exposed = await tunnel_pair(self, backend,
+                                               server_query="?type=2&path=/np")
+        tunnel_port = await server.listening_port("tunnel")
+        answers = await _raw(tunnel_port, [
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # no upgrade, wrong path
+            b"GET /np HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            b"\x82\x85abcd" + bytes(b ^ m for b, m in zip(b"hello", b"abcda", strict=True)),
+            # (a message without the preamble: no key, no tunnel)
+            b"\x16\x03\x01\x00\x05hello",  # TLS to a tls=0 server
+        ])
+        self.assertIn(b"HTTP/1.1 4", answers[0])
+        self.assertNotIn(b"Autobahn", answers[0])  # no product banner, no status page
+        self.assertNotIn(b"tunnel session", b"".join(answers[1:]))
+        await server.wait_for(r"closed: not a nodepass tunnel connection \(bad preamble\)")
+        await server.wait_for("TLS from a client to a tls=0 server")
+        # the live tunnel is unaffected
+        result = await exchange(exposed, iter([b"still here"]))
+        self.assertEqual(bytes(result.received), b"still here")
+        self.assertEqual(server.count("Traceback") + server.count("Unhandled"), 0,
+                         "\n".join(server.lines))
+
+
+async def _raw(port: int, requests: list[bytes]) -> list[bytes]:
+    """Each request on its own connection: what came back before the server closed (or
+    1 s passed)."""
+    answers = []
+    for request in requests:
+        done: Deferred[bytes] = Deferred()
+
+        def talk(request: bytes = request, done: Deferred[bytes] = done) -> None:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(request)
+                s.settimeout(1.0)
+                got = b""
+                try:
+                    while chunk := s.recv(65536):
+                        got += chunk
+                except OSError:  # 1 s of silence, or a reset: what came is the answer
+                    pass
+            reactor.callFromThread(done.callback, got)
+
+        reactor.callInThread(talk)
+        answers.append(await done.addTimeout(WAIT, reactor))
+    return answers
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location /tunnel {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_set_header Host $host;
+            proxy_read_timeout 1h;
+            proxy_buffering off;
+        }}
+        location / {{ return 404; }}
+    }}
+}}
+"""
+
+HAPROXY_CONF = """
+global
+    maxconn 1024
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+frontend web
+    bind {bind}
+    use_backend tunnel if {{ path_beg /tunnel }}
+backend tunnel
+    server nodepass 127.0.0.1:{upstream}
+"""
+
+
+class BehindProxies(TestCase):
+    """The server behind a real reverse proxy at a path; the client reaches it only
+    through the proxy (its control connection a WebSocket too)."""
+
+    timeout = 120
+
+    def folder(self) -> Path:
+        path = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, path, True)
+        return path
+
+    def start(self, argv: list[str], listener: socket.socket, env: dict[str, str]) -> None:
+        """Run the proxy on ``listener``, a socket this test bound (port 0) and keeps open:
+        no port is picked and hoped free."""
+        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   pass_fds=(listener.fileno(),), env=env)
+
+        def stop() -> None:
+            process.kill()
+            process.wait(10)
+
+        self.addCleanup(stop)
+
+    async def through(self, write_config, argv) -> None:
+        backend = await listen(self, Factory.forProtocol(DigestAfterEOF))
+        server, tunnel_port, exposed = await reverse_server(
+            self, key="secret", query="?type=2&path=/tunnel")
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        port = listener.getsockname()[1]
+        folder = self.folder()
+        config = write_config(folder, port, tunnel_port, listener.fileno())
+        command, env = argv(folder, config, listener.fileno())
+        self.start(command, listener, env)
+        await eventually(lambda: (folder / "up").exists() or _proxy_answers(port))
+        client = spawn(self, f"client://secret@127.0.0.1:{port}/127.0.0.1:{backend}"
+                             "?type=2&path=/tunnel")
+        await client.wait_for("tunnel session open", timeout=WAIT)
+        await check_tunnel(self, exposed, 16 * 1024 * 1024)
+        self.assertEqual(server.count("Traceback") + client.count("Traceback"), 0)
+
+    async def test_through_nginx(self):
+        nginx = need("nginx", "nginx")
+
+        def write(folder: Path, port: int, upstream: int, fd: int) -> Path:
+            for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+                (folder / sub).mkdir()
+            path = folder / "nginx.conf"
+            path.write_text(NGINX_CONF.format(dir=folder, port=port, upstream=upstream))
+            return path
+
+        # nginx takes a listening socket it inherits (NGINX=fd;) for the matching address
+        await self.through(write, lambda folder, config, fd: (
+            [nginx, "-p", str(folder), "-c", str(config)], {"NGINX": f"{fd};"}))
+
+    async def test_through_haproxy_in_http_mode(self):
+        haproxy = need("haproxy", "haproxy")
+
+        def write(folder: Path, port: int, upstream: int, fd: int) -> Path:
+            path = folder / "haproxy.cfg"
+            path.write_text(HAPROXY_CONF.format(bind=f"fd@{fd}", upstream=upstream))
+            return path
+
+        await self.through(write, lambda folder, config, fd: (
+            [haproxy, "-db", "-f", str(config)], {}))
+
+
+def _proxy_answers(port: int) -> bool:
+    """The proxy answers an HTTP request on the socket it was handed (404 off the path)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"GET /nothing HTTP/1.0\r\n\r\n")
+            return s.recv(64).startswith(b"HTTP/")
+    except OSError:
+        return False
+
