@@ -1,7 +1,7 @@
 """nodepass benchmarks: each workload directly against the backends and through a
 real nodepass server + client pair, in the same run, on 127.0.0.1.
 
-    python bench/run.py [--quick] [--tls 0,1] [--repeat 3] [--peer CMD] [--json FILE]
+    python bench/run.py [--quick] [--tls 0,1] [--types 0,2] [--repeat 3] [--peer CMD]
 
 Workloads (sizes shrink with --quick):
 - bulk_up / bulk_down: MiB over one connection, sha256-verified; MB/s
@@ -297,6 +297,11 @@ def setups(args: argparse.Namespace) -> list[Column]:
         columns.append(("single-end", None, "?mode=1&log=warn", None))
     if "block" in args.modes:  # every user's first bytes judged: no splice fast path
         columns.append(("block=123", "?tls=0&block=123&log=warn", "?log=warn&mode=2", None))
+    for pool_type in args.types:
+        if pool_type == 0:
+            continue  # the tls= columns are type=0
+        columns += [(f"type={pool_type} tls={tls}", f"?type={pool_type}&tls={tls}&log=warn",
+                     "?log=warn&mode=2", None) for tls in args.tls]
     if args.peer:
         program = shlex.split(args.peer)
         name = args.peer_name or os.path.basename(program[0])
@@ -451,6 +456,9 @@ def main() -> None:
                         help="extra columns: forward (server mode=2, tls=0), single-end "
                              "(client mode=1), block (server block=123, tls=0), e.g. "
                              "forward,single-end")
+    parser.add_argument("--types", default="0",
+                        help="pool transports: a column per type and --tls mode besides type=0, "
+                             "e.g. 0,2 (WebSocket)")
     parser.add_argument("--peer", default="",
                         help="another program that takes NodePass URLs (a NodePass binary, "
                              "say): a column for it per --tls mode, started as PEER URL")
@@ -460,6 +468,7 @@ def main() -> None:
     args = parser.parse_args()
     args.tls = [int(t) for t in args.tls.split(",") if t]
     args.modes = [m for m in args.modes.split(",") if m]
+    args.types = [int(t) for t in args.types.split(",") if t]
     import resource
 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -142,7 +142,12 @@ async def _raw(port: int, requests: list[bytes]) -> list[bytes]:
     return answers
 
 
-NGINX_CONF = """
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
+
+# The contrib files' own addresses, replaced by the test's.
+LISTEN, UPSTREAM = "127.0.0.1:8080", "127.0.0.1:10101"
+
+NGINX_SKELETON = """
 worker_processes 1;
 daemon off;
 pid {dir}/nginx.pid;
@@ -155,36 +160,8 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        location /tunnel {{
-            proxy_pass http://127.0.0.1:{upstream};
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection "upgrade";
-            proxy_set_header Host $host;
-            proxy_read_timeout 1h;
-            proxy_buffering off;
-        }}
-        location / {{ return 404; }}
-    }}
+{server}
 }}
-"""
-
-HAPROXY_CONF = """
-global
-    maxconn 1024
-defaults
-    mode http
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-    timeout tunnel 1h
-frontend web
-    bind {bind}
-    use_backend tunnel if {{ path_beg /tunnel }}
-backend tunnel
-    server nodepass 127.0.0.1:{upstream}
 """
 
 
@@ -237,8 +214,11 @@ class BehindProxies(TestCase):
         def write(folder: Path, port: int, upstream: int, fd: int) -> Path:
             for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
                 (folder / sub).mkdir()
+            block = (CONTRIB / "nginx-websocket.conf").read_text()
+            block = block.replace(LISTEN, f"127.0.0.1:{port}").replace(
+                UPSTREAM, f"127.0.0.1:{upstream}")
             path = folder / "nginx.conf"
-            path.write_text(NGINX_CONF.format(dir=folder, port=port, upstream=upstream))
+            path.write_text(NGINX_SKELETON.format(dir=folder, server=block))
             return path
 
         # nginx takes a listening socket it inherits (NGINX=fd;) for the matching address
@@ -249,8 +229,11 @@ class BehindProxies(TestCase):
         haproxy = need("haproxy", "haproxy")
 
         def write(folder: Path, port: int, upstream: int, fd: int) -> Path:
+            text = (CONTRIB / "haproxy-websocket.cfg").read_text()
+            text = text.replace(f"bind {LISTEN}", f"bind fd@{fd}").replace(
+                UPSTREAM, f"127.0.0.1:{upstream}")
             path = folder / "haproxy.cfg"
-            path.write_text(HAPROXY_CONF.format(bind=f"fd@{fd}", upstream=upstream))
+            path.write_text(text)
             return path
 
         await self.through(write, lambda folder, config, fd: (
