@@ -36,6 +36,7 @@ setup(
         "cryptography>=43.0.0",
         "spake2>=0.9",
         "autobahn>=24.4.2",
+        "h2>=4.1",
         "klein>=24.8.0",
         "werkzeug>=3.0",
         "swagger-ui-py>=25.7.1",

@@ -92,7 +92,7 @@ class _TunnelConfig(_Config):
     max: int | None = None  # pool capacity bound; None = MAX_POOL_CAPACITY (the server's wins)
     dns: float = DEFAULT_DNS_TTL  # seconds a resolved target name is kept; 0 = every time
     block: str = ""  # digits of BLOCKABLE: kinds of first bytes refused from users
-    type: int = 0  # the pool transport: 0 = TCP, 2 = WebSocket
+    type: int = 0  # the pool transport: 0 = TCP, 2 = WebSocket, 3 = HTTP/2
     path: str = "/"  # type=2: the WebSocket's HTTP path
 
     @property
@@ -224,14 +224,14 @@ def _block(text: str) -> str:
     return "".join(sorted(text))
 
 
-BUILT_POOL_TYPES = (0, 2)
+BUILT_POOL_TYPES = (0, 2, 3)
 
 
 def _pool_type(text: str) -> int:
-    if text in ("1", "3"):
+    if text == "1":
         raise URLError(f"query: type={text} ({POOL_TYPES[int(text)]}) is not available yet "
-                       "(allowed: 0, the TCP pool; 2, WebSocket)")
-    if text not in ("0", "2"):
+                       "(allowed: 0, the TCP pool; 2, WebSocket; 3, HTTP/2)")
+    if text not in ("0", "2", "3"):
         raise ValueError(text)
     return int(text)
 
@@ -365,8 +365,8 @@ _PARAMS = {
                format_duration, default=DEFAULT_DNS_TTL),
         _Param("block", _block, "0, or digits of 1 (SOCKS), 2 (HTTP), 3 (TLS), like 13",
                default=""),
-        _Param("type", _pool_type, "0 (TCP) or 2 (WebSocket)", default=0),
-        _Param("path", _ws_path, "an HTTP path like /tunnel, for type=2", default="/"),
+        _Param("type", _pool_type, "0 (TCP), 2 (WebSocket) or 3 (HTTP/2)", default=0),
+        _Param("path", _ws_path, "an HTTP path like /tunnel, for type=2 or 3", default="/"),
         _Param("np", _prefix_param, "a path like /api/np: the NodePass dialect's prefix",
                lambda v: quote(v, safe=_PATH_SAFE), default=None),
         _Param("hosts", _hosts, "names this master answers to, like api.example.com,10.0.0.5",

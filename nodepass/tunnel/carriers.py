@@ -65,10 +65,12 @@ class _Delegating(Protocol):
 class _Sniffer(_Delegating):
     """A connection on a ``type=2`` tunnel port, until its first bytes say what it is."""
 
-    def __init__(self, tunnel: Any, native: Callable[[], Any], websocket: Any) -> None:
+    def __init__(self, tunnel: Any, native: Callable[[], Any], websocket: Any,
+                 http2: Callable[[], Any] | None) -> None:
         self.tunnel = tunnel
         self.native = native
         self.websocket = websocket
+        self.http2 = http2
         self.held = b""
         self.timer: Any = None
 
@@ -99,8 +101,10 @@ class _Sniffer(_Delegating):
         held, self.held = self.held, b""
         if held.startswith(b"NPT"):
             self._hand_to(self.native(), held)
-        elif held.startswith(b"GET"):
+        elif held.startswith(b"GET") and self.websocket is not None:
             self._hand_to(self.websocket.buildProtocol(self.transport.getPeer()), held)
+        elif held.startswith(b"PRI") and self.http2 is not None:
+            self._hand_to(self.http2(), held)
         else:
             self.transport.loseConnection()
 
@@ -110,25 +114,33 @@ class _Sniffer(_Delegating):
 
 
 class _SniffingFactory(QuietFactory):
-    def __init__(self, tunnel_factory: Factory, tunnel: Any, path: str) -> None:
-        from nodepass.tunnel import wsstream
-
+    def __init__(self, tunnel_factory: Factory, tunnel: Any, pool_type: int,
+                 path: str) -> None:
         self.tunnel_factory = tunnel_factory
         self.tunnel = tunnel
-        self.websocket = wsstream.server_factory(
-            path, lambda: tunnel_factory.protocol_class(*tunnel_factory.args))
+        make_inner = lambda: tunnel_factory.protocol_class(*tunnel_factory.args)  # noqa: E731
+        self.websocket: Any = None
+        self.http2: Callable[[], Any] | None = None
+        if pool_type == 2:
+            from nodepass.tunnel import wsstream
+
+            self.websocket = wsstream.server_factory(path, make_inner)
+        else:
+            from nodepass.tunnel.h2stream import H2Carrier
+
+            self.http2 = lambda: H2Carrier(False, make_inner, path)
 
     def buildProtocol(self, addr: Any) -> Any:
         native = self.tunnel_factory.buildProtocol(addr)  # (refused while a flood lasts)
         if native is None:
             return None
-        return _Sniffer(self.tunnel, lambda: native, self.websocket)
+        return _Sniffer(self.tunnel, lambda: native, self.websocket, self.http2)
 
 
 def accepting(tunnel_factory: Factory, tunnel: Any, pool_type: int, path: str) -> Factory:
     """What the server's tunnel port runs for ``type=``."""
-    if pool_type == 2:
-        return _SniffingFactory(tunnel_factory, tunnel, path)
+    if pool_type in (2, 3):
+        return _SniffingFactory(tunnel_factory, tunnel, pool_type, path)
     return tunnel_factory
 
 
@@ -179,3 +191,71 @@ class WebSocketDialing(Factory):
 
     def buildProtocol(self, addr: Any) -> Any:
         return _WebSocketDial(*self.args)
+
+
+class _H2Dial(_Delegating):
+    """The client's HTTP/2 connection: TLS first when ``tls`` is given, then HTTP/2."""
+
+    def __init__(self, tls: Any, carrier: Any) -> None:
+        self.tls = tls
+        self.carrier = carrier
+
+    def connectionMade(self) -> None:
+        tune(self.transport)
+        if self.tls is not None:
+            tls_transport.start_tls(self.transport, self.tls.context, False, self.tls.hostname,
+                                    self.tls.describe, self.tls.session)
+        self._hand_to(self.carrier)
+
+
+class Http2Pool:
+    """A client session's data connections as streams of one HTTP/2 connection
+    (``type=3``): dialed with the first, dialed again after a loss."""
+
+    def __init__(self, endpoint: Any, tls: Any, authority: str, path: str,
+                 make_inner: Callable[[], Any]) -> None:
+        self.endpoint = endpoint
+        self.tls = tls
+        self.authority, self.path = authority, path
+        self.make_inner = make_inner
+        self.carrier: Any = None
+        self.connecting = False
+        self.waiting: list[Deferred[Any]] = []
+        self.closed = False
+
+    def dial(self) -> Deferred[Any]:
+        """A new data connection: its tunnel connection, once its handshake ended."""
+        if self.carrier is not None and not self.carrier.lost:
+            return self.carrier.open_stream().ready
+        waiting: Deferred[Any] = Deferred()
+        self.waiting.append(waiting)
+        if not self.connecting:
+            from nodepass.tunnel.h2stream import H2Carrier
+
+            self.connecting = True
+            carrier = H2Carrier(True, self.make_inner, self.path, self.authority)
+            factory = Factory.forProtocol(lambda: _H2Dial(self.tls, carrier))
+            factory.noisy = False
+            self.endpoint.connect(factory).addCallbacks(lambda _: self._up(carrier),
+                                                        self._failed)
+        return waiting
+
+    def _up(self, carrier: Any) -> None:
+        self.connecting = False
+        self.carrier = carrier
+        waiting, self.waiting = self.waiting, []
+        if self.closed:
+            carrier.transport.loseConnection()
+        for d in waiting:
+            carrier.open_stream().ready.chainDeferred(d)
+
+    def _failed(self, reason: Failure) -> None:
+        self.connecting = False
+        waiting, self.waiting = self.waiting, []
+        for d in waiting:
+            d.errback(reason)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.carrier is not None and not self.carrier.lost:
+            self.carrier.transport.loseConnection()

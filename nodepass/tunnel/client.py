@@ -77,6 +77,7 @@ class ClientTunnel(MultiService):
         self.endpoint = server or dial_endpoint(reactor, config.tunnel)
         self._tls_options: dict[int, ClientTLS] = {}
         self.data_type, self.data_path = config.type, config.path  # the server's, once known
+        self.http2: carriers.Http2Pool | None = None  # type=3: the session's connection
         self.control_service = ClientService(
             _ReportingEndpoint(self.endpoint, self._dial_failed), self._control_factory(),
             clock=reactor,
@@ -112,10 +113,17 @@ class ClientTunnel(MultiService):
         if not isinstance(interval, int) or interval <= 0:
             interval = int(self.tunables.report_interval * 1000)
         max_pool = settings.get("max_pool")
-        if settings.get("type") == 2 and isinstance(settings.get("path"), str):
-            self.data_type, self.data_path = 2, settings["path"]
+        if settings.get("type") in (2, 3) and isinstance(settings.get("path"), str):
+            self.data_type, self.data_path = settings["type"], settings["path"]
         else:
             self.data_type, self.data_path = self.config.type, self.config.path
+        if self.data_type == 3:
+            self.http2 = carriers.Http2Pool(
+                self.endpoint,
+                self.tls_creator(handshake.tls_mode) if handshake.tls_mode else None,
+                self.config.sni or self.config.tunnel.host, self.data_path,
+                lambda: TunnelConnection(self.clock, dialed(
+                    self, Kind.DATA, (self.session_id, self.session_keys))))
         control = ControlSession(
             self.clock, interval / 1000.0, conn.send_signal,
             on_dead=lambda: self._session_dead(conn),
@@ -213,6 +221,9 @@ class ClientTunnel(MultiService):
             self.session_fingerprint = self.session_id = b""
             self.session_keys = None
             self.pool.stop()
+            if self.http2 is not None:
+                self.http2.close()
+                self.http2 = None
             if not self.stopping:
                 self.log.warn("tunnel to {peer} closed; reconnecting", peer=conn.peer)
 
@@ -236,6 +247,8 @@ class ClientTunnel(MultiService):
 
     def _dial_data(self) -> Deferred[TunnelConnection]:
         assert self.session_keys is not None
+        if self.data_type == 3 and self.http2 is not None:
+            return self.http2.dial()
         first = dialed(self, Kind.DATA, (self.session_id, self.session_keys))
         if self.data_type == 2:
             factory = self._websocket(self.session_tls, self.data_path,

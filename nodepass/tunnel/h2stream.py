@@ -1,0 +1,306 @@
+"""The HTTP/2 pool transport (``type=3``): every pooled data connection is a stream of
+one HTTP/2 connection per session, with the sans-I/O ``h2`` library driven here.
+
+A stream carries the tunnel's byte stream in DATA frames; END_STREAM is the end of one
+direction, RST_STREAM an abort.  Flow control is the relays' backpressure: what a
+stream's reader has not taken is not acknowledged (its window closes, the sender
+stops), and a stream whose send window is closed holds what it is given and pauses
+its producer until WINDOW_UPDATE.  One TCP (under TLS, one TLS) connection carries the
+whole pool, so a new data connection costs a HEADERS frame and the tunnel's own
+handshake, not a TCP and TLS handshake.
+
+h2 is imported only by a process that uses this type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+PREFACE = b"PRI * HTTP/2.0"
+STREAM_WINDOW = 1 << 20  # what one stream may have in flight toward a reader
+CONNECTION_WINDOW = 1 << 24
+HELD_LIMIT = 256 * 1024  # held for a closed window before the producer is paused
+_SETTINGS = {
+    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1 << 16,
+    h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+    h2.settings.SettingCodes.MAX_FRAME_SIZE: 1 << 16,
+    h2.settings.SettingCodes.ENABLE_PUSH: 0,
+}
+
+
+class StreamTransport:
+    """The transport a tunnel connection sees over one HTTP/2 stream."""
+
+    bufferSize = 256 * 1024
+
+    def __init__(self, carrier: H2Carrier, stream_id: int) -> None:
+        self.carrier = carrier
+        self.stream_id = stream_id
+        self.connected = True
+        self.disconnecting = False
+        self.write_closed = False
+        self.held: list[bytes] = []  # waiting for the send window
+        self.held_size = 0
+        self.end_after_held = False
+        self.producer: Any = None
+        self.paused = False  # our reader paused: received data is not acknowledged
+        self.unacknowledged = 0
+        self.inner: Any = None
+
+    # ITransport
+    def write(self, data: bytes) -> None:
+        if not data or not self.connected or self.write_closed:
+            return
+        self.held.append(bytes(data))
+        self.held_size += len(data)
+        self.carrier.flush(self)
+        if self.held_size > HELD_LIMIT and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def writeSequence(self, iovec: list[bytes]) -> None:
+        self.write(b"".join(iovec))
+
+    def loseWriteConnection(self) -> None:
+        if self.connected and not self.write_closed:
+            self.write_closed = True
+            self.end_after_held = True
+            self.carrier.flush(self)
+
+    def loseConnection(self) -> None:
+        if self.connected and not self.disconnecting:
+            self.disconnecting = True
+            self.loseWriteConnection()
+            self.carrier.close_later(self)
+
+    def abortConnection(self) -> None:
+        self.carrier.reset(self)
+
+    def getPeer(self) -> Any:
+        return self.carrier.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.carrier.transport.getHost()
+
+    # TLS: the connection's, underneath every stream
+    @property
+    def carrier_tls(self) -> bool:
+        return bool(getattr(self.carrier.transport, "tls_started", False))
+
+    def peer_certificate(self) -> bytes | None:
+        return self.carrier.transport.peer_certificate() if self.carrier_tls else None
+
+    def tls_session(self) -> Any:
+        return self.carrier.transport.tls_session() if self.carrier_tls else None
+
+    def tls_resumed(self) -> bool:
+        return self.carrier_tls and self.carrier.transport.tls_resumed()
+
+    # IConsumer: the relay's valve produces for this stream
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    # IPushProducer: this stream's reading
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.carrier.acknowledge(self)
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    def _sent_all(self) -> None:
+        if self.producer is not None and self.held_size <= HELD_LIMIT // 2:
+            self.producer.resumeProducing()
+
+
+class H2Carrier(Protocol):
+    """One HTTP/2 connection and its streams, at either end."""
+
+    def __init__(self, client_side: bool, make_inner: Callable[[], Any], path: str,
+                 authority: str = "") -> None:
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=client_side, header_encoding=None, validate_inbound_headers=True))
+        self.client_side = client_side
+        self.make_inner = make_inner
+        self.path = path.encode()
+        self.authority = authority.encode()
+        self.streams: dict[int, StreamTransport] = {}
+        self.closing: set[int] = set()
+        self.lost = False
+
+    # -- the connection ----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.h2.initiate_connection()
+        self.h2.update_settings(_SETTINGS)  # (in force once the peer acknowledges them)
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW)
+        self._send()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            for event in self.h2.receive_data(data):
+                self._event(event)
+        except h2.exceptions.ProtocolError:
+            self._send()  # (h2's GOAWAY, when it has one)
+            self.transport.loseConnection()
+            return
+        self._send()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            self._end_stream(stream, Failure(ConnectionLost("HTTP/2 connection lost")))
+
+    def _send(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self.lost:
+            self.transport.write(data)
+
+    # -- streams -----------------------------------------------------------
+
+    def open_stream(self) -> Any:
+        """Client: a new stream, its tunnel connection made (and returned)."""
+        stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(stream_id, [(b":method", b"POST"), (b":path", self.path),
+                                         (b":scheme", b"https"),
+                                         (b":authority", self.authority)])
+        return self._carry(stream_id)
+
+    def _carry(self, stream_id: int) -> Any:
+        stream = self.streams[stream_id] = StreamTransport(self, stream_id)
+        inner = stream.inner = self.make_inner()
+        inner.makeConnection(stream)
+        self._send()
+        return inner
+
+    def _event(self, event: Any) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            headers = dict(event.headers)
+            if headers.get(b":path") != self.path or headers.get(b":method") != b"POST":
+                self.h2.send_headers(event.stream_id, [(b":status", b"404")], end_stream=True)
+                return
+            self.h2.send_headers(event.stream_id, [(b":status", b"200")])
+            self._carry(event.stream_id)
+        elif isinstance(event, h2.events.ResponseReceived):
+            status = dict(event.headers).get(b":status")
+            if status != b"200" and (stream := self.streams.get(event.stream_id)):
+                self._end_stream(stream, Failure(ConnectionLost(f"HTTP/2 status {status!r}")))
+        elif isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                return
+            stream.unacknowledged += event.flow_controlled_length
+            if event.data:
+                stream.inner.dataReceived(event.data)
+            self.acknowledge(stream)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                if IHalfCloseableProtocol(stream.inner, None) is not None:
+                    stream.inner.readConnectionLost()
+                else:
+                    stream.loseConnection()
+                self._maybe_done(stream)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                self._end_stream(stream, Failure(ConnectionLost("stream reset")))
+        elif isinstance(event, h2.events.WindowUpdated):
+            targets = (self.streams.values() if event.stream_id == 0
+                       else [s for s in [self.streams.get(event.stream_id)] if s])
+            for stream in list(targets):
+                self.flush(stream)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.transport.loseConnection()
+
+    def flush(self, stream: StreamTransport) -> None:
+        """Send what the stream holds, as far as the windows allow; then its END_STREAM."""
+        if stream.stream_id not in self.streams or self.lost:
+            return
+        sid = stream.stream_id
+        try:
+            while stream.held:
+                window = min(self.h2.local_flow_control_window(sid),
+                             self.h2.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                chunk = stream.held[0]
+                piece, rest = chunk[:window], chunk[window:]
+                self.h2.send_data(sid, piece)
+                stream.held_size -= len(piece)
+                if rest:
+                    stream.held[0] = rest
+                else:
+                    stream.held.pop(0)
+            if not stream.held and stream.end_after_held:
+                stream.end_after_held = False
+                self.h2.end_stream(sid)
+        except h2.exceptions.StreamClosedError:
+            stream.held.clear()
+            stream.held_size = 0
+        self._send()
+        if not stream.held:
+            stream._sent_all()
+        self._maybe_done(stream)
+
+    def acknowledge(self, stream: StreamTransport) -> None:
+        if stream.paused or not stream.unacknowledged or self.lost:
+            return
+        amount, stream.unacknowledged = stream.unacknowledged, 0
+        try:
+            self.h2.acknowledge_received_data(amount, stream.stream_id)
+        except h2.exceptions.StreamClosedError:
+            pass
+        self._send()
+
+    def close_later(self, stream: StreamTransport) -> None:
+        self.closing.add(stream.stream_id)
+        self._maybe_done(stream)
+
+    def reset(self, stream: StreamTransport) -> None:
+        if stream.stream_id in self.streams:
+            try:
+                self.h2.reset_stream(stream.stream_id)
+            except h2.exceptions.StreamClosedError:
+                pass
+            self._send()
+            self._end_stream(stream, Failure(ConnectionLost("aborted")))
+
+    def _maybe_done(self, stream: StreamTransport) -> None:
+        """A stream closed both ways (or asked to close, with nothing held) is over."""
+        sid = stream.stream_id
+        if sid not in self.streams:
+            return
+        closed = self.h2.streams.get(sid) is None or self.h2.streams[sid].closed
+        if closed or (sid in self.closing and not stream.held and not stream.end_after_held
+                      and self._remote_closed(sid)):
+            self._end_stream(stream, Failure(ConnectionDone()))
+
+    def _remote_closed(self, sid: int) -> bool:
+        state = self.h2.streams.get(sid)
+        return state is None or state.closed
+
+    def _end_stream(self, stream: StreamTransport, reason: Failure) -> None:
+        self.streams.pop(stream.stream_id, None)
+        self.closing.discard(stream.stream_id)
+        if stream.connected:
+            stream.connected = False
+            stream.inner.connectionLost(reason)

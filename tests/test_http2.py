@@ -1,0 +1,98 @@
+"""type=3: the pool as streams of one HTTP/2 connection, end to end on real processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.internet.protocol import Factory
+from twisted.trial.unittest import TestCase
+
+from tests.integration import (
+    DigestAfterEOF,
+    UdpEcho,
+    echo_backend,
+    eventually,
+    exchange,
+    listen,
+    peer,
+    reverse_server,
+    spawn,
+    tunnel_pair,
+    udp_backend,
+)
+from tests.test_tunnel_e2e import slow_backend_holds_memory
+from tests.test_websocket import _raw, check_tunnel
+
+
+def _sockets(pid: int) -> int:
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+class Http2(TestCase):
+    timeout = 120
+
+    async def test_tcp_with_half_close_and_64_mib_without_and_with_tls(self):
+        backend = await listen(self, Factory.forProtocol(DigestAfterEOF))
+        for tls in (0, 1):
+            server, client, exposed = await tunnel_pair(
+                self, backend, server_query=f"?type=3&tls={tls}")
+            await check_tunnel(self, exposed, 64 * 1024 * 1024 if tls else 8 * 1024 * 1024)
+            for daemon in (server, client):
+                self.assertEqual(daemon.count("Traceback") + daemon.count("Unhandled"), 0,
+                                 "\n".join(daemon.lines))
+            await server.stop()
+            await client.stop()
+
+    async def test_the_whole_pool_is_one_connection(self):
+        backend = await echo_backend(self)
+        _, client, exposed = await tunnel_pair(self, backend, server_query="?type=3&tls=1",
+                                               client_query="?min=64")
+        result = await exchange(exposed, iter([b"through a stream"]))
+        self.assertEqual(bytes(result.received), b"through a stream")
+        # 64 pooled data connections; the client holds its control connection, the one
+        # HTTP/2 connection, and what the tests' echo left: not 64 sockets
+        await eventually(lambda: _sockets(client.pid) <= 4)
+
+    async def test_udp_sessions_cross(self):
+        backend = await udp_backend(self, UdpEcho())
+        _, _, exposed = await tunnel_pair(self, backend, server_query="?type=3&tls=1")
+        p = await peer(self, exposed)
+        for n in range(20):
+            self.assertEqual(await p.ask(b"datagram %d" % n), [b"datagram %d" % n])
+
+    async def test_backpressure_into_a_slow_target(self):
+        await slow_backend_holds_memory(self, "?type=3&tls=1", 128 * 1024 * 1024)
+
+    async def test_a_wrong_key_is_refused(self):
+        server, tunnel_port, _ = await reverse_server(self, key="right", query="?type=3&tls=1")
+        spawn(self, f"client://wrong@127.0.0.1:{tunnel_port}/127.0.0.1:9")
+        await server.wait_for("authentication failed")
+        self.assertEqual(server.count("tunnel session open"), 0)
+
+    async def test_the_tunnel_comes_back_after_the_server_restarts(self):
+        backend = await echo_backend(self)
+        server, client, _ = await tunnel_pair(self, backend, server_query="?type=3")
+        tunnel_port = await server.listening_port("tunnel")
+        await server.stop()
+        again = spawn(self, f"server://secret@127.0.0.1:{tunnel_port}/127.0.0.1:0?type=3")
+        await again.wait_for("tunnel session open")
+        await client.wait_for("tunnel session open", nth=2)
+        exposed = await again.listening_port("target")
+        result = await exchange(exposed, iter([b"back again"]))
+        self.assertEqual(bytes(result.received), b"back again")
+
+    async def test_garbage_after_the_preface_is_refused(self):
+        backend = await echo_backend(self)
+        server, _, exposed = await tunnel_pair(self, backend, server_query="?type=3")
+        tunnel_port = await server.listening_port("tunnel")
+        answers = await _raw(tunnel_port, [
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00" * 64,  # frames that are not
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # HTTP/1 to an HTTP/2 tunnel
+        ])
+        self.assertNotIn(b"200", b"".join(answers))
+        result = await exchange(exposed, iter([b"still here"]))
+        self.assertEqual(bytes(result.received), b"still here")
+        self.assertEqual(server.count("Traceback") + server.count("Unhandled"), 0,
+                         "\n".join(server.lines))
