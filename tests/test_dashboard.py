@@ -203,13 +203,18 @@ class Dashboard(TestCase):
         rate = form.find_element(by.NAME, "rate")
         rate.clear()
         rate.send_keys("10")
+        Select(form.find_element(by.NAME, "type")).select_by_visible_text("HTTP/2")
+        form.find_element(by.NAME, "path").send_keys("/t")
+        page.until(lambda: page.text("create-preview").endswith("?type=3&path=%2Ft&rate=10"),
+                   "the transport and its path go in the URL")
         page.find("create-submit").click()
         page.until(lambda: page.find("detail").is_displayed()
                    and page.text("detail-title") == "made-in-the-form",
                    "the new tunnel's page opens")
         made = driver.current_url.rsplit("/", 1)[1]
         self.assertEqual(call(api.ok, "GET", f"/instances/{made}")["url"],
-                         "server://s3cret@127.0.0.1:0/127.0.0.1:0?log=info&tls=0&rate=10")
+                         "server://s3cret@127.0.0.1:0/127.0.0.1:0?log=info&tls=0&rate=10&type=3"
+                         "&path=/t")
         page.until(lambda: "tunnel listening on 127.0.0.1:" in page.text("logs"),
                    "its log lines show")
 

@@ -256,6 +256,8 @@ class Http2Pool:
             d.errback(reason)
 
     def close(self) -> None:
+        """The session ended: its idle streams were closed by the pool; relays on
+        streams go on (as on TCP) and the connection closes after the last one."""
         self.closed = True
         if self.carrier is not None and not self.carrier.lost:
-            self.carrier.transport.loseConnection()
+            self.carrier.close_when_idle()

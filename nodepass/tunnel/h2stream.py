@@ -143,6 +143,7 @@ class H2Carrier(Protocol):
         self.streams: dict[int, StreamTransport] = {}
         self.closing: set[int] = set()
         self.lost = False
+        self.idle_close = False
 
     # -- the connection ----------------------------------------------------
 
@@ -167,6 +168,12 @@ class H2Carrier(Protocol):
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             self._end_stream(stream, Failure(ConnectionLost("HTTP/2 connection lost")))
+
+    def close_when_idle(self) -> None:
+        """Close once no stream is left (now, if none is)."""
+        self.idle_close = True
+        if not self.streams:
+            self.transport.loseConnection()
 
     def _send(self) -> None:
         data = self.h2.data_to_send()
@@ -304,3 +311,5 @@ class H2Carrier(Protocol):
         if stream.connected:
             stream.connected = False
             stream.inner.connectionLost(reason)
+        if self.idle_close and not self.streams and not self.lost:
+            self.transport.loseConnection()

@@ -15,7 +15,7 @@ export function buildUrl(fields) {
   const key = fields.key ? `${encodeURIComponent(fields.key)}@` : "";
   const targets = (fields.targets || "").split(",").map(hostPort).filter(Boolean).join(",");
   const query = [];
-  for (const name of ["tls", "mode", "rate", "slot", "read", "proxy"]) {
+  for (const name of ["tls", "mode", "type", "path", "rate", "slot", "read", "proxy"]) {
     const value = (fields[name] || "").trim();
     if (value !== "") query.push(`${name}=${encodeURIComponent(value)}`);
   }
