@@ -31,8 +31,13 @@ PREFACE = b"PRI * HTTP/2.0"
 STREAM_WINDOW = 1 << 20  # what one stream may have in flight toward a reader
 CONNECTION_WINDOW = 1 << 24
 HELD_LIMIT = 256 * 1024  # held for a closed window before the producer is paused
+# Streams at once on one connection, each a tunnel connection (a pool of up to 1,024
+# idle ones plus the relays in use): enough for a busy tunnel, and a bound on what one
+# connection can make a server hold before any key is shown (each stream's handshake
+# must also end within 10 s).
+MAX_STREAMS = 8192
 _SETTINGS = {
-    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1 << 16,
+    h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
     h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
     h2.settings.SettingCodes.MAX_FRAME_SIZE: 1 << 16,
     h2.settings.SettingCodes.ENABLE_PUSH: 0,
