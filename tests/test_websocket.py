@@ -9,10 +9,12 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
 from tests.integration import (
@@ -20,7 +22,6 @@ from tests.integration import (
     DigestAfterEOF,
     UdpEcho,
     echo_backend,
-    eventually,
     exchange,
     listen,
     need,
@@ -118,27 +119,37 @@ class Direct(TestCase):
                          "\n".join(server.lines))
 
 
+class _Raw(Protocol):
+    """Sends one request as raw bytes; what comes back until the server closes (or 1 s
+    of waiting ends it) is the answer."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.answer = b""
+        self.done: Deferred[bytes] = Deferred()
+        self.timer: Any = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+        self.timer = reactor.callLater(1.0, self.transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.answer += data
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.done.callback(self.answer)
+
+
 async def _raw(port: int, requests: list[bytes]) -> list[bytes]:
-    """Each request on its own connection: what came back before the server closed (or
-    1 s passed)."""
+    """Each request on its own connection, in turn: the answers."""
     answers = []
     for request in requests:
-        done: Deferred[bytes] = Deferred()
-
-        def talk(request: bytes = request, done: Deferred[bytes] = done) -> None:
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-                s.sendall(request)
-                s.settimeout(1.0)
-                got = b""
-                try:
-                    while chunk := s.recv(65536):
-                        got += chunk
-                except OSError:  # 1 s of silence, or a reset: what came is the answer
-                    pass
-            reactor.callFromThread(done.callback, got)
-
-        reactor.callInThread(talk)
-        answers.append(await done.addTimeout(WAIT, reactor))
+        raw = _Raw(request)
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5).connect(
+            Factory.forProtocol(lambda raw=raw: raw))
+        answers.append(await raw.done.addTimeout(WAIT, reactor))
     return answers
 
 
@@ -201,7 +212,12 @@ class BehindProxies(TestCase):
         config = write_config(folder, port, tunnel_port, listener.fileno())
         command, env = argv(folder, config, listener.fileno())
         self.start(command, listener, env)
-        await eventually(lambda: (folder / "up").exists() or _proxy_answers(port))
+        for _ in range(20):  # (each try waits at most 1 s for an answer)
+            (answer,) = await _raw(port, [b"GET /nothing HTTP/1.0\r\n\r\n"])
+            if answer.startswith(b"HTTP/"):
+                break
+        else:
+            self.fail("the proxy never answered on the socket it was handed")
         client = spawn(self, f"client://secret@127.0.0.1:{port}/127.0.0.1:{backend}"
                              "?type=2&path=/tunnel")
         await client.wait_for("tunnel session open", timeout=WAIT)
@@ -238,14 +254,3 @@ class BehindProxies(TestCase):
 
         await self.through(write, lambda folder, config, fd: (
             [haproxy, "-db", "-f", str(config)], {}))
-
-
-def _proxy_answers(port: int) -> bool:
-    """The proxy answers an HTTP request on the socket it was handed (404 off the path)."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-            s.sendall(b"GET /nothing HTTP/1.0\r\n\r\n")
-            return s.recv(64).startswith(b"HTTP/")
-    except OSError:
-        return False
-
