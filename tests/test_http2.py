@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from twisted.internet.protocol import Factory
-from twisted.trial.unittest import TestCase
+import h2.config
+import h2.connection
+import h2.settings
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from nodepass.tunnel.carriers import Http2Pool
+from nodepass.tunnel.h2stream import H2Carrier
 from tests.integration import (
     DigestAfterEOF,
     UdpEcho,
@@ -96,3 +103,27 @@ class Http2(TestCase):
         self.assertEqual(bytes(result.received), b"still here")
         self.assertEqual(server.count("Traceback") + server.count("Unhandled"), 0,
                          "\n".join(server.lines))
+
+
+class _Inner(Protocol):
+    def __init__(self):
+        self.ready = Deferred()
+
+
+class StreamLimits(SynchronousTestCase):
+    """In memory: a client's HTTP/2 connection against a server's SETTINGS."""
+
+    def test_a_full_connection_fails_the_dial_instead_of_raising(self):
+        carrier = H2Carrier(True, _Inner, "/p", "h")
+        carrier.makeConnection(StringTransport())
+        server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        server.initiate_connection()
+        server.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1})
+        carrier.dataReceived(server.data_to_send())
+        pool = Http2Pool(None, None, "h", "/p", _Inner)
+        pool.carrier = carrier
+        first = pool.dial()
+        self.assertNoResult(first)  # its stream is open, its handshake to come
+        self.assertEqual(len(carrier.streams), 1)
+        failure = self.failureResultOf(pool.dial(), ConnectionError)
+        self.assertIn("no HTTP/2 stream", str(failure.value))

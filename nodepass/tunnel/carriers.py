@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -226,7 +226,7 @@ class Http2Pool:
     def dial(self) -> Deferred[Any]:
         """A new data connection: its tunnel connection, once its handshake ended."""
         if self.carrier is not None and not self.carrier.lost:
-            return self.carrier.open_stream().ready
+            return self._open(self.carrier)
         waiting: Deferred[Any] = Deferred()
         self.waiting.append(waiting)
         if not self.connecting:
@@ -247,7 +247,18 @@ class Http2Pool:
         if self.closed:
             carrier.transport.loseConnection()
         for d in waiting:
-            carrier.open_stream().ready.chainDeferred(d)
+            self._open(carrier).chainDeferred(d)
+
+    @staticmethod
+    def _open(carrier: Any) -> Deferred[Any]:
+        """A stream's tunnel connection, ready; or why no stream could be opened (the
+        server's stream limit reached, the connection closing)."""
+        from h2.exceptions import H2Error
+
+        try:
+            return carrier.open_stream().ready
+        except H2Error as e:
+            return fail(ConnectionError(f"no HTTP/2 stream: {e}"))
 
     def _failed(self, reason: Failure) -> None:
         self.connecting = False

@@ -204,6 +204,8 @@ class H2Carrier(Protocol):
 
     def _event(self, event: Any) -> None:
         if isinstance(event, h2.events.RequestReceived):
+            if self.client_side:
+                return  # (push is off; a server's request means nothing to a client)
             headers = dict(event.headers)
             if headers.get(b":path") != self.path or headers.get(b":method") != b"POST":
                 self.h2.send_headers(event.stream_id, [(b":status", b"404")], end_stream=True)
@@ -265,9 +267,10 @@ class H2Carrier(Protocol):
             if not stream.held and stream.end_after_held:
                 stream.end_after_held = False
                 self.h2.end_stream(sid)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:  # the stream closed or was reset meanwhile
             stream.held.clear()
             stream.held_size = 0
+            stream.end_after_held = False
         self._send()
         if not stream.held:
             stream._sent_all()
@@ -279,8 +282,8 @@ class H2Carrier(Protocol):
         amount, stream.unacknowledged = stream.unacknowledged, 0
         try:
             self.h2.acknowledge_received_data(amount, stream.stream_id)
-        except h2.exceptions.StreamClosedError:
-            pass
+        except h2.exceptions.ProtocolError:
+            pass  # the stream is gone: nothing to acknowledge for
         self._send()
 
     def close_later(self, stream: StreamTransport) -> None:
@@ -291,7 +294,7 @@ class H2Carrier(Protocol):
         if stream.stream_id in self.streams:
             try:
                 self.h2.reset_stream(stream.stream_id)
-            except h2.exceptions.StreamClosedError:
+            except h2.exceptions.ProtocolError:
                 pass
             self._send()
             self._end_stream(stream, Failure(ConnectionLost("aborted")))
