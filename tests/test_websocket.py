@@ -4,7 +4,9 @@ behind real reverse proxies (nginx, haproxy) started by the test."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -189,13 +191,28 @@ class BehindProxies(TestCase):
 
     def start(self, argv: list[str], listener: socket.socket, env: dict[str, str]) -> None:
         """Run the proxy on ``listener``, a socket this test bound (port 0) and keeps open:
-        no port is picked and hoped free."""
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   pass_fds=(listener.fileno(),), env=env)
+        no port is picked and hoped free.  The proxy and its workers get a process group of
+        their own, ended as a whole: an nginx worker outliving its master would hold the
+        test runner's pipes open."""
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, pass_fds=(listener.fileno(),),
+                                   env=env, start_new_session=True)
 
         def stop() -> None:
-            process.kill()
-            process.wait(10)
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(process.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    process.wait(5)
+                except subprocess.TimeoutExpired:
+                    continue
+                try:  # the master is gone; make sure its workers are too
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                break
 
         self.addCleanup(stop)
 
