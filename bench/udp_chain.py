@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from run import UdpEcho, free_port
+from run import UdpEcho, free_port, udp
 
 # The relay ends: epoll over one UDP socket and one TCP connection, bytes moved as they
 # come.  ``near`` faces the user (UDP in), ``far`` faces the target (UDP out).
@@ -69,25 +68,6 @@ while True:
 """
 
 
-def round_trips(port: int, count: int) -> tuple[float, int]:
-    """Round trips per second, and how many datagrams were lost (1 s without an answer)."""
-    payload = b"u" * 512
-    lost = 0
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(1.0)
-        s.connect(("127.0.0.1", port))
-        start = time.perf_counter()
-        for _ in range(count):
-            s.send(payload)
-            try:
-                s.recv(2048)
-            except TimeoutError:
-                lost += 1
-            if time.perf_counter() - start > 60:
-                raise RuntimeError("udp_chain: deadline")
-        return count / (time.perf_counter() - start), lost
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=20000)
@@ -106,7 +86,7 @@ def main() -> None:
         direct, chain, lost = [], [], 0
         for _ in range(args.repeat):
             for port, rates in ((echo, direct), (near, chain)):
-                rate, missing = round_trips(port, args.count)
+                rate, missing = udp(port, args.count)
                 rates.append(rate)
                 lost += missing
         d, c = statistics.median(direct), statistics.median(chain)

@@ -306,7 +306,6 @@ class Dashboard(TestCase):
                 got = 0
                 while got < len(chunk):
                     got += len(user.recv(len(chunk) - got))
-                time.sleep(0.05)
                 if int(chart.get_attribute("data-last-in") or 0) > 0 and \
                         int(chart.get_attribute("data-points")) >= 3:
                     break

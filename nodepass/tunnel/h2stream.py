@@ -27,6 +27,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from nodepass.tunnel.tls_transport import CarriedTLS
+
 PREFACE = b"PRI * HTTP/2.0"
 STREAM_WINDOW = 1 << 20  # what one stream may have in flight toward a reader
 CONNECTION_WINDOW = 1 << 24
@@ -44,13 +46,14 @@ _SETTINGS = {
 }
 
 
-class StreamTransport:
+class StreamTransport(CarriedTLS):
     """The transport a tunnel connection sees over one HTTP/2 stream."""
 
     bufferSize = 256 * 1024
 
     def __init__(self, carrier: H2Carrier, stream_id: int) -> None:
         self.carrier = carrier
+        self.tcp_connection = carrier.transport
         self.stream_id = stream_id
         self.connected = True
         self.disconnecting = False
@@ -96,20 +99,6 @@ class StreamTransport:
 
     def getHost(self) -> Any:
         return self.carrier.transport.getHost()
-
-    # TLS: the connection's, underneath every stream
-    @property
-    def carrier_tls(self) -> bool:
-        return bool(getattr(self.carrier.transport, "tls_started", False))
-
-    def peer_certificate(self) -> bytes | None:
-        return self.carrier.transport.peer_certificate() if self.carrier_tls else None
-
-    def tls_session(self) -> Any:
-        return self.carrier.transport.tls_session() if self.carrier_tls else None
-
-    def tls_resumed(self) -> bool:
-        return self.carrier_tls and self.carrier.transport.tls_resumed()
 
     # IConsumer: the relay's valve produces for this stream
     def registerProducer(self, producer: Any, streaming: bool) -> None:

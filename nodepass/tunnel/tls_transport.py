@@ -270,6 +270,26 @@ class TLSMixin:
         return self._tls.getpeercert(binary_form=True)
 
 
+class CarriedTLS:
+    """For a transport carried inside a TCP connection (a WebSocket, an HTTP/2 stream):
+    the TLS it has is that connection's, started before it (``tcp_connection``)."""
+
+    tcp_connection: Any
+
+    @property
+    def carrier_tls(self) -> bool:
+        return bool(getattr(self.tcp_connection, "tls_started", False))
+
+    def peer_certificate(self) -> bytes | None:
+        return self.tcp_connection.peer_certificate() if self.carrier_tls else None
+
+    def tls_session(self) -> ssl.SSLSession | None:
+        return self.tcp_connection.tls_session() if self.carrier_tls else None
+
+    def tls_resumed(self) -> bool:
+        return self.carrier_tls and self.tcp_connection.tls_resumed()
+
+
 _classes: dict[type, type] = {}
 
 

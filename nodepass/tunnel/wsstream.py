@@ -29,13 +29,15 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.python.failure import Failure
 
+from nodepass.tunnel.tls_transport import CarriedTLS
+
 MAX_MESSAGE = 1 << 20  # a write is at most 256 KiB: a larger message is not a tunnel's
 _OPTIONS = {"maxFramePayloadSize": MAX_MESSAGE, "maxMessagePayloadSize": MAX_MESSAGE,
             "openHandshakeTimeout": 10, "closeHandshakeTimeout": 5, "autoPingInterval": 0,
             "perMessageCompressionAccept": lambda offers: None}
 
 
-class MessageStream:
+class MessageStream(CarriedTLS):
     """The transport a tunnel connection sees over one WebSocket."""
 
     bufferSize = 256 * 1024
@@ -43,6 +45,7 @@ class MessageStream:
     def __init__(self, websocket: Any) -> None:
         self.websocket = websocket
         self.carrier = websocket.transport  # the TCP (maybe TLS) connection underneath
+        self.tcp_connection = self.carrier
         self.disconnecting = False
         self.write_closed = False
         self.connected = True
@@ -80,20 +83,6 @@ class MessageStream:
 
     def setTcpKeepAlive(self, enabled: bool) -> None:
         self.carrier.setTcpKeepAlive(enabled)
-
-    # TLS: the WebSocket's own (wss), started before the upgrade
-    @property
-    def carrier_tls(self) -> bool:
-        return bool(getattr(self.carrier, "tls_started", False))
-
-    def peer_certificate(self) -> bytes | None:
-        return self.carrier.peer_certificate() if self.carrier_tls else None
-
-    def tls_session(self) -> Any:
-        return self.carrier.tls_session() if self.carrier_tls else None
-
-    def tls_resumed(self) -> bool:
-        return self.carrier_tls and self.carrier.tls_resumed()
 
     # IConsumer / IPushProducer: the TCP connection's own
     def registerProducer(self, producer: Any, streaming: bool) -> None:
@@ -166,6 +155,11 @@ class TunnelClientWebSocket(_Carrying, WebSocketClientProtocol):
         self._carry()
 
 
+def _carrying(base: type, make_inner: Callable[[], Any]) -> type:
+    """``base`` whose WebSockets, once open, carry ``make_inner()``."""
+    return type(base.__name__, (base,), {"make_inner": staticmethod(make_inner)})
+
+
 def server_factory(path: str, make_inner: Callable[[], Any]) -> WebSocketServerFactory:
     """Accepts WebSockets at ``path``; each carries ``make_inner()``."""
     factory = WebSocketServerFactory(server=None)  # no product banner
@@ -173,11 +167,7 @@ def server_factory(path: str, make_inner: Callable[[], Any]) -> WebSocketServerF
     factory.path = path
     factory.noisy = False
 
-    class Built(TunnelServerWebSocket):
-        pass
-
-    Built.make_inner = staticmethod(make_inner)  # type: ignore[assignment]
-    factory.protocol = Built
+    factory.protocol = _carrying(TunnelServerWebSocket, make_inner)
     return factory
 
 
@@ -193,9 +183,5 @@ def client_factory(host: str, port: int, path: str, secure: bool,
     factory.noisy = False
     factory.carried = carried
 
-    class Built(TunnelClientWebSocket):
-        pass
-
-    Built.make_inner = staticmethod(make_inner)  # type: ignore[assignment]
-    factory.protocol = Built
+    factory.protocol = _carrying(TunnelClientWebSocket, make_inner)
     return factory
