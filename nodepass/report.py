@@ -18,7 +18,8 @@ def log_report(report: Report) -> None:
     log.debug(
         "report: {state} pool={pool} connections={connections} ping={ping} "
         "tcp_in={tcp_in} tcp_out={tcp_out} udp_in={udp_in} udp_out={udp_out} "
-        "udp_sessions={udp_sessions} udp_dropped={udp_dropped} refused={refused} mode={mode}",
+        "udp_sessions={udp_sessions} udp_dropped={udp_dropped} refused={refused} mode={mode} "
+        "transport={transport}",
         ping=ping, report=report.as_dict(), **{k: v for k, v in report.as_dict().items()
                                                if k != "ping_ms"},
     )

@@ -45,12 +45,14 @@ class Report:
     udp_dropped: int = 0
     refused: int = 0  # connections and UDP sessions refused by the slot limit (or notcp/noudp)
     mode: str = ""  # reverse, forward or single-end
+    transport: str = ""  # the pool's: tcp, quic, websocket or http2 (none in single-end)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def snapshot(unconnected: str, pool: int, control: Any, flows: Any, mode: str) -> Report:
+def snapshot(unconnected: str, pool: int, control: Any, flows: Any, mode: str,
+             transport: str = "") -> Report:
     """A report from an instance's :class:`~nodepass.tunnel.flows.Flows`: ``connected``
     with the ping while ``control`` (its session's ControlSession) is up, else
     ``unconnected`` (waiting, connecting, forwarding)."""
@@ -58,4 +60,4 @@ def snapshot(unconnected: str, pool: int, control: Any, flows: Any, mode: str) -
     state, ping = ("connected", control.rtt_ms) if control is not None else (unconnected, None)
     return Report(state, pool, len(flows.relays), ping, traffic.tcp_in, traffic.tcp_out,
                   traffic.udp_in, traffic.udp_out, len(flows.udp_sessions), flows.udp_dropped(),
-                  flows.refused, mode)
+                  flows.refused, mode, transport)

@@ -231,7 +231,7 @@ Built = tuple[Callable[[], Report], Deferred[Any]]
 
 def _server(root: RootService, config: ServerConfig, tunables: Tunables,
             loaded: Credentials | None) -> Built:
-    from nodepass.endpoints import ListenerService, listeners
+    from nodepass.endpoints import listeners
     from nodepass.tunnel.server import REVERSE, ServerTunnel
     from nodepass.tunnel.targets import TargetDialer
 
@@ -253,9 +253,10 @@ def _server(root: RootService, config: ServerConfig, tunables: Tunables,
             service.setServiceParent(root)
         if config.mode == 1 and not config.notcp:
             ready.append(target[0].listening)
-    listener = ListenerService(root.reactor, config.tunnel, tunnel.tunnel_factory(), "tunnel",
-                               root.fail)
-    listener.setServiceParent(root)
+    listener, *quic = listeners(root.reactor, config.tunnel, "tunnel", root.fail,
+                                tunnel.tunnel_factory(), tunnel.quic_listener())
+    for service in (listener, *quic):
+        service.setServiceParent(root)
     ready.append(listener.listening)
     listener.listening.addCallback(lambda port: tunnel.announce_mode(
         _listening_on(target[0] if target and not config.notcp else None, config.target)))

@@ -34,6 +34,7 @@ MAX_POOL = 65536
 DEFAULT_DNS_TTL = 300.0  # NodePass's 5m
 BLOCKABLE = {"1": "SOCKS", "2": "HTTP", "3": "TLS"}
 POOL_TYPES = {0: "TCP", 1: "QUIC", 2: "WebSocket", 3: "HTTP/2"}
+TRANSPORTS = {0: "tcp", 1: "quic", 2: "websocket", 3: "http2"}  # as reports and the API say
 SCHEMES = ("server", "client", "master")
 DEFAULT_PREFIX = "/api"
 MAX_LISTED = 64  # entries in hosts= and origins=
@@ -92,7 +93,7 @@ class _TunnelConfig(_Config):
     max: int | None = None  # pool capacity bound; None = MAX_POOL_CAPACITY (the server's wins)
     dns: float = DEFAULT_DNS_TTL  # seconds a resolved target name is kept; 0 = every time
     block: str = ""  # digits of BLOCKABLE: kinds of first bytes refused from users
-    type: int = 0  # the pool transport: 0 = TCP, 2 = WebSocket, 3 = HTTP/2
+    type: int = 0  # the pool transport: 0 = TCP, 1 = QUIC, 2 = WebSocket, 3 = HTTP/2
     path: str = "/"  # type=2: the WebSocket's HTTP path
 
     @property
@@ -108,6 +109,7 @@ class ServerConfig(_TunnelConfig):
     tls: int = 0
     crt: str | None = None
     key: str | None = None
+    tls_raised: bool = False  # type=1 with tls=0: QUIC has TLS built in, so tls=1
 
 
 @dataclass(frozen=True)
@@ -224,14 +226,8 @@ def _block(text: str) -> str:
     return "".join(sorted(text))
 
 
-BUILT_POOL_TYPES = (0, 2, 3)
-
-
 def _pool_type(text: str) -> int:
-    if text == "1":
-        raise URLError(f"query: type={text} ({POOL_TYPES[int(text)]}) is not available yet "
-                       "(allowed: 0, the TCP pool; 2, WebSocket; 3, HTTP/2)")
-    if text not in ("0", "2", "3"):
+    if text not in ("0", "1", "2", "3"):
         raise ValueError(text)
     return int(text)
 
@@ -365,7 +361,8 @@ _PARAMS = {
                format_duration, default=DEFAULT_DNS_TTL),
         _Param("block", _block, "0, or digits of 1 (SOCKS), 2 (HTTP), 3 (TLS), like 13",
                default=""),
-        _Param("type", _pool_type, "0 (TCP), 2 (WebSocket) or 3 (HTTP/2)", default=0),
+        _Param("type", _pool_type, "0 (TCP), 1 (QUIC), 2 (WebSocket) or 3 (HTTP/2)",
+               default=0),
         _Param("path", _ws_path, "an HTTP path like /tunnel, for type=2 or 3", default="/"),
         _Param("np", _prefix_param, "a path like /api/np: the NodePass dialect's prefix",
                lambda v: quote(v, safe=_PATH_SAFE), default=None),
@@ -618,6 +615,8 @@ def parse(text: str) -> Config:
     if scheme == "server" and values.get("mode") == 1 and len(targets) > 1:
         raise URLError("target address: a server in mode=1 listens on its target, so it takes "
                        "one address (a list is for dialing: mode=2 or mode=0)")
+    if scheme == "server" and values.get("type") == 1 and values.get("tls", 0) == 0:
+        values.update(tls=1, tls_raised=True)
     cls = ServerConfig if scheme == "server" else ClientConfig
     return cls(tunnel=tunnel, target=targets[0], more_targets=targets[1:], tunnel_key=key,
                **values)

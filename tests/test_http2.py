@@ -13,23 +13,18 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from nodepass.tunnel.carriers import Http2Pool
-from nodepass.tunnel.h2stream import H2Carrier
+from nodepass.tunnel.h2stream import H2Carrier, Http2Pool
 from tests.integration import (
     DigestAfterEOF,
-    UdpEcho,
     echo_backend,
     eventually,
     exchange,
     listen,
-    peer,
-    reverse_server,
-    spawn,
     tunnel_pair,
-    udp_backend,
 )
 from tests.test_tunnel_e2e import slow_backend_holds_memory
 from tests.test_websocket import _raw, check_tunnel
+from tests.transports import back_after_server_restart, udp_sessions_cross, wrong_key_refused
 
 
 def _sockets(pid: int) -> int:
@@ -63,32 +58,16 @@ class Http2(TestCase):
         await eventually(lambda: _sockets(client.pid) <= 4)
 
     async def test_udp_sessions_cross(self):
-        backend = await udp_backend(self, UdpEcho())
-        _, _, exposed = await tunnel_pair(self, backend, server_query="?type=3&tls=1")
-        p = await peer(self, exposed)
-        for n in range(20):
-            self.assertEqual(await p.ask(b"datagram %d" % n), [b"datagram %d" % n])
+        await udp_sessions_cross(self, "?type=3&tls=1")
 
     async def test_backpressure_into_a_slow_target(self):
         await slow_backend_holds_memory(self, "?type=3&tls=1", 128 * 1024 * 1024)
 
     async def test_a_wrong_key_is_refused(self):
-        server, tunnel_port, _ = await reverse_server(self, key="right", query="?type=3&tls=1")
-        spawn(self, f"client://wrong@127.0.0.1:{tunnel_port}/127.0.0.1:9")
-        await server.wait_for("authentication failed")
-        self.assertEqual(server.count("tunnel session open"), 0)
+        await wrong_key_refused(self, "?type=3&tls=1")
 
     async def test_the_tunnel_comes_back_after_the_server_restarts(self):
-        backend = await echo_backend(self)
-        server, client, _ = await tunnel_pair(self, backend, server_query="?type=3")
-        tunnel_port = await server.listening_port("tunnel")
-        await server.stop()
-        again = spawn(self, f"server://secret@127.0.0.1:{tunnel_port}/127.0.0.1:0?type=3")
-        await again.wait_for("tunnel session open")
-        await client.wait_for("tunnel session open", nth=2)
-        exposed = await again.listening_port("target")
-        result = await exchange(exposed, iter([b"back again"]))
-        self.assertEqual(bytes(result.received), b"back again")
+        await back_after_server_restart(self, "?type=3")
 
     async def test_garbage_after_the_preface_is_refused(self):
         backend = await echo_backend(self)

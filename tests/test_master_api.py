@@ -268,8 +268,8 @@ class EndToEnd(TestCase):
                 if data["mode"] is not None:
                     break
                 await sleep(0.1)
-            self.assertEqual((data["mode"], data["refused"], data["tunnel"]),
-                             ("forward", 0, "connected"))
+            self.assertEqual((data["mode"], data["refused"], data["tunnel"],
+                              data["transport"]), ("forward", 0, "connected", "tcp"))
 
 
 class Https(TestCase):

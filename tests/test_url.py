@@ -194,10 +194,8 @@ class Refusals(SynchronousTestCase):
          "(SOCKS), 2 (HTTP), 3 (TLS), like 13)"),
         ("server://h:1/h:2?block=11", "bad value '11' for 'block'"),
         ("server://h:1/h:2?block=10", "bad value '10' for 'block'"),
-        ("server://h:1/h:2?type=1", "query: type=1 (QUIC) is not available yet (allowed: "
-         "0, the TCP pool; 2, WebSocket; 3, HTTP/2)"),
-        ("server://h:1/h:2?type=4", "bad value '4' for 'type' (allowed: 0 (TCP), 2 "
-         "(WebSocket) or 3 (HTTP/2))"),
+        ("server://h:1/h:2?type=4", "bad value '4' for 'type' (allowed: 0 (TCP), 1 (QUIC), "
+         "2 (WebSocket) or 3 (HTTP/2))"),
         ("server://h:1/h:2?type=2&path=tunnel", "bad value 'tunnel' for 'path' (allowed: an "
          "HTTP path like /tunnel, for type=2 or 3)"),
         ("master://h:1/api?np=/api", "query: np=/api would overlap the API at /api/v1"),

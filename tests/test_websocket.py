@@ -22,19 +22,17 @@ from twisted.trial.unittest import TestCase
 from tests.integration import (
     WAIT,
     DigestAfterEOF,
-    UdpEcho,
     echo_backend,
     exchange,
     listen,
     need,
     pattern_bytes,
-    peer,
     reverse_server,
     spawn,
     tunnel_pair,
-    udp_backend,
 )
 from tests.test_tunnel_e2e import slow_backend_holds_memory
+from tests.transports import back_after_server_restart, udp_sessions_cross
 
 
 async def check_tunnel(case: TestCase, exposed: int, size: int = 64 * 1024 * 1024) -> None:
@@ -66,12 +64,7 @@ class Direct(TestCase):
             await client.stop()
 
     async def test_udp_sessions_cross(self):
-        backend = await udp_backend(self, UdpEcho())
-        _, _, exposed = await tunnel_pair(self, backend, server_query="?type=2&tls=1",
-                                          REPORT_INTERVAL="1s")
-        p = await peer(self, exposed)
-        for n in range(20):
-            self.assertEqual(await p.ask(b"datagram %d" % n), [b"datagram %d" % n])
+        await udp_sessions_cross(self, "?type=2&tls=1", REPORT_INTERVAL="1s")
 
     async def test_backpressure_into_a_slow_target(self):
         await slow_backend_holds_memory(self, "?type=2&tls=1", 128 * 1024 * 1024)
@@ -84,17 +77,7 @@ class Direct(TestCase):
         self.assertEqual(server.count("tunnel session open"), 0)
 
     async def test_the_tunnel_comes_back_after_the_server_restarts(self):
-        backend = await echo_backend(self)
-        server, client, exposed = await tunnel_pair(self, backend, server_query="?type=2",
-                                                    client_query="?type=2")
-        tunnel_port = await server.listening_port("tunnel")
-        await server.stop()
-        again = spawn(self, f"server://secret@127.0.0.1:{tunnel_port}/127.0.0.1:0?type=2")
-        await again.wait_for("tunnel session open", timeout=WAIT)
-        await client.wait_for("tunnel session open", nth=2, timeout=WAIT)
-        exposed = await again.listening_port("target")
-        result = await exchange(exposed, iter([b"back again"]))
-        self.assertEqual(bytes(result.received), b"back again")
+        await back_after_server_restart(self, "?type=2", "?type=2")
 
     async def test_a_plain_http_client_and_a_keyless_websocket_are_refused(self):
         backend = await echo_backend(self)

@@ -93,6 +93,11 @@ _INSTANCE = {
         "mode": {"type": "string", "nullable": True,
                  "enum": ["reverse", "forward", "single-end", None],
                  "description": "the run mode in force (mode=0 resolved), while running"},
+        "transport": {"type": "string", "nullable": True,
+                      "enum": ["tcp", "quic", "websocket", "http2", None],
+                      "description": "the pool's transport (type=), as the server chose it "
+                                     "and the client learned it; null in single-end mode "
+                                     "and while stopped"},
         "refused": {"type": "integer", "minimum": 0,
                     "description": "connections and UDP sessions refused by the slot limit "
                                    "(or notcp/noudp) since the instance started"},

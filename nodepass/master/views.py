@@ -27,6 +27,7 @@ def describe(instance: Instance, now: float) -> dict[str, Any]:
         "ping": report.get("ping_ms"),
         "tunnel": report.get("state"),
         "mode": report.get("mode") or None,
+        "transport": report.get("transport") or None,
         "refused": int(report.get("refused") or 0),
         "pid": instance.child.pid if running and instance.child is not None else None,
         "error": instance.error,

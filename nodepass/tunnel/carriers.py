@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -191,84 +191,3 @@ class WebSocketDialing(Factory):
 
     def buildProtocol(self, addr: Any) -> Any:
         return _WebSocketDial(*self.args)
-
-
-class _H2Dial(_Delegating):
-    """The client's HTTP/2 connection: TLS first when ``tls`` is given, then HTTP/2."""
-
-    def __init__(self, tls: Any, carrier: Any) -> None:
-        self.tls = tls
-        self.carrier = carrier
-
-    def connectionMade(self) -> None:
-        tune(self.transport)
-        if self.tls is not None:
-            tls_transport.start_tls(self.transport, self.tls.context, False, self.tls.hostname,
-                                    self.tls.describe, self.tls.session)
-        self._hand_to(self.carrier)
-
-
-class Http2Pool:
-    """A client session's data connections as streams of one HTTP/2 connection
-    (``type=3``): dialed with the first, dialed again after a loss."""
-
-    def __init__(self, endpoint: Any, tls: Any, authority: str, path: str,
-                 make_inner: Callable[[], Any]) -> None:
-        self.endpoint = endpoint
-        self.tls = tls
-        self.authority, self.path = authority, path
-        self.make_inner = make_inner
-        self.carrier: Any = None
-        self.connecting = False
-        self.waiting: list[Deferred[Any]] = []
-        self.closed = False
-
-    def dial(self) -> Deferred[Any]:
-        """A new data connection: its tunnel connection, once its handshake ended."""
-        if self.carrier is not None and not self.carrier.lost:
-            return self._open(self.carrier)
-        waiting: Deferred[Any] = Deferred()
-        self.waiting.append(waiting)
-        if not self.connecting:
-            from nodepass.tunnel.h2stream import H2Carrier
-
-            self.connecting = True
-            carrier = H2Carrier(True, self.make_inner, self.path, self.authority)
-            factory = Factory.forProtocol(lambda: _H2Dial(self.tls, carrier))
-            factory.noisy = False
-            self.endpoint.connect(factory).addCallbacks(lambda _: self._up(carrier),
-                                                        self._failed)
-        return waiting
-
-    def _up(self, carrier: Any) -> None:
-        self.connecting = False
-        self.carrier = carrier
-        waiting, self.waiting = self.waiting, []
-        if self.closed:
-            carrier.transport.loseConnection()
-        for d in waiting:
-            self._open(carrier).chainDeferred(d)
-
-    @staticmethod
-    def _open(carrier: Any) -> Deferred[Any]:
-        """A stream's tunnel connection, ready; or why no stream could be opened (the
-        server's stream limit reached, the connection closing)."""
-        from h2.exceptions import H2Error
-
-        try:
-            return carrier.open_stream().ready
-        except H2Error as e:
-            return fail(ConnectionError(f"no HTTP/2 stream: {e}"))
-
-    def _failed(self, reason: Failure) -> None:
-        self.connecting = False
-        waiting, self.waiting = self.waiting, []
-        for d in waiting:
-            d.errback(reason)
-
-    def close(self) -> None:
-        """The session ended: its idle streams were closed by the pool; relays on
-        streams go on (as on TCP) and the connection closes after the last one."""
-        self.closed = True
-        if self.carrier is not None and not self.carrier.lost:
-            self.carrier.close_when_idle()

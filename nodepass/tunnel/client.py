@@ -34,7 +34,7 @@ from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.pool import ClientPool
 from nodepass.tunnel.targets import TargetDialer
 from nodepass.tunnel.wire import Goodbye, Kind, Launch, ProtocolError
-from nodepass.url import ClientConfig, derived_key, format_targets
+from nodepass.url import TRANSPORTS, ClientConfig, derived_key, format_targets
 
 RECONNECT_JITTER = 0.25  # a fleet of clients does not stampede a restarted server
 
@@ -77,7 +77,8 @@ class ClientTunnel(MultiService):
         self.endpoint = server or dial_endpoint(reactor, config.tunnel)
         self._tls_options: dict[int, ClientTLS] = {}
         self.data_type, self.data_path = config.type, config.path  # the server's, once known
-        self.http2: carriers.Http2Pool | None = None  # type=3: the session's connection
+        self.http2: Any = None  # type=3: the session's connection (h2stream.Http2Pool)
+        self.quic: Any = None  # type=1: the session's QUIC connection (quicstream.QuicPool)
         self.control_service = ClientService(
             _ReportingEndpoint(self.endpoint, self._dial_failed), self._control_factory(),
             clock=reactor,
@@ -113,12 +114,16 @@ class ClientTunnel(MultiService):
         if not isinstance(interval, int) or interval <= 0:
             interval = int(self.tunables.report_interval * 1000)
         max_pool = settings.get("max_pool")
-        if settings.get("type") in (2, 3) and isinstance(settings.get("path"), str):
+        if settings.get("type") in (1, 2, 3) and isinstance(settings.get("path"), str):
             self.data_type, self.data_path = settings["type"], settings["path"]
         else:
             self.data_type, self.data_path = self.config.type, self.config.path
-        if self.data_type == 3:
-            self.http2 = carriers.Http2Pool(
+        if self.data_type == 1:
+            self.quic = self._quic_pool(conn, handshake.tls_mode)
+        elif self.data_type == 3:
+            from nodepass.tunnel.h2stream import Http2Pool
+
+            self.http2 = Http2Pool(
                 self.endpoint,
                 self.tls_creator(handshake.tls_mode) if handshake.tls_mode else None,
                 self.config.sni or self.config.tunnel.host, self.data_path,
@@ -221,9 +226,10 @@ class ClientTunnel(MultiService):
             self.session_fingerprint = self.session_id = b""
             self.session_keys = None
             self.pool.stop()
-            if self.http2 is not None:
-                self.http2.close()
-                self.http2 = None
+            for multiplexed in (self.http2, self.quic):
+                if multiplexed is not None:
+                    multiplexed.close()
+            self.http2 = self.quic = None
             if not self.stopping:
                 self.log.warn("tunnel to {peer} closed; reconnecting", peer=conn.peer)
 
@@ -245,10 +251,25 @@ class ClientTunnel(MultiService):
             self.config.sni or self.config.tunnel.host, self.config.tunnel.port, path,
             make_inner)
 
+    def _quic_pool(self, conn: TunnelConnection, tls_mode: int) -> Any:
+        """type=1: data connections as streams of a QUIC connection to the port number
+        of the control connection, at the address it reached (so no second lookup)."""
+        from nodepass.tunnel import quicstream
+
+        server = conn.transport.getPeer()
+        name = self.config.sni or self.config.tunnel.host
+        return quicstream.QuicPool(
+            self.clock, (server.host, server.port),
+            lambda: quicstream.client_configuration(tls_mode, name, self.config.ca),
+            lambda: TunnelConnection(self.clock, dialed(
+                self, Kind.DATA, (self.session_id, self.session_keys))))
+
     def _dial_data(self) -> Deferred[TunnelConnection]:
         assert self.session_keys is not None
         if self.data_type == 3 and self.http2 is not None:
             return self.http2.dial()
+        if self.data_type == 1 and self.quic is not None:
+            return self.quic.dial()
         first = dialed(self, Kind.DATA, (self.session_id, self.session_keys))
         if self.data_type == 2:
             factory = self._websocket(self.session_tls, self.data_path,
@@ -308,7 +329,8 @@ class ClientTunnel(MultiService):
     # -- reporting and lifecycle -----------------------------------------
 
     def report(self) -> Report:
-        return snapshot("connecting", len(self.pool.idle), self.control, self.flows, self.mode)
+        return snapshot("connecting", len(self.pool.idle), self.control, self.flows, self.mode,
+                        TRANSPORTS[self.data_type])
 
     def startService(self) -> None:
         if self.config.tunnel_key is None:

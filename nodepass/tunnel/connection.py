@@ -324,10 +324,10 @@ class _Timed(Framed):
     def start_tls(self, context: Any, server_side: bool, hostname: str | None = None,
                   describe: Callable[[Any], str] = str, session: Any = None) -> None:
         """TLS from here on (the standard library's, on this very transport)."""
-        if self.decoder.buffered:
-            raise ProtocolError("data sent before TLS started")
         carried_in_tls = getattr(self.conn.transport, "carrier_tls", None)
         if carried_in_tls is None:
+            if self.decoder.buffered:  # (inside a carrier's TLS the rest is as safe)
+                raise ProtocolError("data sent before TLS started")
             tls_transport.start_tls(self.conn.transport, context, server_side, hostname,
                                     describe, session)
         elif not carried_in_tls:  # a WebSocket: its TLS (wss) comes first, or not at all

@@ -24,9 +24,12 @@ import h2.exceptions
 import h2.settings
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 
+from nodepass.tunnel import tls_transport
+from nodepass.tunnel.channel import tune
+from nodepass.tunnel.streams import CarriedStream, MultiplexedPool
 from nodepass.tunnel.tls_transport import CarriedTLS
 
 PREFACE = b"PRI * HTTP/2.0"
@@ -46,25 +49,15 @@ _SETTINGS = {
 }
 
 
-class StreamTransport(CarriedTLS):
+class StreamTransport(CarriedStream, CarriedTLS):
     """The transport a tunnel connection sees over one HTTP/2 stream."""
 
-    bufferSize = 256 * 1024
-
     def __init__(self, carrier: H2Carrier, stream_id: int) -> None:
-        self.carrier = carrier
+        super().__init__(carrier, stream_id)
         self.tcp_connection = carrier.transport
-        self.stream_id = stream_id
-        self.connected = True
-        self.disconnecting = False
-        self.write_closed = False
         self.held: list[bytes] = []  # waiting for the send window
         self.held_size = 0
         self.end_after_held = False
-        self.producer: Any = None
-        self.paused = False  # our reader paused: received data is not acknowledged
-        self.unacknowledged = 0
-        self.inner: Any = None
 
     # ITransport
     def write(self, data: bytes) -> None:
@@ -75,9 +68,6 @@ class StreamTransport(CarriedTLS):
         self.carrier.flush(self)
         if self.held_size > HELD_LIMIT and self.producer is not None:
             self.producer.pauseProducing()
-
-    def writeSequence(self, iovec: list[bytes]) -> None:
-        self.write(b"".join(iovec))
 
     def loseWriteConnection(self) -> None:
         if self.connected and not self.write_closed:
@@ -91,32 +81,11 @@ class StreamTransport(CarriedTLS):
             self.loseWriteConnection()
             self.carrier.close_later(self)
 
-    def abortConnection(self) -> None:
-        self.carrier.reset(self)
-
     def getPeer(self) -> Any:
         return self.carrier.transport.getPeer()
 
     def getHost(self) -> Any:
         return self.carrier.transport.getHost()
-
-    # IConsumer: the relay's valve produces for this stream
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    # IPushProducer: this stream's reading
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self.carrier.acknowledge(self)
-
-    def stopProducing(self) -> None:
-        self.loseConnection()
 
     def _sent_all(self) -> None:
         if self.producer is not None and self.held_size <= HELD_LIMIT // 2:
@@ -310,3 +279,45 @@ class H2Carrier(Protocol):
             stream.inner.connectionLost(reason)
         if self.idle_close and not self.streams and not self.lost:
             self.transport.loseConnection()
+
+
+class _H2Dial(Protocol):
+    """The client's HTTP/2 connection: TLS first when ``tls`` is given, then HTTP/2."""
+
+    def __init__(self, tls: Any, carrier: H2Carrier) -> None:
+        self.tls = tls
+        self.carrier = carrier
+
+    def connectionMade(self) -> None:
+        tune(self.transport)
+        if self.tls is not None:
+            tls_transport.start_tls(self.transport, self.tls.context, False, self.tls.hostname,
+                                    self.tls.describe, self.tls.session)
+        self.carrier.makeConnection(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.carrier.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.carrier.connectionLost(reason)
+
+
+class Http2Pool(MultiplexedPool):
+    """A client session's data connections as streams of one HTTP/2 connection
+    (``type=3``), dialed through ``endpoint`` (inside TLS when ``tls`` is given)."""
+
+    name = "HTTP/2"
+    stream_errors = (h2.exceptions.H2Error,)
+
+    def __init__(self, endpoint: Any, tls: Any, authority: str, path: str,
+                 make_inner: Callable[[], Any]) -> None:
+        super().__init__(make_inner)
+        self.endpoint = endpoint
+        self.tls = tls
+        self.authority, self.path = authority, path
+
+    def _connect(self) -> None:
+        carrier = H2Carrier(True, self.make_inner, self.path, self.authority)
+        factory = Factory.forProtocol(lambda: _H2Dial(self.tls, carrier))
+        factory.noisy = False
+        self.endpoint.connect(factory).addCallbacks(lambda _: self._up(carrier), self._failed)

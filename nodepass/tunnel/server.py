@@ -33,7 +33,7 @@ from nodepass.tunnel.ingress import Ingress
 from nodepass.tunnel.pool import POOL_WAIT_TIMEOUT, IdlePool
 from nodepass.tunnel.targets import TargetDialer
 from nodepass.tunnel.wire import Kind, Launch, ProtocolError
-from nodepass.url import Address, ServerConfig, derived_key, format_targets
+from nodepass.url import TRANSPORTS, Address, ServerConfig, derived_key, format_targets
 
 REVERSE, FORWARD = "reverse", "forward"
 
@@ -94,6 +94,16 @@ class ServerTunnel(Service):
         sniffer that also takes WebSockets at ``path`` (type=2)."""
         return carriers.accepting(_TunnelFactory(self), self, self.config.type,
                                   self.config.path)
+
+    def quic_listener(self) -> Any:
+        """type=1: what receives QUIC on the tunnel port's number over UDP (the control
+        connection stays TCP); None for the other types."""
+        if self.config.type != 1:
+            return None
+        from nodepass.tunnel.quicstream import QuicListener
+
+        return QuicListener(self.clock, self, lambda: TunnelConnection(self.clock,
+                                                                       accepted(self)))
 
     def target_factory(self) -> QuietFactory:
         return self.ingress.user_factory()
@@ -223,13 +233,16 @@ class ServerTunnel(Service):
     # -- reporting and lifecycle -----------------------------------------
 
     def report(self) -> Report:
-        return snapshot("waiting", len(self.pool.idle), self.control, self.flows, self.mode)
+        return snapshot("waiting", len(self.pool.idle), self.control, self.flows, self.mode,
+                        TRANSPORTS[self.config.type])
 
     def startService(self) -> None:
         super().startService()
         if self.config.tunnel_key is None:
             self.log.warn("no key in the URL: the tunnel key is the port in hex, which anyone "
                           "can guess; set one as server://KEY@host:port/...")
+        if self.config.tls_raised:
+            self.log.warn("type=1 (QUIC) is TLS 1.3 by design: tls=0 raised to tls=1")
         if self.credentials is None:
             self.log.info("tls=0: tunnel traffic is not encrypted")
         else:

@@ -51,6 +51,7 @@ const COLUMNS = [
   { key: "alias", label: "Tunnel", value: (i) => (i.alias || i.id).toLowerCase() },
   { key: "type", label: "Type", value: (i) => i.type },
   { key: "mode", label: "Mode", value: (i) => i.mode || "", optional: true },
+  { key: "transport", label: "Pool over", value: (i) => i.transport || "", optional: true },
   { key: "status", label: "Status", value: (i) => i.status },
   { key: "tunnel", label: "Session", value: (i) => i.tunnel || "", optional: true },
   { key: "ping", label: "Ping", value: (i) => (i.ping === null ? -1 : i.ping), numeric: true,
@@ -72,6 +73,7 @@ function cellText(column, i) {
   switch (column.key) {
     case "type": return i.type;
     case "mode": return i.mode || "—";
+    case "transport": return i.transport || "—";
     case "status": return i.status;
     case "tunnel": return i.tunnel || "—";
     case "ping": return fmt.ping(i.ping);
@@ -583,6 +585,7 @@ function renderDetail() {
   $("detail-url").textContent = masked(instance.url);
   const fields = [
     ["id", instance.id], ["type", instance.type], ["mode", instance.mode || "—"],
+    ["pool over", instance.transport || "—"],
     ["status", instance.status + (instance.error ? ` — ${instance.error}` : "")],
     ["session", instance.tunnel || "—"], ["ping", fmt.ping(instance.ping)],
     ["pool", String(instance.pool_size)], ["connections", String(instance.connections)],
