@@ -19,6 +19,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
+from tests.certs import issue, make_ca, write_ca
 from tests.integration import (
     WAIT,
     DigestAfterEOF,
@@ -142,6 +143,7 @@ CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 
 # The contrib files' own addresses, replaced by the test's.
 LISTEN, UPSTREAM = "127.0.0.1:8080", "127.0.0.1:10101"
+TLS_LISTEN = "127.0.0.1:8443"
 
 NGINX_SKELETON = """
 worker_processes 1;
@@ -199,10 +201,15 @@ class BehindProxies(TestCase):
 
         self.addCleanup(stop)
 
-    async def through(self, write_config, argv) -> None:
+    async def through(self, write_config, argv, client_query: str = "?type=2&path=/tunnel",
+                      server_query: str = "?type=2&path=/tunnel",
+                      carried: bool = True) -> Any:
+        """A server with ``server_query`` behind the proxy ``argv`` runs with the config
+        ``write_config`` writes, a client with ``client_query`` through it: 16 MiB cross
+        (``carried``), or the client is returned before any session (not ``carried``)."""
         backend = await listen(self, Factory.forProtocol(DigestAfterEOF))
         server, tunnel_port, exposed = await reverse_server(
-            self, key="secret", query="?type=2&path=/tunnel")
+            self, key="secret", query=server_query)
         listener = socket.socket()
         self.addCleanup(listener.close)
         listener.bind(("127.0.0.1", 0))
@@ -219,27 +226,70 @@ class BehindProxies(TestCase):
         else:
             self.fail("the proxy never answered on the socket it was handed")
         client = spawn(self, f"client://secret@127.0.0.1:{port}/127.0.0.1:{backend}"
-                             "?type=2&path=/tunnel")
+                             f"{client_query}")
+        if not carried:
+            return client
         await client.wait_for("tunnel session open", timeout=WAIT)
         await check_tunnel(self, exposed, 16 * 1024 * 1024)
         self.assertEqual(server.count("Traceback") + client.count("Traceback"), 0)
+        return client
 
-    async def test_through_nginx(self):
+    def nginx(self, contrib: str, listen: str = LISTEN):
+        """(write_config, argv) for nginx running the server block ``contrib``; nginx takes
+        a listening socket it inherits (NGINX=fd;) for the matching address."""
         nginx = need("nginx", "nginx")
 
         def write(folder: Path, port: int, upstream: int, fd: int) -> Path:
             for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
                 (folder / sub).mkdir()
-            block = (CONTRIB / "nginx-websocket.conf").read_text()
-            block = block.replace(LISTEN, f"127.0.0.1:{port}").replace(
+            block = (CONTRIB / contrib).read_text()
+            block = block.replace(listen, f"127.0.0.1:{port}").replace(
                 UPSTREAM, f"127.0.0.1:{upstream}")
+            if "/etc/nginx/tls/" in block:  # a certificate for proxy.test from self.ca
+                crt, key = issue(self.ca, ("proxy.test",)).write(folder, "proxy")
+                block = block.replace("/etc/nginx/tls/proxy.crt", crt).replace(
+                    "/etc/nginx/tls/proxy.key", key)
             path = folder / "nginx.conf"
             path.write_text(NGINX_SKELETON.format(dir=folder, server=block))
             return path
 
-        # nginx takes a listening socket it inherits (NGINX=fd;) for the matching address
-        await self.through(write, lambda folder, config, fd: (
-            [nginx, "-p", str(folder), "-c", str(config)], {"NGINX": f"{fd};"}))
+        return write, lambda folder, config, fd: (
+            [nginx, "-p", str(folder), "-c", str(config)], {"NGINX": f"{fd};"})
+
+    async def test_through_nginx(self):
+        await self.through(*self.nginx("nginx-websocket.conf"))
+
+    async def test_through_nginx_terminating_tls(self):
+        folder = self.folder()
+        self.ca = make_ca()
+        ca = write_ca(self.ca, folder)
+        verified = f"?type=2&path=/tunnel&ca={ca}&sni=proxy.test"
+        client = await self.through(*self.nginx("nginx-websocket-tls.conf", TLS_LISTEN),
+                                    client_query=verified)
+        self.assertEqual(client.count("TLS to the proxy, certificate verified for proxy.test; "
+                                      "the server behind it tls=0"), 1)
+
+    async def test_behind_a_terminating_proxy_only_a_verified_client_goes(self):
+        folder = self.folder()
+        self.ca = make_ca()
+        # pinning (tls=1) proves nothing about a proxy: the server's tls=0 is refused
+        client = await self.through(*self.nginx("nginx-websocket-tls.conf", TLS_LISTEN),
+                                    client_query="?type=2&path=/tunnel&tls=1", carried=False)
+        await client.wait_for("refusing server .* it offers tls=0, and this client accepts "
+                              "tls=1 or more", timeout=WAIT)
+        # a server with TLS of its own behind a terminating proxy: it takes no WebSocket
+        # in the clear (and the certificate the client verified would not be the one its
+        # key attests); the proxy answers 502 and the client says so, once
+        ca = write_ca(self.ca, folder)
+        client = await self.through(*self.nginx("nginx-websocket-tls.conf", TLS_LISTEN),
+                                    client_query=f"?type=2&path=/tunnel&ca={ca}&sni=proxy.test",
+                                    server_query="?type=2&path=/tunnel&tls=1", carried=False)
+        await client.wait_for(r"the tunnel's WebSocket at .*/tunnel did not open: WebSocket "
+                              r"connection upgrade failed \[502\]: Bad Gateway; retrying",
+                              timeout=WAIT)
+        self.assertEqual(client.count("tunnel session open"), 0)
+        self.assertEqual(client.count("Unhandled|Traceback|dropping connection"), 0,
+                         "\n".join(client.lines))
 
     async def test_through_haproxy_in_http_mode(self):
         haproxy = need("haproxy", "haproxy")

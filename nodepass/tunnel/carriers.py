@@ -177,17 +177,28 @@ class _WebSocketDial(_Delegating):
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         if self.tunnel_connection is None and not self.ready.called:
-            problem = getattr(self.transport, "tls_problem", None)
+            problem = (getattr(self.transport, "tls_problem", None)
+                       or getattr(self.inner, "wasNotCleanReason", None))
             self.ready.errback(Failure(ConnectionError(
                 problem or f"WebSocket closed before it opened ({reason.getErrorMessage()})")))
 
 
 class WebSocketDialing(Factory):
+    """Dials WebSockets; a WebSocket that closes before it opened is told to
+    ``on_failure(why)`` when given (the control connection's, whose readiness nobody
+    else waits for), else to whoever waits for the dial's ``ready``."""
+
     noisy = False
 
     def __init__(self, tls: Any, host: str, port: int, path: str,
-                 make_inner: Callable[[], Any]) -> None:
+                 make_inner: Callable[[], Any],
+                 on_failure: Callable[[str], None] | None = None) -> None:
         self.args = (tls, host, port, path, make_inner)
+        self.on_failure = on_failure
 
     def buildProtocol(self, addr: Any) -> Any:
-        return _WebSocketDial(*self.args)
+        dial = _WebSocketDial(*self.args)
+        if self.on_failure is not None:
+            report = self.on_failure
+            dial.ready.addErrback(lambda reason: report(reason.getErrorMessage()))
+        return dial

@@ -144,9 +144,15 @@ class ClientTunnel(MultiService):
         self.pool.start(max_pool if isinstance(max_pool, int) and max_pool > 0 else None)
         self._set_mode("forward" if settings.get("mode") == "forward" else "reverse")
         tls = handshake.tls_mode
+        if tls:
+            how = f"tls={tls}, certificate {fingerprint_text(handshake.binding)}"
+        elif self.tls_ends_at_proxy(tls, conn.transport):
+            how = ("TLS to the proxy, certificate verified for "
+                   f"{self.config.sni or self.config.tunnel.host}; the server behind it tls=0")
+        else:
+            how = "tls=0, not encrypted"
         self.log.info("connected to server {peer}: tunnel session open ({how})", peer=conn.peer,
-                      how=f"tls={tls}, certificate {fingerprint_text(handshake.binding)}"
-                      if tls else "tls=0, not encrypted")
+                      how=how)
 
     def _dial_failed(self, reason: Failure) -> None:
         if not reason.check(CancelledError):
@@ -172,11 +178,12 @@ class ClientTunnel(MultiService):
                 self._tls_options[mode] = verifying_tls(name, self.config.ca)
         return self._tls_options[mode]
 
-    def refuse_mode(self, kind: Kind, mode: int) -> str | None:
+    def refuse_mode(self, kind: Kind, mode: int, transport: Any = None) -> str | None:
         """Why this client will not take the TLS mode a server offers, or None: below
-        its ``tls=`` (``ca=``/``sni=`` mean 2), or not its session's."""
+        its ``tls=`` (``ca=``/``sni=`` mean 2) — unless TLS ends at a proxy this client
+        verified (:meth:`tls_ends_at_proxy`) — or not its session's."""
         least = self.config.required_tls
-        if mode < least:
+        if mode < least and not self.tls_ends_at_proxy(mode, transport):
             why = "its URL asks for a verified certificate (ca= or sni=)" \
                 if least == 2 and self.config.tls < 2 else f"its URL says tls={least}"
             return (f"it offers tls={mode}, and this client accepts tls={least} or more "
@@ -184,6 +191,14 @@ class ClientTunnel(MultiService):
         if kind is Kind.DATA and mode != self.session_tls:
             return f"a data connection offers tls={mode}, its session tls={self.session_tls}"
         return None
+
+    def tls_ends_at_proxy(self, mode: int, transport: Any) -> bool:
+        """A WebSocket this client opened in TLS it verified (tls=2: the chain and the
+        name), to a server running tls=0: a reverse proxy terminates TLS in front of it
+        (docs/configuration.md, "TLS terminated at a proxy").  The client's guarantees
+        hold up to the proxy it verified; the hop behind it is the operator's."""
+        return (mode == 0 and self.config.type == 2 and self.config.required_tls == 2
+                and bool(getattr(transport, "carrier_verified", False)))
 
     def key_refused(self, conn: TunnelConnection, fingerprint: str) -> None:
         """The server did not prove the key: a different key, or a man in the middle."""
@@ -243,13 +258,21 @@ class ClientTunnel(MultiService):
             return QuietFactory(TunnelConnection, self.clock, first)
         least = self.config.required_tls
         return self._websocket(least, self.config.path,
-                               lambda: TunnelConnection(self.clock, first))
+                               lambda: TunnelConnection(self.clock, first),
+                               self._websocket_failed)
 
-    def _websocket(self, tls_mode: int, path: str, make_inner: Callable[[], Any]) -> Any:
+    def _websocket(self, tls_mode: int, path: str, make_inner: Callable[[], Any],
+                   on_failure: Callable[[str], None] | None = None) -> Any:
         return carriers.WebSocketDialing(
             self.tls_creator(tls_mode) if tls_mode else None,
             self.config.sni or self.config.tunnel.host, self.config.tunnel.port, path,
-            make_inner)
+            make_inner, on_failure)
+
+    def _websocket_failed(self, why: str) -> None:
+        if not self.stopping and self._tls_throttle.allow() is not None:
+            self.log.warn("the tunnel's WebSocket at {server}{path} did not open: {why}; "
+                          "retrying", server=self.config.tunnel, path=self.config.path,
+                          why=why)
 
     def _quic_pool(self, conn: TunnelConnection, tls_mode: int) -> Any:
         """type=1: data connections as streams of a QUIC connection to the port number
@@ -272,7 +295,10 @@ class ClientTunnel(MultiService):
             return self.quic.dial()
         first = dialed(self, Kind.DATA, (self.session_id, self.session_keys))
         if self.data_type == 2:
-            factory = self._websocket(self.session_tls, self.data_path,
+            # (a client that dials a proxy itself opens every WebSocket in its own TLS)
+            outer = max(self.session_tls, self.config.required_tls) \
+                if self.config.type == 2 else self.session_tls
+            factory = self._websocket(outer, self.data_path,
                                       lambda: TunnelConnection(self.clock, first))
         else:
             factory = QuietFactory(TunnelConnection, self.clock, first)

@@ -499,7 +499,7 @@ class ClientHello(_Timed):
 
     def expected(self, frame: Frame) -> None:
         mode = self.handshake.on_challenge(frame.payload)
-        refusal = self.tunnel.refuse_mode(self.kind, mode)
+        refusal = self.tunnel.refuse_mode(self.kind, mode, self.conn.transport)
         if refusal is not None:
             self.tunnel.tls_refused(self.conn, refusal)
             return

@@ -269,6 +269,12 @@ class TLSMixin:
             return None
         return self._tls.getpeercert(binary_form=True)
 
+    def tls_verified(self) -> bool:
+        """The handshake ended with the peer's chain and name verified (tls=2's
+        context: OpenSSL refuses the handshake otherwise)."""
+        return (not self._handshaking and self._tls is not None
+                and self._tls.context.verify_mode == ssl.CERT_REQUIRED)
+
 
 class CarriedTLS:
     """For a transport carried inside a TCP connection (a WebSocket, an HTTP/2 stream):
@@ -282,6 +288,11 @@ class CarriedTLS:
 
     def peer_certificate(self) -> bytes | None:
         return self.tcp_connection.peer_certificate() if self.carrier_tls else None
+
+    @property
+    def carrier_verified(self) -> bool:
+        """The TLS under this transport verified its peer's certificate and name."""
+        return self.carrier_tls and self.tcp_connection.tls_verified()
 
     def tls_session(self) -> ssl.SSLSession | None:
         return self.tcp_connection.tls_session() if self.carrier_tls else None

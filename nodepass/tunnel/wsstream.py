@@ -27,6 +27,7 @@ from autobahn.twisted.websocket import (
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from nodepass.tunnel.tls_transport import CarriedTLS
@@ -108,6 +109,9 @@ class _Carrying:
     stream: MessageStream | None = None
     make_inner: Callable[[], Any]
     ended_reading = False
+    # autobahn's own lines (a warning per failed upgrade, per attempt) stay out of the
+    # log: a failure reaches it once, throttled, in nodepass's words (wasNotCleanReason)
+    log = Logger(observer=lambda event: None)
 
     def _carry(self) -> None:
         self.stream = MessageStream(self)
