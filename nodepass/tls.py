@@ -77,6 +77,9 @@ class Credentials:
         # its signature (a handshake costs the client half as much).
         context.num_tickets = 1
         context.options &= ~ssl.OP_ENABLE_MIDDLEBOX_COMPAT
+        # type=3 clients ask for h2 (a proxy routing by ALPN sees HTTP/2); the others
+        # ask for nothing and get nothing
+        context.set_alpn_protocols(["h2"])
         certs, key = self.pem()
         _load_chain(context, certs + key)
         return context
@@ -267,25 +270,29 @@ class ClientTLS:
         return error.reason or str(error)
 
 
-def _client_context() -> ssl.SSLContext:
+def _client_context(alpn: tuple[str, ...]) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.options &= ~ssl.OP_ENABLE_MIDDLEBOX_COMPAT
+    if alpn:
+        context.set_alpn_protocols(list(alpn))
     return context
 
 
-def pinning_tls() -> ClientTLS:
-    """tls=1: accept the TLS layer's certificate; the handshake's attestation pins it."""
-    context = _client_context()
+def pinning_tls(alpn: tuple[str, ...] = ()) -> ClientTLS:
+    """tls=1: accept the TLS layer's certificate; the handshake's attestation pins it.
+    ``alpn``: the protocols to ask for (``("h2",)`` for the HTTP/2 pool)."""
+    context = _client_context(alpn)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return ClientTLS(context, None)
 
 
-def verifying_tls(hostname: str, ca_path: str | None) -> ClientTLS:
+def verifying_tls(hostname: str, ca_path: str | None, alpn: tuple[str, ...] = ()
+                  ) -> ClientTLS:
     """tls=2: the chain against the system trust store or ``ca_path``; the name (a DNS
     name or an IP address) by OpenSSL."""
-    context = _client_context()
+    context = _client_context(alpn)
     if ca_path is None:
         context.load_default_certs()
     else:

@@ -65,3 +65,38 @@ class Certificates(SynchronousTestCase):
         self.assertNotEqual(current.current()[1], tls.fingerprint(renewed.cert))
         clock.advance(1)
         self.assertEqual(current.current()[1], tls.fingerprint(renewed.cert))
+
+
+def _handshake_in_memory(client_context, server_context) -> tuple:
+    """A TLS handshake between two SSLObjects over memory BIOs: (client, server)."""
+    import ssl
+
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_context.wrap_bio(c_in, c_out, server_side=False)
+    server = server_context.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for end in (client, server):
+            try:
+                end.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    return client, server
+
+
+class Alpn(SynchronousTestCase):
+    """The HTTP/2 pool asks for h2 (a proxy routing by ALPN sees HTTP/2); nothing else
+    asks for a protocol, and the server names none to them."""
+
+    def test_h2_is_negotiated_only_when_asked_for(self):
+        import datetime
+
+        server_context = tls.make_self_signed(
+            datetime.datetime.now(datetime.UTC)).server_context()
+        client, server = _handshake_in_memory(tls.pinning_tls(("h2",)).context, server_context)
+        self.assertEqual((client.selected_alpn_protocol(), server.selected_alpn_protocol()),
+                         ("h2", "h2"))
+        client, server = _handshake_in_memory(tls.pinning_tls().context, server_context)
+        self.assertIsNone(client.selected_alpn_protocol())
+        self.assertIsNone(server.selected_alpn_protocol())

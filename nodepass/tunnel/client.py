@@ -75,7 +75,7 @@ class ClientTunnel(MultiService):
         self.on_fatal = on_fatal
         self.key = derived_key(config).encode()
         self.endpoint = server or dial_endpoint(reactor, config.tunnel)
-        self._tls_options: dict[int, ClientTLS] = {}
+        self._tls_options: dict[tuple[int, tuple[str, ...]], ClientTLS] = {}
         self.data_type, self.data_path = config.type, config.path  # the server's, once known
         self.http2: Any = None  # type=3: the session's connection (h2stream.Http2Pool)
         self.quic: Any = None  # type=1: the session's QUIC connection (quicstream.QuicPool)
@@ -125,7 +125,7 @@ class ClientTunnel(MultiService):
 
             self.http2 = Http2Pool(
                 self.endpoint,
-                self.tls_creator(handshake.tls_mode) if handshake.tls_mode else None,
+                self.tls_creator(handshake.tls_mode, ("h2",)) if handshake.tls_mode else None,
                 self.config.sni or self.config.tunnel.host, self.data_path,
                 lambda: TunnelConnection(self.clock, dialed(
                     self, Kind.DATA, (self.session_id, self.session_keys))))
@@ -168,15 +168,17 @@ class ClientTunnel(MultiService):
             self.log.info("server {peer} is shutting down", peer=conn.peer)
         conn.close()
 
-    def tls_creator(self, mode: int) -> ClientTLS:
-        """What this client dials TLS with: pinning (tls=1) or verifying (tls=2)."""
-        if mode not in self._tls_options:
+    def tls_creator(self, mode: int, alpn: tuple[str, ...] = ()) -> ClientTLS:
+        """What this client dials TLS with: pinning (tls=1) or verifying (tls=2), asking
+        for the protocols ``alpn`` (h2 for the HTTP/2 pool)."""
+        key = (mode, alpn)
+        if key not in self._tls_options:
             if mode == 1:
-                self._tls_options[mode] = pinning_tls()
+                self._tls_options[key] = pinning_tls(alpn)
             else:
                 name = self.config.sni or self.config.tunnel.host
-                self._tls_options[mode] = verifying_tls(name, self.config.ca)
-        return self._tls_options[mode]
+                self._tls_options[key] = verifying_tls(name, self.config.ca, alpn)
+        return self._tls_options[key]
 
     def refuse_mode(self, kind: Kind, mode: int, transport: Any = None) -> str | None:
         """Why this client will not take the TLS mode a server offers, or None: below
