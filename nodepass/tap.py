@@ -200,7 +200,7 @@ def _master(root: RootService, config: MasterConfig, tunables: Tunables,
             loaded: Credentials | None, environ: Mapping[str, str]) -> None:
     from nodepass.endpoints import ListenerService
     from nodepass.master.events import EventHub
-    from nodepass.master.registry import Registry
+    from nodepass.master.registry import Registry, children_environ
     from nodepass.master.service import RegistryService, announce, api_site, open_state
     from nodepass.master.state import StateError
     from nodepass.master.store import StoreError
@@ -213,8 +213,15 @@ def _master(root: RootService, config: MasterConfig, tunables: Tunables,
         root.reactor.callWhenRunning(root.fail, str(e))
         return
     hub = EventHub(root.reactor, keepalive=max(1.0, min(15.0, 3 * tunables.report_interval)))
-    registry = Registry(root.reactor, config, tunables, environ, store, hub)
-    RegistryService(registry).setServiceParent(root)
+    forkserver = None
+    spawn: dict[str, Any] = {}
+    if environ.get("NODEPASS_FORK", "1") != "0":  # (0: each instance a fresh interpreter)
+        from nodepass.master.forkserver import ForkServer
+
+        forkserver = ForkServer(root.reactor, children_environ(environ))
+        spawn["spawn"] = forkserver.spawn
+    registry = Registry(root.reactor, config, tunables, environ, store, hub, **spawn)
+    RegistryService(registry, forkserver).setServiceParent(root)
     if credentials is not None:
         root.log.info("tls={mode}: API certificate fingerprint {fp}", mode=config.tls,
                       fp=fingerprint_text(credentials.credentials.fingerprint))

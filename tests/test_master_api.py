@@ -110,6 +110,40 @@ class SeedFlows(TestCase):
         self.assertIn("killed by SIGKILL", got["error"])
 
 
+class _Closed(Protocol):
+    def __init__(self):
+        from twisted.internet.defer import Deferred
+
+        self.closed = Deferred()
+
+    def connectionLost(self, reason):
+        self.closed.callback(None)
+
+
+def _children(pid):
+    """The processes whose parent is ``pid`` (the fork server, under a master)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for init is gone too
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+
+
 def _cmdline(pid):
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -161,26 +195,67 @@ class MasterSettings(TestCase):
             data = await api.ok("POST", "/instances", {
                 "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201)
             pids.append(data["pid"])
+        (forkserver,) = _children(master.pid)
+        self.assertEqual(sorted(_children(forkserver)), sorted(pids))
         self.assertEqual(await master.stop(), 0)
-        for pid in pids:
-            with self.assertRaises(ProcessLookupError):
-                os.kill(pid, 0)
+        await eventually(lambda: not any(_alive(pid) for pid in (*pids, forkserver)))
 
     async def test_master_sigkill_children_exit_by_themselves(self):
         master = await start_master(self)
         data = await Api(master.base).ok("POST", "/instances", {
             "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201)
+        (forkserver,) = _children(master.pid)
         await master.stop(signal.SIGKILL)
+        await eventually(lambda: not _alive(data["pid"]) and not _alive(forkserver),
+                         timeout=15)
 
-        def gone():
-            try:
-                os.kill(data["pid"], 0)
-            except ProcessLookupError:
-                return True
-            # a zombie waiting for init is gone too
-            return "Z" in Path(f"/proc/{data['pid']}/stat").read_text().split()[2]
+    async def test_a_blocked_instance_harms_no_other_and_stops_at_once(self):
+        master = await start_master(self, SHUTDOWN_TIMEOUT="0s")
+        api = Api(master.base)
+        blocked, other = [await api.ok("POST", "/instances", {
+            "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201) for _ in range(2)]
+        exposed = await master.listening_port("target", instance=other["id"])
+        os.kill(blocked["pid"], signal.SIGSTOP)  # its reactor runs no more
+        self.addCleanup(lambda: _alive(blocked["pid"]) and os.kill(blocked["pid"],
+                                                                  signal.SIGKILL))
+        # the other instance serves (a user is turned away at once: no client yet), and
+        # the master answers
+        for _ in range(3):
+            user = await TCP4ClientEndpoint(reactor, "127.0.0.1", exposed).connect(
+                Factory.forProtocol(_Closed))
+            await user.closed
+        self.assertEqual((await api.ok("GET", f"/instances/{other['id']}"))["status"],
+                         "running")
+        # stopping the blocked one ends it: SIGTERM is not acted on, SIGKILL follows
+        stopped = await api.ok("PUT", f"/instances/{blocked['id']}", {"action": "stop"})
+        self.assertEqual(stopped["status"], "stopped")
+        self.assertFalse(_alive(blocked["pid"]))
 
-        await eventually(gone, timeout=15)
+    async def test_the_fork_server_killed_ends_its_instances_which_come_back(self):
+        master = await start_master(self)
+        api = Api(master.base)
+        kept = await api.ok("POST", "/instances", {
+            "url": "server://k@127.0.0.1:0/127.0.0.1:0", "restart": True}, status=201)
+        (forkserver,) = _children(master.pid)
+        os.kill(forkserver, signal.SIGKILL)
+        await master.wait_for(rf"instance {kept['id']} .*killed by SIGKILL")
+        await eventually(lambda: not _alive(kept["pid"]))
+        # a new fork server serves the restart and new instances; the master never stopped
+
+        async def running_again():
+            got = await api.ok("GET", f"/instances/{kept['id']}")
+            return got["status"] == "running" and got["pid"] not in (None, kept["pid"])
+
+        for _ in range(100):
+            if await running_again():
+                break
+            await sleep(0.1)
+        self.assertTrue(await running_again())
+        fresh = await api.ok("POST", "/instances", {
+            "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201)
+        self.assertEqual(fresh["status"], "running")
+        (again,) = _children(master.pid)
+        self.assertNotEqual(again, forkserver)
 
 
 async def api_tunnel(master, api, backend, **server_fields):

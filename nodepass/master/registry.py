@@ -33,6 +33,11 @@ from nodepass.url import ClientConfig, MasterConfig, ServerConfig, format_url, r
 RECENT_LOGS = 200  # log lines kept per instance, for the dashboard and GET .../logs
 
 
+def children_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """Children get neither the master's key nor its own URL (they get theirs on stdin)."""
+    return {k: v for k, v in environ.items() if k not in ("NODEPASS_API_KEY", "NODEPASS_URL")}
+
+
 class Registry:
     log = logs.logger("nodepass.master")
 
@@ -53,9 +58,7 @@ class Registry:
         self.recent_logs: dict[str, deque[dict[str, Any]]] = {}  # the last lines, each
         self.restarts = RestartPolicy(reactor, tunables.service_cooldown, self._restart_again,
                                       self._still_wanted)
-        # Children get neither the master's key nor its own URL (they get theirs on stdin).
-        environ = {k: v for k, v in environ.items()
-                   if k not in ("NODEPASS_API_KEY", "NODEPASS_URL")}
+        environ = children_environ(environ)
         self.lifecycle = Lifecycle(reactor, tunables, environ, spawn, self._changed,
                                    self._save, self.restarts.exited, self._logged)
         self._tick = LoopingCall(self.tick)

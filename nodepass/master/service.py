@@ -52,11 +52,14 @@ class RegistryService(Service):
     """Brings stored instances back at start; stops every instance when the master
     stops, so no orphan process is left behind."""
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, forkserver: Any = None) -> None:
         self.registry = registry
+        self.forkserver = forkserver  # started first, stopped after the last instance
 
     def startService(self) -> None:
         super().startService()
+        if self.forkserver is not None:
+            self.forkserver.start()
         self.registry.hub.start()
         self.registry.restore()
 
@@ -66,6 +69,8 @@ class RegistryService(Service):
 
     async def _stop(self) -> None:
         await self.registry.shutdown()
+        if self.forkserver is not None:
+            self.forkserver.stop()
         hub = self.registry.hub
         hub.publish("shutdown")
         hub.stop()
