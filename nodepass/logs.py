@@ -53,6 +53,9 @@ class LevelGate:
     def set_level(self, level: str) -> None:
         self.minimum = LEVELS[level]
 
+    def passes(self, level: LogLevel) -> bool:
+        return self.minimum is not None and level >= self.minimum
+
     def __call__(self, event: dict[str, Any]) -> PredicateResult:
         level = event.get("log_level", LogLevel.info)
         if self.minimum is None or level < self.minimum:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.logger import LogLevel
 from twisted.python import usage
 
 from nodepass import logs
@@ -272,9 +273,11 @@ def _server(root: RootService, config: ServerConfig, tunables: Tunables,
 
 def _reported(root: RootService, report: Callable[[], Report], tunables: Tunables,
               ready: list[Deferred[Any]]) -> Built:
-    """The debug report line every REPORT_INTERVAL; (report, ready) where ready is True
-    once every listener listens, False when one failed (root.fail has said why)."""
-    reporter(root.reactor, report, tunables.report_interval).setServiceParent(root)
+    """The debug report line every REPORT_INTERVAL (at log=debug: otherwise no timer
+    wakes the process for it); (report, ready) where ready is True once every listener
+    listens, False when one failed (root.fail has said why)."""
+    if logs.gate.passes(LogLevel.debug):
+        reporter(root.reactor, report, tunables.report_interval).setServiceParent(root)
     listening = gatherResults(ready, consumeErrors=True) if ready else succeed([])
     return report, listening.addCallbacks(lambda _: True, lambda _: False)
 

@@ -458,3 +458,54 @@ class Durable(SynchronousTestCase):
                          EventHub(self.clock), spawn=Children())
         again.restore()
         self.assertEqual(again.instances, {})
+
+
+class _PausingRequest:
+    """A request whose transport pauses its producer, as a full socket buffer does."""
+
+    def __init__(self):
+        from twisted.internet.defer import Deferred
+
+        self.written = []
+        self.producer = None
+        self.finished = Deferred()
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def notifyFinish(self):
+        return self.finished
+
+    def write(self, data):
+        self.written.append(data)
+
+    def finish(self):
+        pass
+
+
+class SlowSubscribers(SynchronousTestCase):
+    """A burst bigger than a transport's buffer reaches a subscriber that reads; one that
+    stopped reading is dropped once MAX_BEHIND bytes waited for it."""
+
+    def test_a_burst_passes_and_a_stalled_reader_goes(self):
+        from nodepass.master.events import MAX_BEHIND, Subscriber
+
+        request = _PausingRequest()
+        subscriber = Subscriber(request, "seed", lambda s: None)
+        event = b"x" * 600
+        subscriber.pauseProducing()  # the transport's buffer is over its mark
+        for _ in range(500):  # one tick's updates for 500 instances
+            subscriber.send(event)
+        self.assertEqual(len(request.written), 500)
+        self.assertFalse(subscriber.closed)
+        subscriber.resumeProducing()  # it drained: the count starts again
+        subscriber.pauseProducing()
+        for _ in range(MAX_BEHIND // len(event) + 1):
+            subscriber.send(event)
+        self.assertTrue(subscriber.closed)
+        kept = len(request.written)
+        subscriber.send(event)
+        self.assertEqual(len(request.written), kept)

@@ -456,9 +456,16 @@ class Events(Case):
         self.assertEqual((update["type"], shutdown["type"], shutdown["instance"]),
                          ("update", "shutdown", None))
 
-    def test_a_subscriber_that_stops_reading_is_dropped_at_the_next_event(self):
+    def test_a_subscriber_that_stops_reading_is_dropped_once_too_much_waits(self):
+        from nodepass.master import events
+
         stream = self.subscribe("np")
-        stream.producer.pauseProducing()  # its connection's buffer is full
+        stream.producer.pauseProducing()  # its connection's buffer is over its mark
+        written = len(stream.written)
+        self.create()  # a burst passes: the event waits in the transport
+        self.assertFalse(stream.finished)
+        self.assertGreater(len(stream.written), written)
+        self.patch(events, "MAX_BEHIND", 0)  # ... until more than MAX_BEHIND waits
         written = len(stream.written)
         self.create()
         self.assertTrue(stream.finished)

@@ -4,8 +4,10 @@ Events: ``initial`` (every instance, on connect), ``create``, ``update``,
 ``delete``, ``log`` (instance log lines), ``shutdown``.  Each has an id; the hub
 keeps the last ``HISTORY`` events so a browser reconnecting with
 ``Last-Event-ID`` gets what it missed (or a fresh ``initial`` if too much was
-missed).  A subscriber whose connection stops draining is dropped at the next
-event: its transport paused us, and nothing is queued for it beyond the socket.
+missed).  A subscriber whose connection stops draining is dropped once more than
+MAX_BEHIND bytes waited for it: a burst passes (a tick's update for each of 500
+instances is ~300 KB, more than a transport's buffer before it pauses us), a reader
+that stopped goes, and what waits for one is bounded.
 How an event is written (names, fields) is each API dialect's: see ``encode``
 for the seed's and ``npview`` for NodePass's.
 """
@@ -26,6 +28,7 @@ from nodepass import logs
 
 HISTORY = 1000
 KEEPALIVE = 15.0
+MAX_BEHIND = 4 << 20  # bytes written to a paused subscriber before it is dropped
 
 
 def encode(event_id: int, kind: str, data: Any) -> bytes:
@@ -43,6 +46,7 @@ class Subscriber:
         self.dialect = dialect
         self.on_gone = on_gone
         self.backed_up = False
+        self.behind = 0  # bytes written since its transport paused us
         self.closed = False
         self.finished: Deferred[None] = Deferred()  # what the route returns: open until closed
         request.registerProducer(self, True)
@@ -54,6 +58,7 @@ class Subscriber:
 
     def resumeProducing(self) -> None:
         self.backed_up = False
+        self.behind = 0
 
     def stopProducing(self) -> None:
         self._gone()
@@ -62,10 +67,12 @@ class Subscriber:
         if self.closed:
             return
         if self.backed_up:
-            logs.logger("nodepass.master").info("dropping an event subscriber that stopped "
-                                                "reading")
-            self.close()
-            return
+            self.behind += len(chunk)
+            if self.behind > MAX_BEHIND:
+                logs.logger("nodepass.master").info("dropping an event subscriber that "
+                                                    "stopped reading")
+                self.close()
+                return
         self.request.write(chunk)
 
     def close(self) -> None:

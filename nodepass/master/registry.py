@@ -56,6 +56,7 @@ class Registry:
         self.alias = store.setting("alias") or ""
         self.history = TrafficHistory(reactor)
         self.recent_logs: dict[str, deque[dict[str, Any]]] = {}  # the last lines, each
+        self._saved_counters: dict[str, dict[str, int]] = {}  # as tick() last stored them
         self.restarts = RestartPolicy(reactor, tunables.service_cooldown, self._restart_again,
                                       self._still_wanted)
         environ = children_environ(environ)
@@ -229,6 +230,7 @@ class Registry:
             await self.lifecycle.stop_now(instance)
             self.store.delete(instance.id)
             self.instances.pop(instance.id, None)
+            self._saved_counters.pop(instance.id, None)
             self.history.forget(instance)
             self.recent_logs.pop(instance.id, None)
             self.log.info("instance {id} deleted", id=instance.id)
@@ -249,12 +251,14 @@ class Registry:
     # -- every REPORT_INTERVAL ---------------------------------------------
 
     def tick(self) -> None:
-        """Sample traffic rates, persist counters, tell subscribers how instances are."""
+        """Sample traffic rates, persist counters (those that moved), tell subscribers how
+        instances are."""
         now = self.reactor.seconds()
         counters = {}
         for instance in self.instances.values():
             current = instance.counters()
-            counters[instance.id] = current
+            if self._saved_counters.get(instance.id) != current:
+                counters[instance.id] = self._saved_counters[instance.id] = current
             self.history.sample(instance, now, current)
             if instance.running:
                 self._changed("update", instance)
