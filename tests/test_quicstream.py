@@ -178,6 +178,37 @@ class Streams(SynchronousTestCase):
         self.assertEqual(len(far.received), 1 + 3 * STREAM_WINDOW)
         self.assertEqual(Producer.paused, 0)
 
+    def test_the_last_bytes_before_a_close_arrive(self):
+        pair = Pair(self)
+        pair.connected()
+        inner = pair.client.open_stream()
+        inner.transport.write(b"x")
+        pair.pump()
+        (far,) = pair.server_inners
+        inner.transport.write(b"y" * 3000)
+        inner.transport.loseConnection()  # FIN after the bytes, and STOP_SENDING
+        pair.pump()
+        self.assertEqual(bytes(far.received), b"x" + b"y" * 3000)
+        self.assertTrue(far.read_closed)
+        (reason,) = far.lost  # both ways over: a clean end, not a reset
+        reason.trap(ConnectionDone)
+
+    def test_a_session_closing_waits_for_its_last_bytes(self):
+        pair = Pair(self)
+        pair.connected()
+        inner = pair.client.open_stream()
+        inner.transport.write(b"x")
+        pair.pump()
+        (far,) = pair.server_inners
+        inner.transport.write(b"z" * 200_000)
+        inner.transport.loseConnection()
+        pair.client.close_when_idle()  # the connection closes once they are acknowledged
+        pair.clock.advance(0)
+        self.assertEqual(pair.client.quic._state.name, "CONNECTED")
+        pair.pump()
+        self.assertEqual(len(far.received), 200_001)
+        self.assertIn(pair.client.quic._state.name, ("CLOSING", "DRAINING", "TERMINATED"))
+
     def test_a_reset_ends_the_stream_at_both_ends(self):
         pair = Pair(self)
         pair.connected()

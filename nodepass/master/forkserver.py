@@ -69,13 +69,15 @@ def _receive(control: socket.socket) -> tuple[bytes, list[int]]:
     return data, list(fds)
 
 
-def _child(control: socket.socket, wakeup: tuple[int, int], request: dict[str, Any],
-           fds: list[int]) -> None:
+def _child(control: socket.socket, selector: selectors.BaseSelector, wakeup: tuple[int, int],
+           request: dict[str, Any], fds: list[int]) -> None:
     """In the forked child: become ``nodepass -`` with the request's URL; never return."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # (as any process has)
+        selector.close()
         control.close()
         for fd in wakeup:
             os.close(fd)
@@ -155,7 +157,7 @@ def serve(control: socket.socket) -> None:
                 control.send(json.dumps({"error": str(e)}).encode())
                 continue
             if pid == 0:
-                _child(control, (wake_read, wake_write), request, fds)
+                _child(control, selector, (wake_read, wake_write), request, fds)
             for fd in fds:
                 os.close(fd)
             control.send(json.dumps({"pid": pid}).encode())
@@ -191,10 +193,15 @@ class ForkedTransport:
         self.pending: int | None = None
 
     def forked(self, pid: int) -> None:
+        from twisted.internet.error import ProcessExitedAlready
+
         self.pid = pid
         if self.pending is not None:
             sig, self.pending = self.pending, None
-            self.signalProcess(sig)
+            try:
+                self.signalProcess(sig)
+            except ProcessExitedAlready:
+                pass
 
     def signalProcess(self, sig: int) -> None:
         from twisted.internet.error import ProcessExitedAlready
@@ -238,20 +245,25 @@ class ForkServer:
 
 
 class _ForkServerProcess:
-    """One fork server process and the children it forked."""
+    """One fork server process and the children it forked.
+
+    Requests wait in ``outgoing`` while the fork server's socket is full (it reads none
+    while it imports, at start); each message read is handled on its own, so one that
+    cannot be makes no other fail.
+    """
 
     log = logs.logger("nodepass.master")
 
     def __init__(self, reactor: Any, environ: Mapping[str, str]) -> None:
         self.reactor = reactor
-        self.environ = dict(environ)
+        self.environ = environ
         self.control: socket.socket | None = None
-        self.process: Any = None
-        self.waiting: deque[Any] = deque()  # children whose pid is yet to come
+        self.outgoing: deque[tuple[bytes, list[socket.socket], Any]] = deque()
+        self.waiting: deque[Any] = deque()  # children sent for, whose pid is yet to come
         self.children: dict[int, Any] = {}
         self.exited: dict[int, tuple[int | None, int | None]] = {}  # before their pid came
-
-    # -- the fork server process -------------------------------------------
+        self.writing = False
+        self.dead = False
 
     def start(self) -> None:
         from twisted.internet.protocol import ProcessProtocol
@@ -269,83 +281,131 @@ class _ForkServerProcess:
                 owner._gone()
 
         try:
-            self.process = self.reactor.spawnProcess(
+            self.reactor.spawnProcess(
                 _Process(), sys.executable,
                 [sys.executable, "-m", "nodepass.master.forkserver"],
                 env=self.environ, childFDs={0: "w", 1: "r", 2: "r", 3: server_end.fileno()})
+        except BaseException:
+            master_end.close()
+            raise
         finally:
             server_end.close()
         self.control = master_end
         self.reactor.addReader(self)
 
     def stop(self) -> None:
-        """The master stops: closing our end ends the fork server."""
+        """Closing our end ends the fork server (the master stops, or it died)."""
         if self.control is not None:
             self.reactor.removeReader(self)
+            if self.writing:
+                self.reactor.removeWriter(self)
+                self.writing = False
             self.control.close()
             self.control = None
 
-    # IReadDescriptor
+    # IReadDescriptor, IWriteDescriptor
     def fileno(self) -> int:
         return self.control.fileno() if self.control is not None else -1
 
     def logPrefix(self) -> str:
         return "forkserver"
 
-    def doRead(self) -> None:
-        assert self.control is not None
-        try:
-            data = self.control.recv(MAX_MESSAGE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.stop()
-            return
-        self._message(json.loads(data))
-
     def connectionLost(self, reason: Any) -> None:
         self.stop()
+
+    def doRead(self) -> None:
+        while self.control is not None:
+            try:
+                data = self.control.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.stop()
+                return
+            try:
+                self._message(json.loads(data))
+            except Exception:
+                self.log.failure("fork server message not handled")
+
+    def doWrite(self) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.outgoing and self.control is not None:
+            request, ends, child = self.outgoing[0]
+            try:
+                self.control.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                  array.array("i", [e.fileno() for e in ends]))])
+            except BlockingIOError:
+                if not self.writing:
+                    self.reactor.addWriter(self)
+                    self.writing = True
+                return
+            except OSError:  # the fork server is gone; its end shows it soon
+                self._gone()
+                return
+            self.outgoing.popleft()
+            for end in ends:
+                end.close()
+            self.waiting.append(child)
+        if self.writing:
+            self.reactor.removeWriter(self)
+            self.writing = False
 
     def _message(self, message: dict[str, Any]) -> None:
         if "pid" in message or "error" in message:
             child = self.waiting.popleft()
             if "error" in message:
-                child.transport.exited = True
-                child.processEnded(_ended(1, None))
+                self._end(child, 1, None)
                 return
             pid = message["pid"]
             self.children[pid] = child
             child.transport.forked(pid)
             if pid in self.exited:
-                self._ended(pid, *self.exited.pop(pid))
+                self._end(self.children.pop(pid), *self.exited.pop(pid))
         elif "exit" in message:
             pid = message["exit"]
             if pid in self.children:
-                self._ended(pid, message.get("code"), message.get("signal"))
+                self._end(self.children.pop(pid), message.get("code"), message.get("signal"))
             else:
                 self.exited[pid] = (message.get("code"), message.get("signal"))
 
-    def _ended(self, pid: int, code: int | None, sig: int | None) -> None:
-        child = self.children.pop(pid)
+    @staticmethod
+    def _end(child: Any, code: int | None, sig: int | None) -> None:
         child.transport.exited = True
         child.processEnded(_ended(code, sig))
 
     def _gone(self) -> None:
-        """The fork server died: its children cannot be reaped by us, so they are ended
-        (SIGKILL) and reported so; the restart policy brings back what should run."""
-        self.stop()
-        for pid in list(self.children):
+        """The fork server died.  What it said before is read first; its children can
+        no longer be reaped by us, so those with a pid are ended (SIGKILL), those whose
+        pid never came lose their status channel (and so stop by themselves), and all
+        are reported; the next start forks from a new fork server."""
+        if self.dead:
+            return
+        self.dead = True
+        if self.control is not None:
+            self.doRead()
+            self.stop()
+        for pid, child in list(self.children.items()):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self._ended(pid, None, signal.SIGKILL)
-        while self.waiting:
-            child = self.waiting.popleft()
-            child.transport.exited = True
-            child.processEnded(_ended(1, None))
+            self._end(child, None, signal.SIGKILL)
+        self.children.clear()
+        unsent = [child for _, _, child in self.outgoing]
+        for _, ends, _ in self.outgoing:
+            for end in ends:
+                end.close()
+        self.outgoing.clear()
+        for child in [*self.waiting, *unsent]:
+            status = getattr(child, "status_receiver", None)
+            if status is not None and status.transport is not None:
+                status.transport.loseConnection()
+            self._end(child, None, signal.SIGKILL)
+        self.waiting.clear()
 
     # -- spawning ----------------------------------------------------------
 
@@ -361,28 +421,24 @@ class _ForkServerProcess:
         env = dict(environ)
         env[ENV] = "3"
         request = json.dumps({"url": url, "env": env}).encode()
-        try:
-            self.control.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                              array.array("i", [p[1].fileno() for p in pairs]))])
-        except OSError:
+        if len(request) > MAX_MESSAGE:
             for a, b in pairs:
                 a.close()
                 b.close()
-            raise
-        for _, child_end in pairs:
-            child_end.close()
-        self.waiting.append(child)
+            raise OSError(f"the request is over {MAX_MESSAGE} bytes")
         child.makeConnection(ForkedTransport())  # running from now: it may be stopped
         (status, _), (out, _), (err, _) = pairs
-        receiver = _StatusReceiver(child)
+        receiver = child.status_receiver = _StatusReceiver(child)
         reactor.adoptStreamConnection(status.fileno(), socket.AF_UNIX,
                                       Factory.forProtocol(lambda: receiver))
         for sock, fd in ((out, 1), (err, 2)):
             output = _Output(child, fd)
             reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX,
                                           Factory.forProtocol(lambda output=output: output))
-        for sock, _ in pairs:
-            sock.close()
+        for ours, _ in pairs:
+            ours.close()
+        self.outgoing.append((request, [theirs for _, theirs in pairs], child))
+        self._flush()
         return child
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ssl
 import sys
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +52,7 @@ from twisted.python.failure import Failure
 
 from nodepass import logs
 from nodepass.timers import cancelled
+from nodepass.tunnel.attempts import source_of
 from nodepass.tunnel.streams import CarriedStream, MultiplexedPool
 
 ALPN = "nodepass"
@@ -62,6 +64,8 @@ HELD_LIMIT = STREAM_WINDOW + 256 * 1024
 MAX_STREAMS = 8192  # streams at once on one connection (as HTTP/2's, same reasons)
 MAX_DATAGRAM = 1350  # fits the usual 1,500-byte paths with room for tunnels under us
 IDLE_TIMEOUT = 60.0
+DRAIN_LIMIT = 10.0  # an idle connection closing waits this long for acknowledgements
+NEW_STREAMS = 1024  # streams a peer may open per HANDSHAKE_TIMEOUT
 KEEPALIVE = IDLE_TIMEOUT / 3
 HANDSHAKE_TIMEOUT = 10.0
 CID_LENGTH = 8
@@ -71,25 +75,40 @@ SOCKET_BUFFER = 4 << 20
 # TLS handshake.  A client needs one per session; the rest is room for a reconnect.
 PER_SOURCE = 8
 HANDSHAKING_PER_SOURCE = 4
+HANDSHAKING = 64  # QUIC handshakes under way at once, from all sources
 NO_ERROR, ABORTED = 0, 1
 
 
 class _Connection(QuicConnection):
-    """aioquic's connection whose stream windows move with what our readers took."""
+    """aioquic's connection whose windows move with what our readers took — per stream
+    and for the connection — where aioquic alone would double them as data arrives,
+    read or not (a peer could then make us buffer without bound)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._local_max_streams_bidi.value = MAX_STREAMS
+        self._local_max_streams_uni.value = self._local_max_streams_uni.sent = 0  # unused
         self.taken: dict[int, int] = {}  # stream id -> bytes its reader has taken
+        self.total_taken = 0
+
+    def _write_connection_limits(self, builder: Any, space: Any) -> None:
+        limit = self._local_max_data
+        wanted = self.total_taken + CONNECTION_WINDOW
+        if wanted - limit.value >= CONNECTION_WINDOW // 2:
+            limit.value = wanted
+        used, limit.used = limit.used, 0  # (so that aioquic does not double it)
+        try:
+            super()._write_connection_limits(builder=builder, space=space)
+        finally:
+            limit.used = used
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        taken = self.taken.get(stream.stream_id)
-        if taken is None or not stream.max_stream_data_local:
-            super()._write_stream_limits(builder=builder, space=space, stream=stream)
+        if not stream.max_stream_data_local:
             return
-        wanted = taken + STREAM_WINDOW
-        if wanted - stream.max_stream_data_local >= STREAM_WINDOW // 2:
-            stream.max_stream_data_local = wanted
+        taken = self.taken.get(stream.stream_id)
+        wanted = (taken or 0) + STREAM_WINDOW
+        if taken is not None and wanted - stream.max_stream_data_local >= STREAM_WINDOW // 2:
+            stream.max_stream_data_local = wanted  # (a stream not carried never grows)
         if stream.max_stream_data_local_sent != stream.max_stream_data_local:
             buf = builder.start_frame(QuicFrameType.MAX_STREAM_DATA,
                                       capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
@@ -212,6 +231,8 @@ class QuicCarrier:
         self.blocked: set[StreamTransport] = set()  # producers paused for acknowledgements
         self.timer: Any = None
         self.flush_call: Any = None
+        self.drain_timer: Any = None
+        self.opened: deque[float] = deque()  # when the peer's recent streams opened
         self.handshake_timer: Any = None
         self.keepalive: Any = None
         self.ready: Deferred[QuicCarrier] = Deferred()  # the TLS handshake ended
@@ -243,8 +264,10 @@ class QuicCarrier:
 
     def datagram(self, data: bytes, address: Any) -> None:
         self.quic.receive_datagram(data, address, now=self.reactor.seconds())
-        self._process()
-        self.transmit()
+        try:
+            self._process()
+        finally:  # (whatever a tunnel connection raised, QUIC's own work goes on)
+            self.transmit()
 
     def transmit(self) -> None:
         self.flush_call = cancelled(self.flush_call)
@@ -264,8 +287,10 @@ class QuicCarrier:
     def _timer_fired(self) -> None:
         self.timer = None
         self.quic.handle_timer(now=self.reactor.seconds())
-        self._process()
-        self.transmit()
+        try:
+            self._process()
+        finally:
+            self.transmit()
 
     def close(self, code: int = NO_ERROR, reason: str = "") -> None:
         if not self.lost:
@@ -273,14 +298,44 @@ class QuicCarrier:
             self.transmit()
 
     def close_when_idle(self) -> None:
-        """Close once no stream is left (now, if none is)."""
+        """Close once no stream is left and what was written is acknowledged (a
+        CONNECTION_CLOSE would drop what is still unacknowledged), or after DRAIN_LIMIT."""
         self.idle_close = True
-        if not self.streams:
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        if not self.idle_close or self.streams or self.lost:
+            return
+        if all(s.sender.is_finished for s in self.quic._streams.values()):
+            self.drain_timer = cancelled(self.drain_timer)
             self.close()
+        elif self.drain_timer is None:
+            self.drain_timer = self.reactor.callLater(DRAIN_LIMIT, self.close)
+
+    def _may_open(self) -> bool:
+        """A peer's new stream is a tunnel connection that must prove the key within
+        HANDSHAKE_TIMEOUT: at most NEW_STREAMS of them per such period, so streams
+        cannot be a way around the limits on unauthenticated work."""
+        now = self.reactor.seconds()
+        while self.opened and self.opened[0] <= now - HANDSHAKE_TIMEOUT:
+            self.opened.popleft()
+        if len(self.opened) >= NEW_STREAMS:
+            return False
+        self.opened.append(now)
+        return True
+
+    def _refuse_stream(self, sid: int) -> None:
+        self.ended.add(sid)
+        try:
+            self.quic.reset_stream(sid, ABORTED)
+            self.quic.stop_stream(sid, ABORTED)
+        except ValueError:
+            pass
 
     def _process(self) -> None:
         while (event := self.quic.next_event()) is not None:
             self._event(event)
+        self._close_if_drained()
         for stream in [s for s in self.blocked
                        if self.quic.unsent(s.stream_id) <= HELD_LIMIT // 2]:
             self.blocked.discard(stream)
@@ -291,9 +346,21 @@ class QuicCarrier:
     def _event(self, event: Any) -> None:
         if isinstance(event, events.StreamDataReceived):
             self._stream_data(event)
-        elif isinstance(event, (events.StreamReset, events.StopSendingReceived)):
+        elif isinstance(event, events.StopSendingReceived):
+            # the peer reads no more (it closed): our writing ends (aioquic resets it),
+            # what it still sends us is read to its end
             stream = self.streams.get(event.stream_id)
             if stream is not None:
+                stream.write_closed = True
+                self.blocked.discard(stream)
+                self._maybe_done(stream)
+        elif isinstance(event, events.StreamReset):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                try:
+                    self.quic.reset_stream(event.stream_id, ABORTED)
+                except ValueError:
+                    pass
                 self._end_stream(stream, Failure(ConnectionLost("stream reset")))
         elif isinstance(event, events.HandshakeCompleted):
             self.handshake_timer = cancelled(self.handshake_timer)
@@ -316,6 +383,7 @@ class QuicCarrier:
         self.flush_call = cancelled(self.flush_call)
         self.handshake_timer = cancelled(self.handshake_timer)
         self.keepalive = cancelled(self.keepalive)
+        self.drain_timer = cancelled(self.drain_timer)
         streams, self.streams = self.streams, {}
         for stream in streams.values():
             self._end_stream(stream, Failure(ConnectionLost("QUIC connection lost")))
@@ -346,8 +414,13 @@ class QuicCarrier:
         if stream is None:
             if self.quic.configuration.is_client or sid in self.ended or sid % 4 != 0:
                 return  # (over for us; what still comes is dropped)
+            if not self._may_open():
+                self._refuse_stream(sid)
+                return
             self._carry(sid)
-            stream = self.streams[sid]
+            stream = self.streams.get(sid)
+            if stream is None:
+                return  # (its tunnel connection closed at once)
         if event.data:
             if stream.read_closed:
                 return
@@ -385,6 +458,7 @@ class QuicCarrier:
         amount, stream.unacknowledged = stream.unacknowledged, 0
         if stream.stream_id in self.quic.taken:
             self.quic.taken[stream.stream_id] += amount
+            self.quic.total_taken += amount
             self._transmit_soon()
 
     def stop_reading(self, stream: StreamTransport) -> None:
@@ -423,8 +497,7 @@ class QuicCarrier:
         if stream.connected:
             stream.connected = False
             stream.inner.connectionLost(reason)
-        if self.idle_close and not self.streams and not self.lost:
-            self.close()
+        self._close_if_drained()
 
 
 class _ClientPort(DatagramProtocol):
@@ -555,14 +628,17 @@ class QuicListener(DatagramProtocol):
 
     def _accept(self, header: Any, addr: Any) -> QuicCarrier | None:
         host = addr[0]
-        why = self._refusal(host)
+        configuration = server_configuration(self.tunnel.credentials.credentials)
+        if header.version not in configuration.supported_versions:
+            return None  # (no state, and no answer, for a version we do not speak)
+        source = source_of(host)
+        why = self._refusal(host, source)
         if why is not None:
             self.refused += 1
             if self._throttle.allow() is not None:
                 self.log.warn("refused QUIC connections from {host}: {why}", host=host, why=why)
             return None
-        quic = _Connection(configuration=server_configuration(
-                               self.tunnel.credentials.credentials),
+        quic = _Connection(configuration=configuration,
                            original_destination_connection_id=header.destination_cid)
         carrier: QuicCarrier
 
@@ -574,21 +650,25 @@ class QuicListener(DatagramProtocol):
 
         carrier = QuicCarrier(self.reactor, quic, addr, _sender(self), self.make_inner,
                               self.transport.getHost, on_cid,
-                              lambda: self._gone(carrier, host))
+                              lambda: self._gone(carrier, source))
         carrier.handshake_timer = self.reactor.callLater(HANDSHAKE_TIMEOUT,
                                                          carrier._handshake_late)
         carrier.ready.addErrback(lambda _: None)  # (a failed handshake is just gone)
         self.by_cid[header.destination_cid] = carrier
         self.by_cid[quic.host_cid] = carrier
-        self.by_source.setdefault(host, []).append(carrier)
+        self.by_source.setdefault(source, []).append(carrier)
         return carrier
 
-    def _refusal(self, host: str) -> str | None:
+    def _refusal(self, host: str, source: str) -> str | None:
         if self.tunnel.session is None:
             return "no client session is up (the pool follows a session)"
         if self.tunnel.attempts.saturated(host) and not self.tunnel.session_host(host):
             return "over its key-attempt limits"
-        carriers = self.by_source.get(host, [])
+        handshaking_all = sum(1 for carriers in self.by_source.values() for c in carriers
+                              if not c.ready.called)
+        if handshaking_all >= HANDSHAKING:
+            return f"{handshaking_all} QUIC handshakes under way in all"
+        carriers = self.by_source.get(source, [])
         if len(carriers) >= PER_SOURCE:
             return f"{len(carriers)} connections from it already"
         handshaking = sum(1 for c in carriers if not c.ready.called)
@@ -596,14 +676,14 @@ class QuicListener(DatagramProtocol):
             return f"{handshaking} handshakes from it under way"
         return None
 
-    def _gone(self, carrier: QuicCarrier, host: str) -> None:
+    def _gone(self, carrier: QuicCarrier, source: str) -> None:
         for cid in [c for c, held in self.by_cid.items() if held is carrier]:
             del self.by_cid[cid]
-        carriers = self.by_source.get(host, [])
+        carriers = self.by_source.get(source, [])
         if carrier in carriers:
             carriers.remove(carrier)
         if not carriers:
-            self.by_source.pop(host, None)
+            self.by_source.pop(source, None)
 
     def stopProtocol(self) -> None:
         """The port closes (the socket still sends): every connection is closed."""
