@@ -252,7 +252,11 @@ class ClientTLS:
     session: ssl.SSLSession | None = None
 
     def remember(self, transport: Any) -> None:
-        """Keep ``transport``'s TLS session, once its ticket came, for the next dial."""
+        """Keep ``transport``'s TLS session, once its ticket came, for the next dial — if
+        this context made it (ssl refuses a session of another context)."""
+        made_by = getattr(transport, "tls_context", None)
+        if made_by is None or made_by() is not self.context:
+            return
         if self.session is not None and transport.tls_resumed():
             return  # (taking a session out of ssl copies it: 0.1 ms)
         session = transport.tls_session()

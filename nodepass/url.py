@@ -119,6 +119,7 @@ class ClientConfig(_TunnelConfig):
     sni: str | None = None
     ca: str | None = None
     tls: int = 0  # the least TLS mode this client accepts from the server
+    tlsproxy: int = 0  # 1: a tls=0 server behind a TLS-terminating proxy it verifies
 
     @property
     def required_tls(self) -> int:
@@ -363,6 +364,8 @@ _PARAMS = {
                default=""),
         _Param("type", _pool_type, "0 (TCP), 1 (QUIC), 2 (WebSocket) or 3 (HTTP/2)",
                default=0),
+        _Param("tlsproxy", _choice((0, 1)), "0|1 (1: TLS ends at a reverse proxy this "
+               "client verifies; with type=2 and tls=2, sni= or ca=)", default=0),
         _Param("path", _ws_path, "an HTTP path like /tunnel, for type=2 or 3", default="/"),
         _Param("np", _prefix_param, "a path like /api/np: the NodePass dialect's prefix",
                lambda v: quote(v, safe=_PATH_SAFE), default=None),
@@ -377,7 +380,8 @@ _PARAMS = {
 _CONTROLS = ("mode", "read", "rate", "slot", "proxy", "dial", "notcp", "noudp", "dns", "block")
 _MODE_PARAMS: Mapping[str, tuple[str, ...]] = {
     "server": ("log", "tls", "crt", "key", *_CONTROLS, "max", "type", "path"),
-    "client": ("log", "tls", "sni", "ca", *_CONTROLS, "min", "max", "type", "path"),
+    "client": ("log", "tls", "sni", "ca", *_CONTROLS, "min", "max", "type", "path",
+               "tlsproxy"),
     "master": ("log", "tls", "crt", "key", "auth", "state", "persist", "np", "hosts",
                "origins", "insecure"),
 }
@@ -549,6 +553,10 @@ def _check_least_tls(values: dict[str, Any]) -> None:
         given = " and ".join(f"{n}=" for n in verifying)
         raise URLError(f"query: {given} means a verified certificate, tls=2, not "
                        f"tls={values['tls']} (remove tls, or set tls=2)")
+    if values.get("tlsproxy") and (values.get("type") != 2
+                                   or not (verifying or values.get("tls") == 2)):
+        raise URLError("query: tlsproxy=1 is for a WebSocket client in TLS it verifies "
+                       "(allowed with type=2 and tls=2, sni= or ca=)")
 
 
 def _check_tls_files(values: dict[str, Any]) -> None:

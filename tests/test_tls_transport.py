@@ -167,6 +167,11 @@ class StdlibTLS(TestCase):
             pinning.remember(client.transport)
         self.assertEqual([resumed for resumed, _ in seen], [False, True, True])
         self.assertEqual(len({fingerprint for _, fingerprint in seen}), 1)
+        # another context (the verifying one, HTTP/2's with ALPN) keeps no session it did
+        # not make: ssl would refuse it at the next dial, and that pool would never fill
+        other = tls.pinning_tls(("h2",))
+        other.remember(client.transport)
+        self.assertIsNone(other.session)
 
     async def test_openssl_state_goes_with_the_connection(self):
         """A lost connection drops its SSLObject at once, though its transport may live on

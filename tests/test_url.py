@@ -194,6 +194,10 @@ class Refusals(SynchronousTestCase):
          "(SOCKS), 2 (HTTP), 3 (TLS), like 13)"),
         ("server://h:1/h:2?block=11", "bad value '11' for 'block'"),
         ("server://h:1/h:2?block=10", "bad value '10' for 'block'"),
+        ("client://h:1/h:2?tlsproxy=1&sni=x", "query: tlsproxy=1 is for a WebSocket client in "
+         "TLS it verifies (allowed with type=2 and tls=2, sni= or ca=)"),
+        ("client://h:1/h:2?tlsproxy=1&type=2&tls=1", "query: tlsproxy=1 is for a WebSocket"),
+        ("server://h:1/h:2?tlsproxy=1", "unknown parameter 'tlsproxy'"),
         ("server://h:1/h:2?type=4", "bad value '4' for 'type' (allowed: 0 (TCP), 1 (QUIC), "
          "2 (WebSocket) or 3 (HTTP/2))"),
         ("server://h:1/h:2?type=2&path=tunnel", "bad value 'tunnel' for 'path' (allowed: an "

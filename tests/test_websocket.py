@@ -264,8 +264,15 @@ class BehindProxies(TestCase):
         self.ca = make_ca()
         ca = write_ca(self.ca, folder)
         verified = f"?type=2&path=/tunnel&ca={ca}&sni=proxy.test"
+        # without tlsproxy=1 a verified client refuses a tls=0 server behind the proxy
+        # (a TLS-inspecting proxy trusted by the system would look the same) ...
+        refusing = await self.through(*self.nginx("nginx-websocket-tls.conf", TLS_LISTEN),
+                                      client_query=verified, carried=False)
+        await refusing.wait_for("refusing server .* it offers tls=0, and this client accepts "
+                                "tls=2 or more", timeout=WAIT)
+        # ... and with it, takes it
         client = await self.through(*self.nginx("nginx-websocket-tls.conf", TLS_LISTEN),
-                                    client_query=verified)
+                                    client_query=verified + "&tlsproxy=1")
         self.assertEqual(client.count("TLS to the proxy, certificate verified for proxy.test; "
                                       "the server behind it tls=0"), 1)
 
@@ -282,7 +289,8 @@ class BehindProxies(TestCase):
         # key attests); the proxy answers 502 and the client says so, once
         ca = write_ca(self.ca, folder)
         client = await self.through(*self.nginx("nginx-websocket-tls.conf", TLS_LISTEN),
-                                    client_query=f"?type=2&path=/tunnel&ca={ca}&sni=proxy.test",
+                                    client_query=f"?type=2&path=/tunnel&ca={ca}&sni=proxy.test"
+                                                 "&tlsproxy=1",
                                     server_query="?type=2&path=/tunnel&tls=1", carried=False)
         await client.wait_for(r"the tunnel's WebSocket at .*/tunnel did not open: WebSocket "
                               r"connection upgrade failed \[502\]: Bad Gateway; retrying",

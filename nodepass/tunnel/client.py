@@ -195,11 +195,13 @@ class ClientTunnel(MultiService):
         return None
 
     def tls_ends_at_proxy(self, mode: int, transport: Any) -> bool:
-        """A WebSocket this client opened in TLS it verified (tls=2: the chain and the
-        name), to a server running tls=0: a reverse proxy terminates TLS in front of it
-        (docs/configuration.md, "TLS terminated at a proxy").  The client's guarantees
-        hold up to the proxy it verified; the hop behind it is the operator's."""
-        return (mode == 0 and self.config.type == 2 and self.config.required_tls == 2
+        """``tlsproxy=1``, and a WebSocket this client opened in TLS it verified (tls=2:
+        the chain and the name), to a server running tls=0: a reverse proxy terminates
+        TLS in front of it (docs/configuration.md, "TLS terminated at a proxy").  The
+        client's guarantees hold up to the proxy it verified; the hop behind it is the
+        operator's."""
+        return (mode == 0 and self.config.tlsproxy == 1 and self.config.type == 2
+                and self.config.required_tls == 2
                 and bool(getattr(transport, "carrier_verified", False)))
 
     def key_refused(self, conn: TunnelConnection, fingerprint: str) -> None:

@@ -63,13 +63,11 @@ class TLSMixin:
     disconnected: bool
     connected: bool
 
-    def _start(self, context: ssl.SSLContext, server_side: bool, server_hostname: str | None,
-               describe: Callable[[ssl.SSLError], str], session: ssl.SSLSession | None
-               ) -> None:
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
-                                     server_hostname=server_hostname, session=session)
+    def _start(self, tls: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+               describe: Callable[[ssl.SSLError], str]) -> None:
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._tls = tls
         self._handshaking = True
         self._held: list[bytes] = []  # written before the handshake ended
         self._then_lose: Callable[[], None] | None = None  # asked before it ended, too
@@ -270,10 +268,16 @@ class TLSMixin:
         return self._tls.getpeercert(binary_form=True)
 
     def tls_verified(self) -> bool:
-        """The handshake ended with the peer's chain and name verified (tls=2's
-        context: OpenSSL refuses the handshake otherwise)."""
-        return (not self._handshaking and self._tls is not None
-                and self._tls.context.verify_mode == ssl.CERT_REQUIRED)
+        """The handshake ended with the peer's chain verified and its name checked
+        (tls=2's context: OpenSSL refuses the handshake otherwise)."""
+        if self._handshaking or self._tls is None:
+            return False
+        context = self._tls.context
+        return (context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+                and bool(self._tls.server_hostname))
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self._tls.context if self._tls is not None else None
 
 
 class CarriedTLS:
@@ -296,6 +300,9 @@ class CarriedTLS:
 
     def tls_session(self) -> ssl.SSLSession | None:
         return self.tcp_connection.tls_session() if self.carrier_tls else None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self.tcp_connection.tls_context() if self.carrier_tls else None
 
     def tls_resumed(self) -> bool:
         return self.carrier_tls and self.tcp_connection.tls_resumed()
@@ -324,5 +331,9 @@ def start_tls(transport: Any, context: ssl.SSLContext, server_side: bool,
     ``session`` when the server still takes it)."""
     if not supported(transport):
         raise TypeError(f"cannot start TLS on {transport!r}")
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    # (made before the transport changes class: if OpenSSL refuses, it stays plain TCP)
+    tls = context.wrap_bio(incoming, outgoing, server_side=server_side,
+                           server_hostname=server_hostname, session=session)
     transport.__class__ = _tls_class(type(transport))
-    transport._start(context, server_side, server_hostname, describe, session)
+    transport._start(tls, incoming, outgoing, describe)
