@@ -69,6 +69,9 @@ class Http2(TestCase):
     async def test_the_tunnel_comes_back_after_the_server_restarts(self):
         await back_after_server_restart(self, "?type=3")
 
+    async def test_the_tunnel_comes_back_after_the_server_restarts_with_tls(self):
+        await back_after_server_restart(self, "?type=3&tls=1")
+
     async def test_garbage_after_the_preface_is_refused(self):
         backend = await echo_backend(self)
         server, _, exposed = await tunnel_pair(self, backend, server_query="?type=3")
