@@ -253,6 +253,19 @@ class Verified(TestCase):
                               f".*{reason}")
         self.assertEqual(server.count("tunnel session open"), 0)
 
+    async def test_a_pinning_websocket_client_pins_a_tls_2_server_on_every_connection(self):
+        # type=2&tls=1: the control WebSocket's TLS pins (the handshake binds what it
+        # saw); its data WebSockets pin the same way, whatever name the certificate has,
+        # and the session line does not claim a verification that did not happen
+        query, _, _ = self.server_query(certs.issue(self.ca, ("elsewhere.example",)))
+        backend = await echo_backend(self)
+        _, client, exposed = await tunnel_pair(self, backend, server_query=query + "&type=2",
+                                               client_query="?type=2&tls=1")
+        result = await exchange(exposed, iter([b"pinned"]))
+        self.assertEqual(bytes(result.received), b"pinned")
+        self.assertEqual(client.count("pinned by the handshake; this client's TLS did not "
+                                      r"verify it \(its URL says tls=1\)"), 1)
+
     async def test_good_certificate_with_private_ca(self):
         query, _, _ = self.server_query(certs.issue(self.ca))
         backend = await echo_backend(self)

@@ -144,7 +144,12 @@ class ClientTunnel(MultiService):
         self.pool.start(max_pool if isinstance(max_pool, int) and max_pool > 0 else None)
         self._set_mode("forward" if settings.get("mode") == "forward" else "reverse")
         tls = handshake.tls_mode
-        if tls:
+        carried = getattr(conn.transport, "carrier_tls", None)
+        if tls == 2 and carried and not conn.transport.carrier_verified:
+            how = (f"tls=2, certificate {fingerprint_text(handshake.binding)} pinned by the "
+                   f"handshake; this client's TLS did not verify it (its URL says "
+                   f"tls={self.config.required_tls})")
+        elif tls:
             how = f"tls={tls}, certificate {fingerprint_text(handshake.binding)}"
         elif self.tls_ends_at_proxy(tls, conn.transport):
             how = ("TLS to the proxy, certificate verified for "
@@ -299,9 +304,10 @@ class ClientTunnel(MultiService):
             return self.quic.dial()
         first = dialed(self, Kind.DATA, (self.session_id, self.session_keys))
         if self.data_type == 2:
-            # (a client that dials a proxy itself opens every WebSocket in its own TLS)
-            outer = max(self.session_tls, self.config.required_tls) \
-                if self.config.type == 2 else self.session_tls
+            # (a client that opens its control connection as a WebSocket opens every one
+            # in the same TLS: pinned with tls=1, verified with tls=2)
+            outer = self.config.required_tls \
+                if self.config.type == 2 and self.config.required_tls else self.session_tls
             factory = self._websocket(outer, self.data_path,
                                       lambda: TunnelConnection(self.clock, first))
         else:
