@@ -122,6 +122,16 @@ class Pair:
         self.client.connect()
         self.pump()
 
+    def stream(self) -> tuple[Inner, Inner]:
+        """A connected pair's new stream: the client's end and the server's, once a
+        first byte crossed (the server carries a stream when data comes on it)."""
+        self.connected()
+        inner = self.client.open_stream()
+        inner.transport.write(b"x")
+        self.pump()
+        (far,) = self.server_inners
+        return inner, far
+
 
 class Streams(SynchronousTestCase):
     def test_bytes_both_ways_with_half_close(self):
@@ -148,11 +158,7 @@ class Streams(SynchronousTestCase):
 
     def test_a_paused_reader_holds_the_window_and_the_sender_pauses(self):
         pair = Pair(self)
-        pair.connected()
-        inner = pair.client.open_stream()
-        inner.transport.write(b"x")
-        pair.pump()
-        (far,) = pair.server_inners
+        inner, far = pair.stream()
         far.transport.pauseProducing()  # the server's reader takes nothing more
 
         class Producer:
@@ -180,11 +186,7 @@ class Streams(SynchronousTestCase):
 
     def test_the_last_bytes_before_a_close_arrive(self):
         pair = Pair(self)
-        pair.connected()
-        inner = pair.client.open_stream()
-        inner.transport.write(b"x")
-        pair.pump()
-        (far,) = pair.server_inners
+        inner, far = pair.stream()
         inner.transport.write(b"y" * 3000)
         inner.transport.loseConnection()  # FIN after the bytes, and STOP_SENDING
         pair.pump()
@@ -195,11 +197,7 @@ class Streams(SynchronousTestCase):
 
     def test_a_session_closing_waits_for_its_last_bytes(self):
         pair = Pair(self)
-        pair.connected()
-        inner = pair.client.open_stream()
-        inner.transport.write(b"x")
-        pair.pump()
-        (far,) = pair.server_inners
+        inner, far = pair.stream()
         inner.transport.write(b"z" * 200_000)
         inner.transport.loseConnection()
         pair.client.close_when_idle()  # the connection closes once they are acknowledged
@@ -211,11 +209,7 @@ class Streams(SynchronousTestCase):
 
     def test_a_reset_ends_the_stream_at_both_ends(self):
         pair = Pair(self)
-        pair.connected()
-        inner = pair.client.open_stream()
-        inner.transport.write(b"x")
-        pair.pump()
-        (far,) = pair.server_inners
+        inner, far = pair.stream()
         inner.transport.abortConnection()
         pair.pump()
         self.assertEqual(len(inner.lost), 1)

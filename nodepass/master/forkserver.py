@@ -34,7 +34,7 @@ import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from nodepass import logs
@@ -410,9 +410,7 @@ class _ForkServerProcess:
     # -- spawning ----------------------------------------------------------
 
     def spawn(self, reactor: Any, url: str, environ: Mapping[str, str], child: Any) -> Any:
-        from twisted.internet.protocol import Factory
-
-        from nodepass.master.supervisor import _StatusReceiver
+        from nodepass.master.supervisor import StatusReceiver, adopt
         from nodepass.statuschannel import ENV
 
         if self.control is None:
@@ -428,13 +426,9 @@ class _ForkServerProcess:
             raise OSError(f"the request is over {MAX_MESSAGE} bytes")
         child.makeConnection(ForkedTransport())  # running from now: it may be stopped
         (status, _), (out, _), (err, _) = pairs
-        receiver = child.status_receiver = _StatusReceiver(child)
-        reactor.adoptStreamConnection(status.fileno(), socket.AF_UNIX,
-                                      Factory.forProtocol(lambda: receiver))
+        child.status_receiver = adopt(reactor, status, StatusReceiver(child))
         for sock, fd in ((out, 1), (err, 2)):
-            output = _Output(child, fd)
-            reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX,
-                                          Factory.forProtocol(lambda output=output: output))
+            adopt(reactor, sock, _Output(child, fd))
         for ours, _ in pairs:
             ours.close()
         self.outgoing.append((request, [theirs for _, theirs in pairs], child))
@@ -457,6 +451,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-
-Spawn = Callable[[Any, str, Mapping[str, str], Any], Any]

@@ -30,7 +30,7 @@ _LEVELS = {"DEBUG": LogLevel.debug, "INFO": LogLevel.info, "WARN": LogLevel.warn
            "ERROR": LogLevel.error, "FATAL": LogLevel.critical}
 
 
-class _StatusReceiver(LineOnlyReceiver):
+class StatusReceiver(LineOnlyReceiver):
     delimiter = b"\n"
     MAX_LENGTH = MAX_RECORD
 
@@ -154,11 +154,17 @@ def spawn_child(reactor: Any, url: str, environ: Mapping[str, str],
         child_end.close()
     process.writeToChild(0, url.encode() + b"\n")
     process.closeChildFD(0)
-    receiver = _StatusReceiver(child)
-    reactor.adoptStreamConnection(parent_end.fileno(), socket.AF_UNIX,
-                                  Factory.forProtocol(lambda: receiver))
+    adopt(reactor, parent_end, StatusReceiver(child))
     parent_end.close()
     return child
+
+
+def adopt(reactor: Any, sock: socket.socket, protocol: Any) -> Any:
+    """Run ``protocol`` on the connected Unix socket ``sock`` (the reactor takes a
+    duplicate of its descriptor: the caller closes ``sock``); returns ``protocol``."""
+    reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX,
+                                  Factory.forProtocol(lambda: protocol))
+    return protocol
 
 
 def describe_exit(code: int | None, sig: int | None) -> str:

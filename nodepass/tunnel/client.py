@@ -205,8 +205,8 @@ class ClientTunnel(MultiService):
         TLS in front of it (docs/configuration.md, "TLS terminated at a proxy").  The
         client's guarantees hold up to the proxy it verified; the hop behind it is the
         operator's."""
-        return (mode == 0 and self.config.tlsproxy == 1 and self.config.type == 2
-                and self.config.required_tls == 2
+        # (url.py admits tlsproxy=1 only with type=2 and a verified certificate)
+        return (mode == 0 and self.config.tlsproxy == 1
                 and bool(getattr(transport, "carrier_verified", False)))
 
     def key_refused(self, conn: TunnelConnection, fingerprint: str) -> None:
