@@ -222,6 +222,10 @@ def _master(root: RootService, config: MasterConfig, tunables: Tunables,
         forkserver = ForkServer(root.reactor, children_environ(environ))
         spawn["spawn"] = forkserver.spawn
     registry = Registry(root.reactor, config, tunables, environ, store, hub, **spawn)
+    if store.kind == "postgresql":
+        from nodepass.master.fleet import Fleet
+
+        registry.fleet = Fleet(root.reactor, registry, store)
     RegistryService(registry, forkserver).setServiceParent(root)
     if credentials is not None:
         root.log.info("tls={mode}: API certificate fingerprint {fp}", mode=config.tls,

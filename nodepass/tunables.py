@@ -101,6 +101,10 @@ _SPECS: dict[str, _Spec] = {
     "reload_interval": _Spec(parse_duration, f"{_DUR}, > 0", lambda v: v > 0),
     "service_cooldown": _Spec(parse_duration, f"{_DUR}, >= 0", lambda v: v >= 0),
     "shutdown_timeout": _Spec(parse_duration, f"{_DUR}, >= 0", lambda v: v >= 0),
+    "fleet_heartbeat": _Spec(parse_duration, f"{_DUR}, from 100ms to 1h",
+                             lambda v: 0.1 <= v <= 3600),
+    "fleet_command_wait": _Spec(parse_duration, f"{_DUR}, from 1s to 10m",
+                                lambda v: 1 <= v <= 600),
 }
 
 
@@ -123,6 +127,10 @@ class Tunables:
     reload_interval: float = 3600.0
     service_cooldown: float = 5.0
     shutdown_timeout: float = 5.0
+    # A fleet master (docs/fleet.md) says it is alive this often; silent for three, it is
+    # offline.  A command for another node's instance waits this long for its outcome.
+    fleet_heartbeat: float = 5.0
+    fleet_command_wait: float = 10.0
 
     def __post_init__(self) -> None:
         if self.min_pool_capacity > self.max_pool_capacity:

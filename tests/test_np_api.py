@@ -18,7 +18,8 @@ from tests.test_master_api import KEY, Api, start_master
 from tests.test_master_state import restart_master
 
 RECORD_FIELDS = {"id", "alias", "type", "status", "url", "config", "restart", "meta", "mode",
-                 "ping", "pool", "tcps", "udps", "tcprx", "tcptx", "udprx", "udptx"}
+                 "ping", "pool", "tcps", "udps", "tcprx", "tcptx", "udprx", "udptx",
+                 "node", "stale"}  # the last two: ours, for a fleet (docs/fleet.md)
 
 
 def np_base(master) -> str:

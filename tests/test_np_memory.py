@@ -27,11 +27,12 @@ CLIENT = "client://k@127.0.0.1:10101/127.0.0.1:9000"
 RECORD_TYPES = {"id": str, "alias": str, "type": str, "status": str, "url": str, "config": str,
                 "restart": bool, "meta": dict, "mode": int, "ping": int, "pool": int,
                 "tcps": int, "udps": int, "tcprx": int, "tcptx": int, "udprx": int,
-                "udptx": int}
+                "udptx": int, "node": str, "stale": bool}  # the last two: a fleet's (ours)
 INFO_TYPES = {"alias": str, "os": str, "arch": str, "cpu": int, "mem_total": int,
               "mem_used": int, "swap_total": int, "swap_used": int, "netrx": int, "nettx": int,
               "diskr": int, "diskw": int, "sysup": int, "ver": str, "name": str, "uptime": int,
-              "log": str, "tls": str, "crt": str, "key": str, "mid": str}
+              "log": str, "tls": str, "crt": str, "key": str, "mid": str,
+              "store": dict}  # ours: where the state is kept, and whether it can be written
 
 
 def run(case, coroutine):
@@ -107,7 +108,7 @@ class Instances(Case):
 
     def test_create_refusals(self):
         self.error(400, "'url' is required", "POST", "/instances", {"alias": "x"})
-        self.error(400, "unknown field 'uri' (allowed: url, alias, restart, meta)", "POST",
+        self.error(400, "unknown field 'uri' (allowed: url, alias, restart, meta, node)", "POST",
                    "/instances", {"uri": SERVER})
         self.error(400, "Invalid URL: query: unknown parameter 'tsl'", "POST", "/instances",
                    {"url": SERVER + "?tsl=1"})

@@ -46,6 +46,7 @@ class FromEnviron(SynchronousTestCase):
             "RELOAD_INTERVAL": ("1h30m", 5400.0), "SERVICE_COOLDOWN": ("0", 0.0),
             "SHUTDOWN_TIMEOUT": ("2s", 2.0), "UDP_ANSWER_TIMEOUT": ("500ms", 0.5),
             "UDP_MAX_SESSIONS": ("100", 100), "UDP_MAX_PER_SOURCE": ("4", 4),
+            "FLEET_HEARTBEAT": ("250ms", 0.25), "FLEET_COMMAND_WAIT": ("1m", 60.0),
         }
         self.assertEqual(sorted(good), sorted(environment_names()))
         tunables = from_environ({name: text for name, (text, _) in good.items()})
@@ -79,6 +80,8 @@ class FromEnviron(SynchronousTestCase):
             "UDP_ANSWER_TIMEOUT": ["0", "2"],
             "UDP_MAX_SESSIONS": ["-1", "half"],
             "UDP_MAX_PER_SOURCE": ["0", "x"],
+            "FLEET_HEARTBEAT": ["0", "50ms", "2h"],
+            "FLEET_COMMAND_WAIT": ["500ms", "11m", "x"],
         }
         self.assertEqual(sorted(bad), sorted(environment_names()))
         for name, values in bad.items():

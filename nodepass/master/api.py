@@ -39,7 +39,7 @@ from nodepass.master.web import (
 )
 
 ACTIONS = ("start", "stop", "restart", "reset")
-FIELDS = ("url", "action", "alias", "tags", "restart", "peer")
+FIELDS = ("url", "action", "alias", "tags", "restart", "peer", "node")
 DIALECT = "seed"
 # Asked once: platform.platform() may run `uname` in a subprocess.
 PLATFORM = platform.platform()
@@ -192,7 +192,7 @@ class MasterAPI:
             if not sep or not key:
                 raise ApiError("INVALID_REQUEST", 400, "tag filters look like ?tag=key:value")
             wanted.append((key, value))
-        instances = [self.registry.describe(i) for i in self.registry.instances.values()
+        instances = [self.registry.describe(i) for i in self.registry.all(node_filter(request))
                      if all(i.tags.get(k) == v for k, v in wanted)]
         return 200, {"instances": instances}
 
@@ -204,9 +204,12 @@ class MasterAPI:
             raise ApiError("INVALID_REQUEST", 400, "the body needs 'url' as a string")
         if "action" in body:
             raise ApiError("INVALID_REQUEST", 400, "'action' is for PUT on an instance")
+        node = body.get("node")
+        if "node" in body and not isinstance(node, str):
+            raise ApiError("INVALID_REQUEST", 400, "'node' must be a node's id (a string)")
         given = self._metadata(body)
         instance = await self.registry.create(body["url"], given["alias"], given["tags"],
-                                              bool(given["restart"]), given["peer"])
+                                              bool(given["restart"]), given["peer"], node)
         return 201, self.registry.describe(instance)
 
     @app.route("/instances/<string:instance_id>", methods=["GET"], strict_slashes=False)
@@ -234,20 +237,13 @@ class MasterAPI:
         if url is not None and action is not None:
             raise ApiError("INVALID_REQUEST", 400, "give 'url' or 'action', not both (a new "
                                                    "URL restarts the instance)")
-        if url is not None:
-            self.registry.vet_url(instance, url)  # a bad URL changes nothing at all
-        if any(v is not None for v in given.values()):
-            self.registry.update(instance, **given)
-        if url is not None:
-            await self.registry.replace_url(instance, url)
-            return 200, self.registry.describe(instance)
-        if action is None:
-            return 200, self.registry.describe(instance)
-        if action == "reset":
-            self.registry.reset(instance)
-            return 200, self.registry.describe(instance)
-        await getattr(self.registry, action)(instance)
+        if "node" in body:
+            raise ApiError("INVALID_REQUEST", 400, "'node' is for POST: an instance stays on "
+                                                   "the node that runs it")
+        instance = await self.registry.control(instance, url=url, action=action, **given)
         data = self.registry.describe(instance)
+        if action is None or action == "reset" or url is not None:
+            return 200, data
         stamp = {"start": "started_at", "stop": "stopped_at", "restart": "restarted_at"}[action]
         data[stamp] = iso(getattr(instance, stamp))
         return 200, data
@@ -266,7 +262,8 @@ class MasterAPI:
             raise ApiError("INVALID_REQUEST", 400,
                            "window must be seconds, more than 0 and at most 604800")
         return 200, {"id": instance.id, "interval": self.registry.tunables.report_interval,
-                     "window": window, "samples": self.registry.traffic(instance, window)}
+                     "window": window,
+                     "samples": await self.registry.traffic(instance, window)}
 
     @app.route("/instances/<string:instance_id>/logs", methods=["GET"], strict_slashes=False)
     @_enveloped
@@ -297,7 +294,13 @@ class MasterAPI:
             "alias": registry.alias,
             "master_id": registry.master_id,
             "bases": {"seed": self.base, "nodepass": self.np_base},
+            "store": registry.store_status(),
         }
+
+    @app.route("/nodes", methods=["GET"], strict_slashes=False)
+    @_enveloped
+    async def nodes(self, request: IRequest) -> tuple[int, Any]:
+        return 200, {"nodes": self.registry.nodes()}
 
     def _error(self, request: IRequest, e: ApiError | InstanceError | BodyError) -> bytes:
         return self._reply(request, e.status, None, {"code": e.code, "message": e.message})
@@ -317,7 +320,7 @@ class MasterAPI:
         registry = self.registry
 
         def snapshot(last_id: int) -> list[bytes]:
-            instances = [registry.describe(i) for i in registry.instances.values()]
+            instances = [registry.describe(i) for i in registry.all()]
             return [encode(last_id, "initial", {"instances": instances})]
 
         subscriber = registry.hub.subscribe(request, DIALECT, last_event_id(request), snapshot)
@@ -332,6 +335,12 @@ class MasterAPI:
 
 
 add_preflight(MasterAPI.app)
+
+
+def node_filter(request: IRequest) -> str | None:
+    """``?node=ID``: one node's instances (an unknown node has none)."""
+    raw = request.args.get(b"node", [None])[0]
+    return raw.decode("utf-8", "replace") if raw is not None else None
 
 
 def last_event_id(request: IRequest) -> int | None:

@@ -17,11 +17,13 @@ class TrafficHistory:
         self._samples: dict[str, deque[dict[str, Any]]] = {}
         self._last: dict[str, tuple[float, dict[str, int]]] = {}
 
-    def sample(self, instance: Instance, now: float, current: dict[str, int]) -> None:
+    def sample(self, instance: Instance, now: float, current: dict[str, int]
+               ) -> dict[str, Any] | None:
+        """Take one sample (-> it; None for the first, which only starts the count)."""
         previous = self._last.get(instance.id)
         self._last[instance.id] = (now, current)
         if previous is None or now <= previous[0]:
-            return
+            return None
         elapsed = now - previous[0]
         sample: dict[str, Any] = {"time": iso(now), "timestamp": round(now, 3)}
         for name in COUNTERS:
@@ -31,6 +33,7 @@ class TrafficHistory:
         sample["connections"] = int(instance.report.get("connections") or 0) if running else 0
         sample["ping"] = instance.report.get("ping_ms") if running else None
         self._samples.setdefault(instance.id, deque(maxlen=HISTORY_SAMPLES)).append(sample)
+        return sample
 
     def restart_from_here(self, instance: Instance) -> None:
         """Its counters moved by other than traffic (a reset): the next rate starts anew."""

@@ -69,10 +69,21 @@ class Instance:
     # the restart policy's
     failures: int = 0
     restart_call: Any = None
+    # the fleet's: the node (master id) that runs it; for another node's instance, its
+    # process id as last told and whether that node has stopped telling (offline)
+    node: str = ""
+    seen_pid: int | None = None
+    stale: bool = False
 
     @property
     def url(self) -> str:
         return format_url(self.config)
+
+    @property
+    def pid(self) -> int | None:
+        if not self.running:
+            return None
+        return self.child.pid if self.child is not None else self.seen_pid
 
     @property
     def type(self) -> str:
@@ -90,6 +101,45 @@ class Instance:
         """Zero: the current process's count so far is taken off from here on."""
         for name in COUNTERS:
             self.base[name] = -int(self.report.get(name) or 0)
+
+
+_SNAPSHOT_TIMES = ("created_at", "started_at", "stopped_at", "restarted_at")
+
+
+def snapshot(instance: Instance) -> dict[str, Any]:
+    """What another master needs to show ``instance`` as this one does (fleet.py)."""
+    return {
+        "id": instance.id, "url": instance.url, "status": instance.status,
+        "error": instance.error, "desired": instance.desired, "alias": instance.alias,
+        "tags": instance.tags, "peer": instance.peer, "restart": instance.auto_restart,
+        "restarts": instance.restarts, "counters": instance.counters(), "pid": instance.pid,
+        "report": {k: v for k, v in instance.report.items() if k not in COUNTERS},
+        **{name: getattr(instance, name) for name in _SNAPSHOT_TIMES},
+    }
+
+
+def from_snapshot(data: dict[str, Any], node: str, known: Instance | None = None
+                  ) -> Instance:
+    """Another node's instance as it told it; ``known`` (the last one) lends its parsed
+    URL when that has not changed.  Raises ValueError (URLError) for a URL this nodepass
+    cannot read."""
+    if known is not None and known.url == data["url"]:
+        config = known.config
+    else:
+        config = parse(data["url"])
+        if isinstance(config, MasterConfig):
+            raise ValueError("a master URL")
+    instance = Instance(
+        data["id"], config, float(data["created_at"]), status=str(data["status"]),
+        error=data.get("error"), alias=data.get("alias"), tags=dict(data.get("tags") or {}),
+        auto_restart=bool(data.get("restart")), restarts=int(data.get("restarts") or 0),
+        desired=str(data.get("desired") or "stopped"), node=node,
+        seen_pid=data.get("pid"), report=dict(data.get("report") or {}))
+    instance.started_at, instance.stopped_at, instance.restarted_at = (
+        data.get(name) for name in _SNAPSHOT_TIMES[1:])
+    instance.base.update({k: int((data.get("counters") or {}).get(k, 0)) for k in COUNTERS})
+    instance.peer.update({k: str((data.get("peer") or {}).get(k, "")) for k in PEER_FIELDS})
+    return instance
 
 
 def parse_instance_url(text: str, master: MasterConfig) -> ServerConfig | ClientConfig:

@@ -22,7 +22,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from nodepass import __version__, logs
 from nodepass.master import metadata, sysinfo, web
-from nodepass.master.api import last_event_id
+from nodepass.master.api import last_event_id, node_filter
 from nodepass.master.gate import unauthorized
 from nodepass.master.instances import Instance, InstanceError
 from nodepass.master.npopenapi import document
@@ -42,7 +42,7 @@ from nodepass.url import URLError, parse_address
 DIALECT = "nodepass"
 API_LEVEL = "v1.14.0"  # the NodePass release whose API this dialect serves
 ACTIONS = ("start", "stop", "restart", "reset")
-POST_FIELDS = ("url", "alias", "restart", "meta")
+POST_FIELDS = ("url", "alias", "restart", "meta", "node")
 PATCH_FIELDS = ("action", "alias", "restart", "meta")
 _PREFIXES = {"INVALID_URL": "Invalid URL", "INSTANCE_NOT_FOUND": "Instance not found",
              "CONFLICT": "Instance URL conflict"}
@@ -190,7 +190,7 @@ class NodePassAPI:
     @_answered
     async def list_instances(self, request: IRequest) -> tuple[int, Any]:
         return 200, [self._key_record(),
-                     *(self._view(i) for i in self.registry.instances.values())]
+                     *(self._view(i) for i in self.registry.all(node_filter(request)))]
 
     @app.route("/instances", methods=["POST"], strict_slashes=False)
     @_answered
@@ -200,8 +200,11 @@ class NodePassAPI:
             raise NpError(400, "Invalid request body: 'url' is required, as a string")
         given = self._metadata(body)
         restart = True if given["restart"] is None else given["restart"]  # as NodePass
+        node = body.get("node")
+        if node is not None and not isinstance(node, str):
+            raise NpError(400, "Invalid request body: 'node' must be a node's id (a string)")
         instance = await self.registry.create(body["url"], given["alias"], given["tags"],
-                                              restart, given["peer"])
+                                              restart, given["peer"], node)
         return 201, self._view(instance)
 
     @app.route("/instances/<string:instance_id>", methods=["GET"], strict_slashes=False)
@@ -223,12 +226,7 @@ class NodePassAPI:
             raise NpError(400, f"Invalid action: {str(action)[:40]!r} (allowed: "
                                f"{', '.join(ACTIONS)})")
         given = self._metadata(body)
-        if any(v is not None for v in given.values()):
-            self.registry.update(instance, **given)
-        if action == "reset":
-            self.registry.reset(instance)
-        elif action is not None:
-            await getattr(self.registry, action)(instance)
+        instance = await self.registry.control(instance, action=action, **given)
         return 200, self._view(instance)
 
     async def _patch_key(self, request: IRequest) -> tuple[int, Any]:
@@ -256,7 +254,7 @@ class NodePassAPI:
         body = self._object(request, ("url",))
         if not isinstance(body.get("url"), str) or not body["url"]:
             raise NpError(400, "Invalid request body: 'url' is required, as a string")
-        await self.registry.replace_url(instance, body["url"])
+        instance = await self.registry.control(instance, url=body["url"])
         return 200, self._view(instance)
 
     @app.route("/instances/<string:instance_id>", methods=["DELETE"], strict_slashes=False)
@@ -282,6 +280,7 @@ class NodePassAPI:
             "crt": master.crt or "",
             "key": master.key or "",
             "mid": registry.master_id,
+            "store": registry.store_status(),
         }
 
     @app.route("/info", methods=["GET"], strict_slashes=False)
@@ -327,7 +326,7 @@ class NodePassAPI:
         registry = self.registry
 
         def snapshot(last_id: int) -> list[bytes]:
-            records = [self._key_record(), *(self._view(i) for i in registry.instances.values())]
+            records = [self._key_record(), *(self._view(i) for i in registry.all())]
             return [event_chunk(last_id, event_data(registry, "initial", record))
                     for record in records]
 

@@ -47,6 +47,10 @@ _INSTANCE = {
             ("tcptx", "TCP bytes written to the local socket"),
             ("udprx", "UDP bytes read from the local socket"),
             ("udptx", "UDP bytes written to the local socket"))},
+        "node": {"type": "string", "description": "ours: the master (node) that runs it, its "
+                                                  "mid (docs/fleet.md)"},
+        "stale": {"type": "boolean", "description": "ours: its node is offline; shown as "
+                                                    "that node last told it"},
     },
 }
 _INFO = {
@@ -63,6 +67,9 @@ _INFO = {
                 "example": "v1.14.0"},
         "version": {"type": "string", "description": "this nodepass's own version"},
         "tls": {"type": "string", "enum": ["0", "1", "2"]},
+        "store": {"type": "object", "description": "ours: where the state is kept and "
+                                                   "whether it can be written now "
+                                                   "(status ok or degraded; docs/fleet.md)"},
     },
 }
 _REF = {"$ref": "#/components/schemas/Instance"}
@@ -100,8 +107,12 @@ def document(prefix: str) -> dict[str, Any]:
         "security": [{"ApiKey": []}],
         "paths": {
             f"{base}/instances": {
-                "get": {"summary": "Every instance, after the API key record",
+                "get": {"summary": "Every instance (a fleet's: every node's), after the "
+                                   "API key record",
                         "operationId": "npListInstances",
+                        "parameters": [{"name": "node", "in": "query", "required": False,
+                                        "schema": {"type": "string"},
+                                        "description": "ours: only this node's instances"}],
                         "responses": {"200": _json("The records", {"type": "array",
                                                                     "items": _REF}),
                                       **_errors(401)}},
@@ -113,9 +124,11 @@ def document(prefix: str) -> dict[str, Any]:
                              "properties": {"url": {"type": "string"},
                                             "alias": {"type": "string", "maxLength": 256},
                                             "restart": {"type": "boolean", "default": True},
-                                            "meta": _META_BODY}}),
+                                            "meta": _META_BODY,
+                                            "node": {"type": "string", "description":
+                                                     "ours: the fleet node to run it on"}}}),
                          "responses": {"201": _json("Created", _REF),
-                                       **_errors(400, 401, 413)}},
+                                       **_errors(400, 401, 404, 413, 503, 504)}},
             },
             f"{base}/instances/{{id}}": {
                 "parameters": [_ID],

@@ -98,6 +98,8 @@ def np_instance(registry: Registry, instance: Instance) -> dict[str, Any]:
         "tcptx": counters["tcp_out"],
         "udprx": counters["udp_in"],
         "udptx": counters["udp_out"],
+        "node": instance.node,
+        "stale": instance.stale,
     }
 
 
@@ -106,7 +108,8 @@ def key_record(registry: Registry, key: str | None) -> dict[str, Any]:
     ``config`` the master id and ``alias`` the master's alias."""
     return {"id": KEY_RECORD_ID, "alias": registry.alias, "type": "", "status": "",
             "url": key or "", "config": registry.master_id, "restart": False,
-            "meta": {"peer": dict.fromkeys(PEER_FIELDS, ""), "tags": {}}, **_ZERO_COUNTS}
+            "meta": {"peer": dict.fromkeys(PEER_FIELDS, ""), "tags": {}}, **_ZERO_COUNTS,
+            "node": registry.node, "stale": False}
 
 
 def event_chunk(event_id: int | None, data: Mapping[str, Any]) -> bytes:

@@ -10,6 +10,7 @@ ERROR_CODES = [
     "INVALID_JSON", "INVALID_REQUEST", "INVALID_URL", "INVALID_ACTION", "INSTANCE_NOT_FOUND",
     "NOT_FOUND", "METHOD_NOT_ALLOWED", "UNAUTHORIZED", "UNSUPPORTED_MEDIA_TYPE",
     "PAYLOAD_TOO_LARGE", "CONFLICT", "INTERNAL", "MISDIRECTED_REQUEST", "ORIGIN_NOT_ALLOWED",
+    "NODE_NOT_FOUND", "NODE_OFFLINE", "NODE_TIMEOUT", "FLEET_UNAVAILABLE", "INTERRUPTED",
 ]
 
 
@@ -110,11 +111,43 @@ _INSTANCE = {
         **_METADATA,
         "alias": {"type": "string", "nullable": True, "description": "a name for panels"},
         "restarts": {"type": "integer", "minimum": 0, "description": "automatic restarts"},
+        "node": {"type": "string", "description": "the master (node) that runs it: its "
+                                                  "master_id (docs/fleet.md)"},
+        "stale": {"type": "boolean", "description": "true while its node is offline: shown "
+                                                    "as that node last told it"},
     },
 }
 _INSTANCE["properties"]["peer"] = {**_PEER, "required": ["sid", "type", "alias"]}
 
 _REF = {"$ref": "#/components/schemas/Instance"}
+_NODE_FILTER = {"name": "node", "in": "query", "required": False,
+                "schema": {"type": "string"},
+                "description": "only the instances of this node (a master_id)"}
+STORE = {
+    "type": "object", "required": ["store", "node", "status"],
+    "description": "where the state is kept and whether it can be written now",
+    "properties": {
+        "store": {"type": "string", "enum": ["sqlite", "memory", "postgresql"]},
+        "node": {"type": "string", "description": "this master's node id (its master_id)"},
+        "status": {"type": "string", "enum": ["ok", "degraded"],
+                   "description": "degraded: the fleet database is unreachable; instances "
+                                  "keep running and writes wait"},
+        "database": {"type": "string", "description": "postgresql: where (no password)"},
+        "error": {"type": "string", "nullable": True},
+        "pending_writes": {"type": "integer", "minimum": 0},
+        "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}},
+    },
+}
+NODE = {
+    "type": "object", "required": ["id", "online"],
+    "properties": {
+        "id": {"type": "string"}, "alias": {"type": "string"}, "version": {"type": "string"},
+        "online": {"type": "boolean", "description": "false once silent for 3 heartbeats"},
+        "self": {"type": "boolean", "description": "the master answering"},
+        "last_heartbeat": {"type": "number", "description": "seconds since its heartbeat"},
+        "heartbeat": {"type": "number", "nullable": True, "description": "its interval, s"},
+    },
+}
 _ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"},
        "example": "ins_3f9a1c2e"}
 
@@ -164,7 +197,8 @@ def document(prefix: str) -> dict[str, Any]:
                                     "schema": {"type": "array", "items": {
                                         "type": "string", "pattern": "^[^:]+:.*$"}},
                                     "style": "form", "explode": True,
-                                    "description": "key:value; every one given must match"}],
+                                    "description": "key:value; every one given must match"},
+                                   _NODE_FILTER],
                     "responses": {
                         "200": _response("The instances", {
                             "type": "object", "required": ["instances"],
@@ -186,13 +220,15 @@ def document(prefix: str) -> dict[str, Any]:
                                         "example":
                                             "server://127.0.0.1:10101/127.0.0.1:8080?tls=1"},
                                 **_METADATA,
+                                "node": {"type": "string", "description": "the node to run "
+                                         "it on (a fleet master's id; default: this one)"},
                             },
                         }}},
                     },
                     "responses": {
                         "201": _response("Created; status is what the instance reported",
                                          _REF),
-                        **_errors(400, 401, 413, 415),
+                        **_errors(400, 401, 404, 413, 415, 503, 504),
                     },
                 },
             },
@@ -229,7 +265,7 @@ def document(prefix: str) -> dict[str, Any]:
                     "responses": {
                         "200": _response("The instance after the action",
                                          _REF),
-                        **_errors(400, 401, 404, 409, 413, 415),
+                        **_errors(400, 401, 404, 409, 413, 415, 503, 504),
                     },
                 },
                 "delete": {
@@ -241,7 +277,7 @@ def document(prefix: str) -> dict[str, Any]:
                             "properties": {"id": {"type": "string"},
                                            "deleted": {"type": "boolean"}},
                         }),
-                        **_errors(401, 404),
+                        **_errors(401, 404, 503, 504),
                     },
                 },
             },
@@ -334,8 +370,22 @@ def document(prefix: str) -> dict[str, Any]:
                                           "dialect lives",
                                           "properties": {"seed": {"type": "string"},
                                                          "nodepass": {"type": "string"}}},
+                                "store": STORE,
                             },
                         }),
+                        **_errors(401),
+                    },
+                },
+            },
+            f"{base}/nodes": {
+                "get": {
+                    "summary": "The fleet's masters (nodes), this one first",
+                    "operationId": "listNodes",
+                    "responses": {
+                        "200": _response("The nodes", {
+                            "type": "object", "required": ["nodes"],
+                            "properties": {"nodes": {"type": "array", "items": {
+                                "$ref": "#/components/schemas/Node"}}}}),
                         **_errors(401),
                     },
                 },
@@ -349,6 +399,7 @@ def document(prefix: str) -> dict[str, Any]:
             },
             "schemas": {
                 "Instance": _INSTANCE,
+                "Node": NODE,
                 "Error": {
                     "type": "object",
                     "required": ["success", "data", "error"],
@@ -372,7 +423,11 @@ def document(prefix: str) -> dict[str, Any]:
                              (409, "Conflict"), (413, "Body too large"),
                              (415, "Body is not application/json"),
                              (421, "A Host this master does not answer to (any route)"),
-                             (500, "Internal error"))
+                             (500, "Internal error"),
+                             (503, "The fleet database is unreachable (FLEET_UNAVAILABLE)"),
+                             (504, "The node that runs it is offline (NODE_OFFLINE: the "
+                                   "command is queued) or did not answer in time "
+                                   "(NODE_TIMEOUT)"))
             },
         },
     }

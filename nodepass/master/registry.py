@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import LoopingCall
 
-from nodepass import logs
+from nodepass import __version__, logs
 from nodepass.master.events import EventHub
 from nodepass.master.history import TrafficHistory
 from nodepass.master.instances import (
@@ -49,10 +49,13 @@ class Registry:
         self.tunables = tunables
         self.store = store
         self.hub = hub
-        self.instances: dict[str, Instance] = {}
+        self.instances: dict[str, Instance] = {}  # this master's own
+        self.remote: dict[str, Instance] = {}  # other nodes' (fleet.py keeps them)
+        self.fleet: Any = None  # fleet.Fleet, when the state is in PostgreSQL
         self._issued: set[str] = store.issued()
         self.started_at = reactor.seconds()
         self.master_id = store.setting("mid") or self._new_master_id()
+        self.node = self.master_id  # what the fleet calls this master
         self.alias = store.setting("alias") or ""
         self.history = TrafficHistory(reactor)
         self.recent_logs: dict[str, deque[dict[str, Any]]] = {}  # the last lines, each
@@ -86,18 +89,60 @@ class Registry:
         self.store.set_setting("alias", alias)
 
     def get(self, instance_id: str) -> Instance:
+        """One of this master's instances, or another node's."""
+        found = self.instances.get(instance_id) or self.remote.get(instance_id)
+        if found is None:
+            raise InstanceError("INSTANCE_NOT_FOUND", 404,
+                                f"no instance with id {instance_id!r}")
+        return found
+
+    def get_local(self, instance_id: str) -> Instance:
         try:
             return self.instances[instance_id]
         except KeyError:
             raise InstanceError("INSTANCE_NOT_FOUND", 404,
-                                f"no instance with id {instance_id!r}") from None
+                                f"no instance with id {instance_id!r} on node {self.node}") \
+                from None
+
+    def all(self, node: str | None = None) -> list[Instance]:
+        """Every instance of the fleet (only this master's without one), or one node's."""
+        if node is not None:
+            source = self.instances if node == self.node else self.remote
+            return [i for i in source.values() if i.node == node]
+        if not self.remote:
+            return list(self.instances.values())
+        return sorted((*self.instances.values(), *self.remote.values()),
+                      key=lambda i: (i.created_at, i.id))
+
+    def is_local(self, instance: Instance) -> bool:
+        return instance.node == self.node
 
     # -- what is kept and told -------------------------------------------------
 
     def _changed(self, kind: str, instance: Instance) -> None:
         self.hub.publish(kind, instance)
+        if self.fleet is not None:
+            self.fleet.local_changed(kind, instance)
 
     def _logged(self, instance: Instance, level: str, text: str, line: str) -> None:
+        self.remote_logged(instance, level, text, line)
+        if self.fleet is not None:
+            self.fleet.local_log(instance, level, text, line)
+
+    # -- what other nodes tell (fleet.py) --------------------------------------
+
+    def remote_changed(self, instance: Instance, new: bool) -> None:
+        self.remote[instance.id] = instance
+        self._issued.add(instance.id)
+        self.hub.publish("create" if new else "update", instance)
+
+    def remote_gone(self, instance_id: str) -> None:
+        instance = self.remote.pop(instance_id, None)
+        if instance is not None:
+            self.recent_logs.pop(instance_id, None)
+            self.hub.publish("delete", instance)
+
+    def remote_logged(self, instance: Instance, level: str, text: str, line: str) -> None:
         kept = self.recent_logs.setdefault(instance.id, deque(maxlen=RECENT_LOGS))
         kept.append({"time": self.reactor.seconds(), "level": level, "message": text})
         self.hub.publish("log", instance, level=level, message=text, line=line)
@@ -127,7 +172,8 @@ class Registry:
                 continue
             instance = Instance(stored.id, config, stored.created_at, alias=stored.alias,
                                 tags=stored.tags, auto_restart=stored.restart,
-                                restarts=stored.restarts, desired=stored.desired)
+                                restarts=stored.restarts, desired=stored.desired,
+                                node=self.node)
             instance.base.update({k: int(stored.counters.get(k, 0)) for k in COUNTERS})
             instance.peer.update({k: str(stored.peer.get(k, "")) for k in PEER_FIELDS})
             self.instances[instance.id] = instance
@@ -148,10 +194,16 @@ class Registry:
 
     async def create(self, url: str, alias: str | None = None,
                      tags: dict[str, str] | None = None, restart: bool = False,
-                     peer: dict[str, str] | None = None) -> Instance:
-        config = self.parse_instance_url(url)
+                     peer: dict[str, str] | None = None, node: str | None = None) -> Instance:
+        """A new instance, on this master or (``node``) on another of the fleet."""
+        config = self.parse_instance_url(url)  # a bad URL is refused here, wherever it goes
+        if node is not None and node != self.node:
+            fleet = self._fleet_for(node)
+            return await fleet.command(node, "create", {  # type: ignore[no-any-return]
+                "url": url, "alias": alias, "tags": tags, "restart": restart, "peer": peer})
+        self._writable("create an instance")
         instance = Instance(self.new_id(), config, self.reactor.seconds(), alias=alias or None,
-                            tags=dict(tags or {}), auto_restart=restart)
+                            tags=dict(tags or {}), auto_restart=restart, node=self.node)
         instance.peer.update(peer or {})
         self._save(instance)
         self.instances[instance.id] = instance
@@ -159,6 +211,47 @@ class Registry:
                       url=redacted(instance.url))
         self._changed("create", instance)
         await self.start(instance)
+        await self.store.durable()
+        return instance
+
+    def _fleet_for(self, node: str) -> Any:
+        if self.fleet is None:
+            raise InstanceError("NODE_NOT_FOUND", 404,
+                                f"no node {node!r}: this master is not in a fleet (its node "
+                                f"is {self.node}; see docs/fleet.md)")
+        return self.fleet
+
+    def _writable(self, what: str) -> None:
+        """Creating and deleting need the fleet's database: an id and a row the other
+        masters must see (control of an existing instance is written when it is back)."""
+        why = self.fleet.problem if self.fleet is not None else None
+        if why:
+            raise InstanceError("FLEET_UNAVAILABLE", 503,
+                                f"cannot {what} while the fleet database is unreachable "
+                                f"({why}); this master's instances keep running")
+
+    async def control(self, instance: Instance, url: str | None = None,
+                      action: str | None = None, alias: Any = None, tags: Any = None,
+                      restart: Any = None, peer: Any = None) -> Instance:
+        """What a PUT or PATCH asks: metadata, then a new URL or an action (start, stop,
+        restart, reset), on whichever node runs ``instance``; -> it, as it is after."""
+        meta = {"alias": alias, "tags": tags, "restart": restart, "peer": peer}
+        if not self.is_local(instance):
+            given = {k: v for k, v in meta.items() if v is not None}
+            return await self._fleet_for(instance.node).command(  # type: ignore[no-any-return]
+                instance.node, "control",
+                {"id": instance.id, "url": url, "action": action, "meta": given})
+        if url is not None:
+            self.vet_url(instance, url)  # a bad URL changes nothing at all
+        if any(v is not None for v in meta.values()):
+            self.update(instance, **meta)
+        if url is not None:
+            await self.replace_url(instance, url)
+        elif action == "reset":
+            self.reset(instance)
+        elif action is not None:
+            await getattr(self, action)(instance)
+        await self.store.durable()
         return instance
 
     def update(self, instance: Instance, alias: Any = None, tags: Any = None,
@@ -226,6 +319,12 @@ class Registry:
         await self.lifecycle.restart(instance)
 
     async def delete(self, instance: Instance) -> None:
+        if not self.is_local(instance):
+            await self._fleet_for(instance.node).command(instance.node, "delete",
+                                                         {"id": instance.id})
+            return
+        self._writable("delete an instance")
+
         async def gone() -> None:
             await self.lifecycle.stop_now(instance)
             self.store.delete(instance.id)
@@ -239,6 +338,7 @@ class Registry:
         self.restarts.cancel(instance)
         instance.desired = "stopped"
         await self.lifecycle.exclusively(instance, gone)
+        await self.store.durable()
 
     def _still_wanted(self, instance: Instance) -> bool:
         return instance.id in self.instances and instance.desired == "running"
@@ -259,21 +359,47 @@ class Registry:
             current = instance.counters()
             if self._saved_counters.get(instance.id) != current:
                 counters[instance.id] = self._saved_counters[instance.id] = current
-            self.history.sample(instance, now, current)
+            sample = self.history.sample(instance, now, current)
+            if sample is not None and self.fleet is not None:
+                self.fleet.local_sample(instance, sample)
             if instance.running:
                 self._changed("update", instance)
         self.store.save_counters(counters)
 
     # -- views -------------------------------------------------------------
 
-    def traffic(self, instance: Instance, window: float) -> list[dict[str, Any]]:
+    async def traffic(self, instance: Instance, window: float) -> list[dict[str, Any]]:
+        """Its samples over the last ``window`` seconds: from the fleet's database, where
+        every master's samples are (this master's own from memory while it is away)."""
+        if self.fleet is not None:
+            try:
+                return await self.fleet.traffic(instance, window)  # type: ignore[no-any-return]
+            except Exception as e:
+                if not self.is_local(instance):
+                    raise InstanceError("FLEET_UNAVAILABLE", 503,
+                                        f"the fleet database is unreachable ({e}): another "
+                                        "node's traffic cannot be read") from None
         return self.history.window(instance, window)
 
     def describe(self, instance: Instance) -> dict[str, Any]:
         return describe(instance, self.reactor.seconds())
 
     def count_by_status(self) -> dict[str, int]:
+        """This master's own instances (each master counts what it runs)."""
         return count_by_status(self.instances.values())
+
+    def store_status(self) -> dict[str, Any]:
+        """Where the state is kept and whether it can be written now (/info)."""
+        if self.fleet is not None:
+            return self.fleet.describe()  # type: ignore[no-any-return]
+        return {"store": self.store.kind if self.master.persist else "memory",
+                "node": self.node, "status": "ok"}
+
+    def nodes(self) -> list[dict[str, Any]]:
+        if self.fleet is not None:
+            return [n.describe(self.node) for n in self.fleet.sorted_nodes()]
+        return [{"id": self.node, "alias": self.alias, "version": __version__,
+                 "online": True, "self": True, "last_heartbeat": 0.0, "heartbeat": None}]
 
     async def shutdown(self) -> None:
         """Stop every instance at once (SIGTERM, then SIGKILL after the grace); what

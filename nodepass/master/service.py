@@ -19,6 +19,7 @@ from nodepass.master.api import MasterAPI
 from nodepass.master.dashboard import Dashboard
 from nodepass.master.gate import Gate
 from nodepass.master.npapi import NodePassAPI
+from nodepass.master.pg import SCHEMA_VERSION as PG_SCHEMA_VERSION
 from nodepass.master.registry import Registry
 from nodepass.master.site import ApiSite, DeadlineChannel
 from nodepass.master.state import (
@@ -27,9 +28,10 @@ from nodepass.master.state import (
     api_key,
     ensure_dir,
     make_private,
+    open_store,
     state_dir,
 )
-from nodepass.master.store import SCHEMA_VERSION, Store
+from nodepass.master.store import SCHEMA_VERSION
 from nodepass.master.tcping import TcpPing
 from nodepass.master.web import KeyCheck, mount
 from nodepass.tls import ServerCredentials
@@ -37,6 +39,7 @@ from nodepass.url import Address, MasterConfig
 
 log = logs.logger("nodepass.master")
 FLUSH_GRACE = 0.2
+STORE_GRACE = 5.0  # seconds the last writes get to reach a fleet database at stop
 __all__ = [
     "ApiSite",
     "DeadlineChannel",
@@ -61,6 +64,8 @@ class RegistryService(Service):
         if self.forkserver is not None:
             self.forkserver.start()
         self.registry.hub.start()
+        if self.registry.fleet is not None:
+            self.registry.fleet.start()
         self.registry.restore()
 
     def stopService(self) -> Deferred[None]:
@@ -71,6 +76,9 @@ class RegistryService(Service):
         await self.registry.shutdown()
         if self.forkserver is not None:
             self.forkserver.stop()
+        if self.registry.fleet is not None:
+            self.registry.fleet.stop()
+            await self.registry.store.close_async(STORE_GRACE)
         hub = self.registry.hub
         hub.publish("shutdown")
         hub.stop()
@@ -114,7 +122,7 @@ def to_terminal(text: str, fd: int = 2) -> bool:
 
 def open_state(config: MasterConfig, environ: Mapping[str, str],
                terminal: Callable[[str], object] = to_terminal
-               ) -> tuple[Store, ApiKey, Path]:
+               ) -> tuple[Any, ApiKey, Path]:
     """The master's state directory (made private), key and database, each said in the
     log -- a generated key only on ``terminal``, never in the log."""
     folder = state_dir(config, environ)
@@ -126,8 +134,11 @@ def open_state(config: MasterConfig, environ: Mapping[str, str],
                      path=str(path), mode=f"{mode:04o}", private=f"{private:04o}")
     if config.auth:
         key, origin = api_key(folder, environ)
-    store = Store.open(folder if config.persist else None)
-    if config.persist:
+    store = open_store(config, environ, folder)
+    if store.kind == "postgresql":
+        log.info("state in the fleet database {where} (schema version {v}), node {node}",
+                 where=store.where, v=PG_SCHEMA_VERSION, node=store.node)
+    elif config.persist:
         log.info("state in {path} (schema version {v})", path=str(store.path), v=SCHEMA_VERSION)
     else:
         log.warn("persist=0: instances live in memory and are forgotten when the master stops")

@@ -15,11 +15,14 @@ import secrets
 import stat
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from nodepass.master.store import DB_FILE
 from nodepass.url import MasterConfig
 
 KEY_FILE = "api.key"
+DATABASE_ENV = "NODEPASS_DATABASE_URL"
+NODE_FILE = "node.id"  # a fleet master's node id (pgstore.py)
 # The database and every file SQLite may keep beside it.
 DB_FILES = (DB_FILE, *(DB_FILE + extra for extra in ("-wal", "-shm", "-journal")))
 
@@ -28,8 +31,21 @@ class StateError(Exception):
     """The state directory or a file in it cannot be used; one line for the user."""
 
 
+def database_url(config: MasterConfig, environ: Mapping[str, str]) -> str | None:
+    """The fleet's PostgreSQL database: ``state=postgresql://...``, else
+    NODEPASS_DATABASE_URL; None for the embedded SQLite store."""
+    if config.state and is_database_url(config.state):
+        return config.state
+    return environ.get(DATABASE_ENV) or None
+
+
+def is_database_url(text: str) -> bool:
+    return text.startswith(("postgresql://", "postgres://"))
+
+
 def state_dir(config: MasterConfig, environ: Mapping[str, str]) -> Path:
-    if config.state:
+    """The state directory (with a fleet database, it keeps the key and the node id)."""
+    if config.state and not is_database_url(config.state):
         return Path(config.state)
     if environ.get("NODEPASS_STATE_DIR"):
         return Path(environ["NODEPASS_STATE_DIR"])
@@ -42,9 +58,13 @@ def check_state(config: MasterConfig, environ: Mapping[str, str]) -> None:
     """What the master will need of its state directory, checked before anything starts:
     the directory usable, the key file readable, the database one this nodepass can use
     (raises StateError or StoreError, with one line for the user)."""
-    from nodepass.master.store import Store
+    from nodepass.master.store import Store, StoreError
 
     folder = state_dir(config, environ)
+    database = database_url(config, environ)
+    if database and not config.persist:
+        raise StoreError("persist=0 keeps instances in memory; it cannot be combined with a "
+                         "fleet database (state=postgresql://... or NODEPASS_DATABASE_URL)")
     if config.auth or config.persist:
         ensure_dir(folder)
         exposed(folder)  # one that cannot be made private stops the start here
@@ -57,8 +77,23 @@ def check_state(config: MasterConfig, environ: Mapping[str, str]) -> None:
         except OSError as e:
             raise StateError(f"API key file {str(path)!r} cannot be read ({e.strerror})") \
                 from None
-    if config.persist:
+    if database:
+        open_store(config, environ, folder).close()
+    elif config.persist:
         Store.open(folder).close()
+
+
+def open_store(config: MasterConfig, environ: Mapping[str, str], folder: Path) -> Any:
+    """The store the master keeps its instances in: PostgreSQL (pgstore.py) when a
+    fleet database is given, else SQLite in ``folder`` (in memory with persist=0)."""
+    from nodepass.master.store import Store
+
+    database = database_url(config, environ)
+    if database:
+        from nodepass.master.pgstore import PgStore
+
+        return PgStore(database, folder)
+    return Store.open(folder if config.persist else None)
 
 
 def ensure_dir(path: Path) -> Path:
@@ -78,7 +113,7 @@ def exposed(folder: Path) -> list[tuple[Path, int, int]]:
     cannot make private)."""
     found = []
     for path, private in ((folder, 0o700), *((folder / name, 0o600)
-                                             for name in (KEY_FILE, *DB_FILES))):
+                                             for name in (KEY_FILE, NODE_FILE, *DB_FILES))):
         try:
             info = path.stat()
         except FileNotFoundError:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
+
 SCHEMA_VERSION = 3
 DB_FILE = "nodepass.db"
 
@@ -69,6 +71,8 @@ _COUNTERS = ("tcp_in", "tcp_out", "udp_in", "udp_out")
 
 
 class Store:
+    kind = "sqlite"
+
     def __init__(self, path: Path | None) -> None:
         self.path = path
         where = str(path) if path is not None else ":memory:"
@@ -164,6 +168,10 @@ class Store:
     def delete(self, instance_id: str) -> None:
         with self._transaction():
             self.db.execute("DELETE FROM instances WHERE id=?", (instance_id,))
+
+    def durable(self) -> Deferred[bool]:
+        """Every write above is committed before it returns (pgstore.py's may wait)."""
+        return succeed(True)
 
     def close(self) -> None:
         self.db.close()

@@ -29,13 +29,15 @@ def describe(instance: Instance, now: float) -> dict[str, Any]:
         "mode": report.get("mode") or None,
         "transport": report.get("transport") or None,
         "refused": int(report.get("refused") or 0),
-        "pid": instance.child.pid if running and instance.child is not None else None,
+        "pid": instance.pid,
         "error": instance.error,
         "alias": instance.alias,
         "tags": dict(instance.tags),
         "restart": instance.auto_restart,
         "restarts": instance.restarts,
         "peer": dict(instance.peer),
+        "node": instance.node,
+        "stale": instance.stale,
     }
     data.update(instance.counters())
     return data

@@ -1,0 +1,286 @@
+"""The master's state in PostgreSQL: the Store of store.py for a fleet of masters.
+
+What the registry writes goes to an outbox and from there to the database in one
+transaction per batch, off the reactor thread.  Writes to the same thing coalesce (an
+instance's row, its counters, what it looks like: the latest wins), every write is
+idempotent (upserts, deletes, updates by key), and a batch that fails stays in the
+outbox and is tried again with backoff -- so while PostgreSQL is away the master keeps
+its instances running, says it is degraded, and when PostgreSQL is back nothing
+written meanwhile is lost or written twice.  The outbox is bounded: one entry per
+instance and kind, plus log lines and traffic samples, of which only the newest
+LOG_BACKLOG and TRAFFIC_BACKLOG wait.
+
+Notifications (``pg_notify``) go in the same transaction as the rows they announce, so
+a master that hears one finds the row committed.
+
+At start (before the reactor runs) the schema is checked and migrated and this
+node's instances are read, synchronously, like the SQLite store.  The node's id is
+kept in the state directory (``node.id``), not in the shared database: it is what
+tells this master's rows from the others'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+
+from nodepass import __version__, logs
+from nodepass.master import pg
+from nodepass.master.outbox import Entry, Outbox
+from nodepass.master.store import _COUNTERS, StoredInstance, StoreError
+
+NODE_FILE = "node.id"
+CHANNEL = "nodepass"
+NOTICE_LIMIT = 7900  # bytes; PostgreSQL's payload limit is 8000
+LOG_BACKLOG = 2000
+TRAFFIC_BACKLOG = 200_000
+ORDER = ("node", "row", "counters", "live", "traffic", "delete", "result", "log")
+
+
+def node_id(folder: Path) -> str:
+    """This master's node id (NodePass's ``mid``): 16 hex digits made once and kept in the
+    state directory, readable by this user alone."""
+    path = folder / NODE_FILE
+    try:
+        existing = path.read_text().strip()
+    except FileNotFoundError:
+        existing = ""
+    except OSError as e:
+        raise StoreError(f"node id file {str(path)!r} cannot be read ({e.strerror})") from None
+    if existing:
+        return existing
+    made = secrets.token_hex(8)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(made + "\n")
+    except OSError as e:
+        raise StoreError(f"node id file {str(path)!r} cannot be written ({e.strerror})") \
+            from None
+    return made
+
+
+class PgStore:
+    """store.Store's interface, on PostgreSQL (see the module's docstring)."""
+
+    kind = "postgresql"
+    log = logs.logger("nodepass.master")
+
+    def __init__(self, dsn: str, folder: Path) -> None:
+        self.dsn = pg.check_dsn(dsn)
+        self.where = pg.describe_dsn(dsn)
+        self.path = self.where  # what the log and /info show as the state's place
+        self.node = node_id(folder)
+        self.found_version = 0
+        self._loaded: list[StoredInstance] = []
+        self._issued: set[str] = set()
+        self._alias: str | None = None
+        self.interval = 5.0  # the heartbeat's, as the fleet sets it
+        self._read_at_start()
+        self.outbox = Outbox(ORDER, {"log": LOG_BACKLOG, "traffic": TRAFFIC_BACKLOG},
+                             lambda failure: bool(failure.check(pg.DatabaseDownError)))
+        self.outbox.on_status.append(self._status_changed)
+        self.db: pg.Database | None = None  # once a reactor is there (start)
+
+    def _read_at_start(self) -> None:
+        try:
+            conn = pg.connect(self.dsn, f"nodepass master {self.node}")
+        except pg.DatabaseDownError as e:
+            raise StoreError(f"fleet database {self.where} cannot be reached ({e})") from None
+        try:
+            self.found_version = pg.migrate(conn, self.where)
+            with conn.transaction():
+                self._issued = {r[0] for r in pg.rows(conn, "SELECT id FROM issued_ids")}
+                self._loaded = [_stored(r) for r in pg.rows(
+                    conn, f"SELECT {_COLUMNS} FROM instances WHERE node IN (%s, '') "
+                          "ORDER BY created_at, id", (self.node,))]
+                alias = pg.rows(conn, "SELECT alias FROM nodes WHERE id = %s", (self.node,))
+                self._alias = alias[0][0] if alias else None
+        except pg.psycopg().Error as e:
+            raise StoreError(f"fleet database {self.where}: {pg.one_line(e)}") from None
+        finally:
+            conn.close()
+
+    # -- store.Store's reads (what was there at start) -------------------------
+
+    def load(self) -> list[StoredInstance]:
+        return list(self._loaded)
+
+    def issued(self) -> set[str]:
+        return set(self._issued)
+
+    def setting(self, name: str) -> str | None:
+        if name == "mid":
+            return self.node
+        if name == "alias":
+            return self._alias
+        return None
+
+    # -- store.Store's writes, through the outbox ------------------------------
+
+    def save(self, item: StoredInstance) -> None:
+        self.outbox.put(("row", item.id), ("row", item))
+
+    def save_counters(self, counters: dict[str, dict[str, int]]) -> None:
+        for instance_id, values in counters.items():
+            self.outbox.put(("counters", instance_id), ("counters", instance_id, dict(values)))
+
+    def delete(self, instance_id: str) -> None:
+        for kind in ("row", "counters", "live"):
+            self.outbox.drop((kind, instance_id))
+        self.outbox.put(("delete", instance_id), ("delete", instance_id))
+
+    def set_setting(self, name: str, value: str) -> None:
+        """``mid`` is the node id (kept in the state directory); ``alias`` the node's."""
+        if name == "alias":
+            self._alias = value
+            self.heartbeat(self.interval)
+
+    def heartbeat(self, interval: float) -> None:
+        """This node is alive, and says so again every ``interval`` seconds."""
+        self.interval = interval
+        self.outbox.put(("node",), ("node", self._alias or "", interval))
+
+    def durable(self) -> Deferred[bool]:
+        return self.outbox.durable()
+
+    @property
+    def degraded(self) -> str | None:
+        return self.outbox.degraded
+
+    # -- running -----------------------------------------------------------------
+
+    def start(self, reactor: Any) -> None:
+        self.db = pg.Database(reactor, self.dsn, f"nodepass master {self.node}")
+        self.db.start()
+        self.outbox.start(reactor, self._write)
+
+    def _write(self, entries: list[Entry], careful: bool) -> Deferred[list[tuple[Entry, str]]]:
+        assert self.db is not None
+        return self.db.run(write_batch, self.node, entries, careful)
+
+    def _status_changed(self, why: str | None) -> None:
+        if why is None:
+            self.log.info("fleet database {where} reachable again: the writes that waited "
+                          "are in", where=self.where)
+        else:
+            self.log.error("fleet database {where} unreachable ({why}): instances keep "
+                           "running, writes wait and are retried", where=self.where, why=why)
+
+    async def close_async(self, grace: float) -> None:
+        """Send what waits (for at most ``grace`` seconds), then stop the worker."""
+        if self.db is None:
+            return
+        if self.outbox.pending and not self.degraded:
+            try:
+                await self.durable().addTimeout(grace, self.db.reactor)
+            except (CancelledError, TimeoutError):
+                pass
+        self.outbox.stop()
+        if self.outbox.pending:
+            self.log.warn("{n} writes could not reach the fleet database before the master "
+                          "stopped", n=len(self.outbox.pending))
+        db, self.db = self.db, None
+        db.stop()  # waits for the statement in hand, bounded by its timeouts
+
+    def close(self) -> None:
+        """Nothing to do synchronously (close_async sends what waits)."""
+
+
+_COLUMNS = ("id, url, created_at, desired, alias, tags, restart, restarts, tcp_in, "
+            "tcp_out, udp_in, udp_out, peer")
+
+
+def _stored(row: tuple[Any, ...]) -> StoredInstance:
+    return StoredInstance(
+        id=row[0], url=row[1], created_at=row[2], desired=row[3], alias=row[4],
+        tags=json.loads(row[5] or "{}"), restart=bool(row[6]), restarts=row[7],
+        counters=dict(zip(_COUNTERS, row[8:12], strict=True)), peer=json.loads(row[12] or "{}"))
+
+
+def write_batch(conn: Any, node: str, ops: Iterable[Entry], careful: bool = False
+                ) -> list[tuple[Entry, str]]:
+    """One batch of the outbox, in the worker thread, in one transaction.  ``careful``:
+    each entry in a savepoint of its own, and those PostgreSQL refuses for what they
+    are (not for a lost connection) are left out -> [(entry, why)]."""
+    refused = []
+    psycopg = pg.psycopg()
+    for op in ops:
+        if not careful:
+            write_one(conn, node, op)
+            continue
+        try:
+            with conn.transaction():
+                write_one(conn, node, op)
+        except psycopg.OperationalError:
+            raise
+        except Exception as e:  # this entry's own fault (or ours): it alone is left out
+            refused.append((op, pg.one_line(e)))
+    return refused
+
+
+def write_one(conn: Any, node: str, op: Entry) -> None:
+    with conn.cursor() as cur:
+        kind = op[0]
+        if kind == "node":
+            cur.execute(
+                "INSERT INTO nodes (id, alias, version, heartbeat, heartbeat_at) "
+                "VALUES (%s, %s, %s, %s, now()) ON CONFLICT (id) DO UPDATE SET "
+                "alias = excluded.alias, version = excluded.version, heartbeat = "
+                "excluded.heartbeat, heartbeat_at = now()",
+                (node, op[1], __version__, op[2]))
+        elif kind == "row":
+            item: StoredInstance = op[1]
+            cur.execute("INSERT INTO issued_ids VALUES (%s) ON CONFLICT DO NOTHING",
+                        (item.id,))
+            cur.execute(
+                f"INSERT INTO instances ({_COLUMNS}, node) VALUES "
+                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET url = excluded.url, desired = "
+                "excluded.desired, alias = excluded.alias, tags = excluded.tags, restart = "
+                "excluded.restart, restarts = excluded.restarts, tcp_in = excluded.tcp_in, "
+                "tcp_out = excluded.tcp_out, udp_in = excluded.udp_in, udp_out = "
+                "excluded.udp_out, peer = excluded.peer, node = excluded.node",
+                (item.id, item.url, item.created_at, item.desired, item.alias,
+                 json.dumps(item.tags, sort_keys=True), int(item.restart), item.restarts,
+                 *(int(item.counters.get(c, 0)) for c in _COUNTERS),
+                 json.dumps(item.peer, sort_keys=True), node))
+        elif kind == "counters":
+            values = op[2]
+            cur.execute("UPDATE instances SET tcp_in = %s, tcp_out = %s, udp_in = %s, "
+                        "udp_out = %s WHERE id = %s",
+                        (*(int(values.get(k, 0)) for k in _COUNTERS), op[1]))
+        elif kind == "live":
+            _, instance_id, told_kind, told = op
+            text = json.dumps(told)
+            cur.execute("UPDATE instances SET live = %s WHERE id = %s AND node = %s",
+                        (text, instance_id, node))
+            notice = json.dumps({"k": told_kind, "n": node, "i": instance_id, "s": told})
+            if len(notice.encode()) > NOTICE_LIMIT:  # the others read the row instead
+                notice = json.dumps({"k": told_kind, "n": node, "i": instance_id})
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice))
+        elif kind == "traffic":
+            _, instance_id, at, sample = op
+            cur.execute("INSERT INTO traffic VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                        (instance_id, at, sample))
+        elif kind == "delete":
+            instance_id = op[1]
+            cur.execute("DELETE FROM instances WHERE id = %s", (instance_id,))
+            cur.execute("DELETE FROM traffic WHERE instance_id = %s", (instance_id,))
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps(
+                {"k": "delete", "n": node, "i": instance_id})))
+        elif kind == "result":
+            _, command_id, state, result, notice = op
+            cur.execute("UPDATE commands SET state = %s, result = %s, done_at = now() "
+                        "WHERE id = %s", (state, result, command_id))
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice))
+        elif kind == "log":
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, op[1]))
+        else:
+            raise ValueError(f"unknown outbox entry {kind!r}")
