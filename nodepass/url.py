@@ -339,7 +339,8 @@ _PARAMS = {
         _Param("key", _path, "a path to a PEM private key file",
                lambda v: quote(v, safe=_PATH_SAFE)),
         _Param("auth", _choice((0, 1)), "0|1"),
-        _Param("state", _path, "a directory for the master's state",
+        _Param("state", _path, "a directory for the master's state, or a postgresql:// URL "
+                                "(a fleet's database, without its password)",
                lambda v: quote(v, safe=_PATH_SAFE)),
         _Param("persist", _choice((0, 1)), "0|1"),
         _Param("sni", _server_name, "a DNS name or IP address to verify the server as"),

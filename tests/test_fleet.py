@@ -31,7 +31,9 @@ async def until(check, timeout=20.0, step=0.05):
     return found
 
 
-class Fleet(TestCase):
+class FleetCase(TestCase):
+    """A PostgreSQL for the test, and masters on it."""
+
     timeout = 90
 
     def setUp(self):
@@ -72,6 +74,9 @@ class Fleet(TestCase):
             return conn.execute("SELECT op, state, node FROM nodepass.commands ORDER BY seq"
                                 ).fetchall()
 
+
+class Fleet(FleetCase):
+
     async def test_three_masters_one_view_and_control_from_any(self):
         a, b, c = [await self.master(name) for name in ("A", "B", "C")]
         await self.knows(a, b.node, c.node)
@@ -86,6 +91,9 @@ class Fleet(TestCase):
         ident = made["id"]
         await b.wait_for(rf"\[{ident}\] .*tunnel listening on")
         assert not any(ident in line for line in a.lines + c.lines)  # only B runs it
+        with open(f"/proc/{made['pid']}/environ", "rb") as f:  # B's child, not B
+            environ = f.read()
+        assert self.pg.password.encode() not in environ and b"PGPASSWORD" not in environ
         created = await events.wait(lambda e: e.name == "create" and e.json["id"] == ident)
         assert created.json["node"] == b.node
 
@@ -251,6 +259,46 @@ class Fleet(TestCase):
         assert b.count("fleet command ") == 2
 
 
+class FleetDashboard(FleetCase):
+    """The dashboard of one master of a fleet, in a real headless Chromium."""
+
+    async def test_other_nodes_tunnels_show_their_node_and_an_unreachable_database_a_banner(
+            self):
+        from twisted.internet.threads import deferToThread
+
+        from tests.test_dashboard import Page, browser
+
+        a = await self.master("A")
+        b = await self.master("B")
+        code, _, _ = await b.np.call("POST", "/info", {"alias": "nat-box"})
+        assert code == 200
+        await self.knows(a, b.node)
+        made = await a.api.ok("POST", "/instances", {"url": SERVER, "node": b.node},
+                              status=201)
+        driver = await deferToThread(browser, self)
+        await deferToThread(self.session, Page(driver, f"http://127.0.0.1:{a.port}"), made)
+
+    def session(self, page, made):
+        page.driver.get(f"{page.origin}/api/")
+        page.until(lambda: page.find("login").is_displayed(), "the key is asked for")
+        page.login(KEY)
+        page.until(lambda: page.row(made["id"]), "B's tunnel is listed on A's dashboard")
+
+        def node_shown():
+            row = page.row(made["id"])
+            return row.find_element(page.by.CSS_SELECTOR, 'td[data-column="node"]').text
+        page.until(lambda: node_shown() == "nat-box", "with B's alias as its node")
+        assert not page.find("store-banner").is_displayed()
+
+        self.pg.stop()
+        page.until(lambda: page.find("store-banner").is_displayed(),
+                   "an unreachable database is said")
+        assert "keep running" in page.text("store-banner")
+        self.pg.start_again()
+        page.until(lambda: not page.find("store-banner").is_displayed(),
+                   "and no longer once it is back")
+
+
 class Settings(TestCase):
     """What the fleet database is, checked before the master starts."""
 
@@ -281,6 +329,12 @@ class Settings(TestCase):
             assert len(lines) == 1 and expected in lines[0], result.stderr
             assert self.pg.password not in result.stdout + result.stderr
             assert "Traceback" not in result.stderr
+        # state= in the master URL names the database too (percent-encoded there)
+        from urllib.parse import quote
+
+        result = self.run_master(f"master://127.0.0.1:0?state={quote(self.pg.dsn, safe='')}",
+                                 PGPASSWORD="wrong")
+        assert result.returncode == 2 and "password authentication failed" in result.stderr
         result = self.run_master("master://127.0.0.1:0?persist=0",
                                  NODEPASS_DATABASE_URL=self.pg.dsn, PGPASSWORD=self.pg.password)
         assert result.returncode == 2 and "persist=0" in result.stderr, result

@@ -33,9 +33,14 @@ from nodepass.url import ClientConfig, MasterConfig, ServerConfig, format_url, r
 RECENT_LOGS = 200  # log lines kept per instance, for the dashboard and GET .../logs
 
 
+_MASTERS_OWN = ("NODEPASS_API_KEY", "NODEPASS_URL", "NODEPASS_DATABASE_URL")
+
+
 def children_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """Children get neither the master's key nor its own URL (they get theirs on stdin)."""
-    return {k: v for k, v in environ.items() if k not in ("NODEPASS_API_KEY", "NODEPASS_URL")}
+    """Children get neither the master's key nor its own URL (they get theirs on stdin),
+    nor the fleet database's settings and password (libpq's PG* variables)."""
+    return {k: v for k, v in environ.items()
+            if k not in _MASTERS_OWN and not k.startswith("PG")}
 
 
 class Registry:

@@ -52,6 +52,7 @@ const COLUMNS = [
   { key: "type", label: "Type", value: (i) => i.type },
   { key: "mode", label: "Mode", value: (i) => i.mode || "", optional: true },
   { key: "transport", label: "Pool over", value: (i) => i.transport || "", optional: true },
+  { key: "node", label: "Node", value: (i) => nodeName(i.node), optional: true },
   { key: "status", label: "Status", value: (i) => i.status },
   { key: "tunnel", label: "Session", value: (i) => i.tunnel || "", optional: true },
   { key: "ping", label: "Ping", value: (i) => (i.ping === null ? -1 : i.ping), numeric: true,
@@ -69,11 +70,21 @@ const COLUMNS = [
   { key: "spark", label: "Recent traffic", sortable: false },
 ];
 
+// A node as people know it: its alias, else its id; "this master" for the one answering.
+function nodeName(id) {
+  const store = state.info && state.info.store;
+  if (!store || !id) return id || "";
+  if (id === store.node) return "this master";
+  const node = (store.nodes || []).find((n) => n.id === id);
+  return node && node.alias ? node.alias : id;
+}
+
 function cellText(column, i) {
   switch (column.key) {
     case "type": return i.type;
     case "mode": return i.mode || "—";
     case "transport": return i.transport || "—";
+    case "node": return i.stale ? `${nodeName(i.node)} (offline)` : nodeName(i.node);
     case "status": return i.status;
     case "tunnel": return i.tunnel || "—";
     case "ping": return fmt.ping(i.ping);
@@ -417,6 +428,7 @@ function newRow(id) {
   const cells = {};
   for (const column of COLUMNS) {
     const td = document.createElement("td");
+    td.dataset.column = column.key;
     if (column.optional) td.classList.add("optional");
     if (column.numeric) td.classList.add("num");
     if (column.key === "alias") {
@@ -753,12 +765,17 @@ function renderMaster() {
   const info = state.info;
   if (!info) return;
   $("master-name").textContent = `${info.alias || "master"} · nodepass ${info.version}`;
+  renderStore(info.store);
   const base = API_BASE;
   const fields = [
     ["version", info.version], ["master id", info.master_id || "—"],
     ["uptime", fmt.duration(info.uptime + (Date.now() - state.infoAt) / 1000)],
     ["started", info.started_at], ["platform", info.platform],
     ["state directory", info.state_dir || "— (persist=0)"],
+    ["state kept in", storeText(info.store)],
+    ...(info.store && info.store.nodes && info.store.nodes.length > 1
+      ? [["fleet", info.store.nodes.map((n) => `${n.alias || n.id}${n.self ? " (this master)" : ""}: ${n.online ? "online" : "offline"}`).join(", ")]]
+      : []),
     ["API", info.bases ? info.bases.seed : base],
     ["NodePass dialect", info.bases ? info.bases.nodepass : "—"],
   ];
@@ -782,6 +799,24 @@ function renderMaster() {
     a.textContent = a.href;
     dd.append(a, document.createTextNode(note));
     list.append(dt, dd);
+  }
+}
+
+function storeText(store) {
+  if (!store) return "—";
+  if (store.store === "postgresql") return `PostgreSQL ${store.database} (${store.status})`;
+  return store.store === "memory" ? "memory (persist=0)" : "SQLite";
+}
+
+// While the fleet's database is away the page says so, with what still works.
+function renderStore(store) {
+  const banner = $("store-banner");
+  const degraded = Boolean(store && store.status === "degraded");
+  banner.hidden = !degraded;
+  if (degraded) {
+    banner.textContent = `The fleet database is unreachable (${store.error || "no answer"}). ` +
+      "This master's tunnels keep running and its changes are written when the database is " +
+      "back; creating, deleting, and changing other masters' tunnels wait until then.";
   }
 }
 
@@ -834,7 +869,7 @@ function wire() {
     if (instance) fillForms(instance);
   });
   window.addEventListener("hashchange", route);
-  setInterval(refreshInfo, 30000);
+  setInterval(refreshInfo, 5000); // the fleet database's state, the nodes
   setInterval(schedule, 5000); // rates fade to zero when reports stop
   $("detail-title").tabIndex = -1;
   renderHead();
