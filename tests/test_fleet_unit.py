@@ -4,17 +4,18 @@ Clock: no database, the notifications handed in as PostgreSQL would deliver them
 import json
 from types import SimpleNamespace
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from nodepass.master.events import EventHub
-from nodepass.master.fleet import MISSED_BEATS, Fleet
+from nodepass.master.fleet import MISSED_BEATS, Fleet, read_live
 from nodepass.master.instances import Instance, snapshot
 from nodepass.master.outbox import Outbox
 from nodepass.master.registry import Registry
 from nodepass.master.store import Store
 from nodepass.tunables import Tunables
-from nodepass.url import MasterConfig, parse
+from nodepass.url import MasterConfig, format_url, parse
 
 ME, OTHER = "a" * 16, "b" * 16
 URL = "server://127.0.0.1:7000/127.0.0.1:8000"
@@ -29,6 +30,18 @@ def told(instance_id="ins_00000001", order=(1.0, 1), **changes):
     return json.loads(json.dumps(data))  # as it crosses the wire
 
 
+class FakeDatabase:
+    """What the fleet asks of its database: recorded, answered by the test."""
+
+    def __init__(self):
+        self.asked = []
+
+    def run(self, work, *args):
+        d = Deferred()
+        self.asked.append((work, args, d))
+        return d
+
+
 class Heard(TestCase):
     def setUp(self):
         self.clock = Clock()
@@ -41,8 +54,9 @@ class Heard(TestCase):
         self.registry.hub.add_dialect(
             "test", lambda _id, kind, subject, fields: self.events.append(
                 (kind, subject.id if subject else None, fields.get("message"))) or b"")
-        fake_store = SimpleNamespace(node=ME, outbox=Outbox((), {}, lambda f: False),
-                                     degraded=None)
+        self.db = FakeDatabase()
+        fake_store = SimpleNamespace(node=ME, outbox=Outbox(("log",), {}, lambda f: False),
+                                     degraded=None, run=7, secret=b"s" * 32, db=self.db)
         self.fleet = Fleet(self.clock, self.registry, fake_store)
         self.fleet.deaf = None
         self.registry.fleet = self.fleet
@@ -50,25 +64,57 @@ class Heard(TestCase):
     def hear(self, **message):
         self.fleet._heard(json.dumps(message))
 
+    def reads(self):
+        """The instance rows the fleet asked for: (args, Deferred)."""
+        return [(args, d) for work, args, d in self.db.asked if work is read_live]
+
+    def row(self, told_snapshot):
+        """What a master reads from the instances table (the URL in full)."""
+        self.fleet._resynced(([(told_snapshot["id"], OTHER, told_snapshot)], []),
+                             self.fleet.generation)
+
+    def notice(self, kind, told_snapshot):
+        """What a notification carries: the URL only as its mark."""
+        self.hear(k=kind, n=OTHER, i=told_snapshot["id"], s=self.fleet.public(told_snapshot))
+
     def test_another_nodes_instance_is_shown_and_an_older_snapshot_never_wins(self):
-        self.hear(k="create", n=OTHER, i="ins_00000001", s=told(alias="one"))
+        self.row(told(alias="one"))
         shown = self.registry.get("ins_00000001")
         assert (shown.node, shown.alias, shown.status, shown.stale) == (OTHER, "one",
                                                                         "running", False)
         assert self.registry.describe(shown)["node"] == OTHER
-        self.hear(k="update", n=OTHER, i="ins_00000001", s=told(alias="two", order=(1.0, 3)))
-        self.hear(k="update", n=OTHER, i="ins_00000001", s=told(alias="old", order=(1.0, 2)))
+        self.notice("update", told(alias="two", order=(1.0, 3)))
+        self.notice("update", told(alias="old", order=(1.0, 2)))
         assert self.registry.get("ins_00000001").alias == "two"
         assert self.events == [("create", "ins_00000001", None),
                                ("update", "ins_00000001", None)]
-        # a restarted node numbers from its new start: newer than anything before
-        self.hear(k="update", n=OTHER, i="ins_00000001", s=told(alias="new", order=(2.0, 1)))
+        # a restarted node numbers from its new run: newer than anything before
+        self.notice("update", told(alias="new", order=(2.0, 1)))
         assert self.registry.get("ins_00000001").alias == "new"
         assert self.registry.all() == [self.registry.get("ins_00000001")]
         assert self.registry.all(ME) == [] and len(self.registry.all(OTHER)) == 1
+        assert self.reads() == []  # the URL was known: nothing to read
+
+    def test_notifications_carry_no_url_and_a_new_one_is_read_from_the_row(self):
+        secret_url = format_url(parse("server://tunnel-key@127.0.0.1:7000/127.0.0.1:8000"))
+        first = told(alias="a")
+        first["url"] = secret_url
+        public = self.fleet.public(first)
+        assert "url" not in public and "tunnel-key" not in json.dumps(public)
+        self.notice("create", first)  # never seen: its row is read
+        [(args, d)] = self.reads()
+        assert args == ("ins_00000001",) and self.registry.remote == {}
+        self.notice("update", first)  # one read at a time
+        assert len(self.reads()) == 1
+        d.callback((OTHER, first))
+        assert self.registry.get("ins_00000001").url == secret_url
+        moved = told(alias="a", order=(1.0, 5))
+        moved["url"] = secret_url.replace("7000", "7001")
+        self.notice("update", moved)  # its mark no longer matches: read again
+        assert len(self.reads()) == 2 and self.registry.get("ins_00000001").url == secret_url
 
     def test_its_logs_and_its_deletion_are_told_here(self):
-        self.hear(k="create", n=OTHER, i="ins_00000001", s=told())
+        self.row(told())
         self.hear(k="log", n=OTHER, i="ins_00000001", l="info", m="hello", line="x")
         assert self.registry.logs(self.registry.get("ins_00000001"), 5)[0]["message"] == \
             "hello"
@@ -78,13 +124,37 @@ class Heard(TestCase):
                                     ("delete", "ins_00000001", None)]
         self.hear(k="log", n=OTHER, i="ins_00000001", l="info", m="late", line="x")
         assert len(self.events) == 3  # nothing for an instance no longer there
+        # a snapshot that was on its way (a command's outcome, a row read before the
+        # delete) never brings it back
+        self.row(told(order=(9.0, 9)))
+        self.notice("update", told(order=(9.0, 10)))
+        assert "ins_00000001" not in self.registry.remote and len(self.events) == 3
+
+    def test_a_fresh_look_at_the_tables_forgets_only_what_they_no_longer_hold(self):
+        self.row(told("ins_00000001"))
+        started = self.fleet.generation  # the look at the tables starts here
+        self.fleet._apply(OTHER, told("ins_00000002"))  # told while the look was under way
+        self.fleet._resynced(([], []), started)
+        assert list(self.registry.remote) == ["ins_00000002"]
 
     def test_what_this_node_told_itself_is_not_shown_twice(self):
         self.hear(k="create", n=ME, i="ins_00000002", s=told("ins_00000002"))
         assert self.registry.remote == {} and self.events == []
 
+    def test_notifications_no_master_sent_are_ignored_and_said_once_a_minute(self):
+        for payload in ["not json", "[1, 2]", '{"k": "update"}', '{"k": "bogus", "n": "x", '
+                        '"i": "y"}', json.dumps({"k": "update", "n": OTHER, "i": "x",
+                                                  "s": {"id": "x", "q": "soon"}}),
+                        json.dumps({"k": "log", "n": OTHER, "i": 5, "l": 1, "m": 2}),
+                        json.dumps({"k": "result", "c": ["x"]})]:
+            self.fleet._heard(payload)
+        assert self.registry.remote == {} and self.events == []
+        warned = [e for e in self.flushLoggedErrors()]  # none: warnings, not failures
+        assert warned == []
+        assert self.fleet._odd == 6  # the first was said at once, the others counted
+
     def test_a_node_silent_for_three_heartbeats_has_its_instances_marked_stale(self):
-        self.hear(k="create", n=OTHER, i="ins_00000001", s=told())
+        self.row(told())
         beat = 5.0
         self.fleet._nodes_read([(ME, "", "v", beat, 0.0), (OTHER, "b", "v", beat, 1.0)])
         assert not self.registry.get("ins_00000001").stale
@@ -104,5 +174,49 @@ class Heard(TestCase):
     def test_a_snapshot_this_master_cannot_read_is_left_out_with_a_warning(self):
         bad = told()
         bad["url"] = "nonsense://"
-        self.hear(k="create", n=OTHER, i="ins_00000001", s=bad)
+        self.row(bad)
         assert self.registry.remote == {}
+
+
+class DeletedStaysDeleted(TestCase):
+    """A change that waited for its turn behind a delete (a command from another master,
+    or this master's own API) never brings the instance back."""
+
+    def test_a_start_queued_behind_a_delete_is_refused_and_spawns_nothing(self):
+        from tests.fakemaster import Children
+
+        clock = Clock()
+        store = Store.open(None)
+        self.addCleanup(store.close)
+        children = Children()
+        children.stubborn = True  # SIGTERM is ignored: the delete holds the instance
+        registry = Registry(clock, MasterConfig(), Tunables(), {}, store, EventHub(clock),
+                            spawn=children)
+        created = self.successResultOf(Deferred.fromCoroutine(registry.create(URL)))
+        deleting = Deferred.fromCoroutine(registry.delete(created))
+        starting = Deferred.fromCoroutine(registry.control(created, action="start"))
+        renaming = Deferred.fromCoroutine(registry.control(created, alias="back"))
+        clock.advance(60)  # the grace runs out: SIGKILL
+        self.successResultOf(deleting)
+        for refused in (starting, renaming):
+            assert self.failureResultOf(refused).value.code == "INSTANCE_NOT_FOUND"
+        assert children.running() == [] and len(children.spawned) == 1
+        assert registry.instances == {} and store.load() == []
+
+
+class DatabaseUrl(TestCase):
+    def test_a_password_is_refused_however_it_is_spelled_and_never_repeated(self):
+        from nodepass.master.pg import check_dsn
+        from nodepass.master.store import StoreError
+
+        for dsn in ("postgresql://u:s3cr/t@db/x", "postgresql://u:s3cr?t@db:5432/x",
+                    "postgresql://u@db/x?%70assword=s3cr", "postgres://u@db/x?sslmode=require"
+                    "&password=s3cr", "postgresql://u:s3cr@/x?host=/run/pg"):
+            with self.assertRaises(StoreError) as raised:
+                check_dsn(dsn)
+            said = str(raised.exception)
+            assert ("password" in said or "malformed" in said) and "s3cr" not in said, said
+        with self.assertRaises(StoreError) as raised:
+            check_dsn("postgresql://u@db:port/x")
+        assert "malformed" in str(raised.exception)
+        assert check_dsn("postgresql://u@/x?host=/run/pg") == "postgresql://u@/x?host=/run/pg"

@@ -5,7 +5,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from nodepass.master.outbox import RETRY_FIRST, Outbox
+from nodepass.master.outbox import MAX_BATCH, RETRY_FIRST, Outbox
 
 
 class DownError(Exception):
@@ -61,7 +61,7 @@ class OutboxTests(TestCase):
         clock.advance(0)
         assert db.calls[-1][0] == [("live", "a", 3)]
         db.ok()
-        assert not box.pending
+        assert not len(box)
 
     def test_while_the_database_is_away_writes_wait_and_are_sent_once_it_is_back(self):
         box, db, clock, statuses = outbox()
@@ -83,7 +83,7 @@ class OutboxTests(TestCase):
         db.ok()
         assert db.committed == [("row", "a", 1), ("row", "b", 1)]  # each once, none lost
         assert box.degraded is None and statuses == ["connection refused", None]
-        assert not box.pending
+        assert not len(box)
 
     def test_durable_fires_once_everything_put_before_it_is_written(self):
         box, db, clock, _ = outbox()
@@ -110,7 +110,7 @@ class OutboxTests(TestCase):
         entries, careful, _ = db.calls[-1]
         assert careful and entries == [("row", "good"), ("row", "bad")]
         db.ok(refused=[("row", "bad")])
-        assert db.committed == [("row", "good")] and not box.pending
+        assert db.committed == [("row", "good")] and not len(box)
         self.flushLoggedErrors(ValueError)
         box.put(("row", "next"), ("row", "next"))
         clock.advance(0)
@@ -123,12 +123,31 @@ class OutboxTests(TestCase):
         db.down()
         for n in range(10):
             box.put(("log", n), ("log", n))
-        assert [k for k in box.pending if k[0] == "log"] == [("log", 7), ("log", 8),
+        assert [k for k in box if k[0] == "log"] == [("log", 7), ("log", 8),
                                                             ("log", 9)]
-        assert ("row", "a") in box.pending  # state is never left out
+        assert ("row", "a") in box  # state is never left out
         clock.advance(RETRY_FIRST)
         db.ok()
         assert db.committed == [("row", "a"), ("log", 7), ("log", 8), ("log", 9)]
+
+    def test_a_backlog_goes_in_batches_the_heartbeat_first(self):
+        box, db, clock, _ = outbox(limits={"log": 10 * MAX_BATCH})
+        box.put(("row", "a"), ("row", "a"))
+        clock.advance(0)
+        db.down()
+        for n in range(2 * MAX_BATCH):
+            box.put(("log", n), ("log", n))
+        box.put(("node",), ("node", "alive"))  # put last, written first
+        clock.advance(RETRY_FIRST)
+        entries = db.calls[-1][0]
+        assert len(entries) == MAX_BATCH and entries[:2] == [("node", "alive"), ("row", "a")]
+        db.ok()
+        clock.advance(0)
+        db.ok()
+        clock.advance(0)
+        db.ok()
+        assert not len(box) and len(db.committed) == 2 * MAX_BATCH + 2
+        assert len(set(db.committed)) == len(db.committed)  # each once
 
     def test_stopped_it_writes_nothing_more(self):
         box, db, clock, _ = outbox()
@@ -137,4 +156,4 @@ class OutboxTests(TestCase):
         db.down()
         box.stop()
         clock.advance(60)
-        assert len(db.calls) == 1 and ("row", "a") in box.pending
+        assert len(db.calls) == 1 and ("row", "a") in box

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import socket
 import time
-from collections import deque
 from pathlib import Path
 
-from twisted.internet import reactor
-from twisted.internet.protocol import DatagramProtocol, Factory
+from twisted.internet.protocol import Factory
 from twisted.trial.unittest import TestCase
 
 from nodepass.url import parse
@@ -21,11 +18,7 @@ from tests.integration import (
     eventually,
     exchange,
     listen,
-    pattern_bytes,
-    recording_proxy,
-    reverse_server,
     sleep,
-    spawn,
     tunnel_pair,
 )
 from tests.test_tunnel_e2e import slow_backend_holds_memory
@@ -126,72 +119,3 @@ def _initial(rand: random.Random) -> bytes:
             + b"\x08" + rand.randbytes(8) + b"\x00")
     body = 1200 - len(head) - 2
     return head + (0x4000 | body).to_bytes(2, "big") + rand.randbytes(body)
-
-
-class LossyRelay(DatagramProtocol):
-    """Between a client and a server's UDP port: drops ``loss`` of the datagrams each
-    way and delays every one by ``delay`` seconds (tc netem is not available here)."""
-
-    def __init__(self, upstream: tuple[str, int], loss: float, delay: float,
-                 seed: int = 7) -> None:
-        self.upstream = upstream
-        self.loss, self.delay = loss, delay
-        self.rand = random.Random(seed)
-        self.client: tuple[str, int] | None = None
-        self.dropped = self.passed = 0
-        self.delayed: deque = deque()  # (one delay for all: they fire in order)
-
-    def datagramReceived(self, data: bytes, addr) -> None:
-        if addr == self.upstream:
-            to = self.client
-        else:
-            self.client, to = addr, self.upstream
-        if to is None:
-            return
-        if self.rand.random() < self.loss:
-            self.dropped += 1
-            return
-        self.passed += 1
-        self.delayed.append(reactor.callLater(self.delay, self._send, data, to))
-
-    def _send(self, data: bytes, to) -> None:
-        self.delayed.popleft()
-        self.transport.write(data, to)
-
-    def stopProtocol(self) -> None:
-        for call in self.delayed:
-            if call.active():
-                call.cancel()
-
-
-async def lossy_path(case: TestCase, tunnel_port: int, loss: float,
-                     delay: float) -> tuple[int, LossyRelay]:
-    """A port that forwards TCP as it is (the control connection) and relays UDP with
-    ``loss`` and ``delay`` (the QUIC pool) to the server's tunnel port."""
-    for _ in range(20):
-        tcp_port, _ = await recording_proxy(case, tunnel_port)
-        relay = LossyRelay(("127.0.0.1", tunnel_port), loss, delay)
-        try:
-            udp = reactor.listenUDP(tcp_port, relay, interface="127.0.0.1")
-        except OSError:
-            continue  # (the number is taken for UDP: another one)
-        case.addCleanup(udp.stopListening)
-        return tcp_port, relay
-    raise AssertionError("no port free for both TCP and UDP")
-
-
-class QuicUnderLoss(TestCase):
-    timeout = 150
-
-    async def test_16_mib_arrive_whole_through_2_percent_loss_and_25_ms(self):
-        backend = await listen(self, Factory.forProtocol(DigestAfterEOF))
-        server, tunnel_port, exposed = await reverse_server(self, "secret", "?type=1")
-        path, relay = await lossy_path(self, tunnel_port, 0.02, 0.025)
-        client = spawn(self, f"client://secret@127.0.0.1:{path}/127.0.0.1:{backend}")
-        await client.wait_for("tunnel session open")
-        size = 16 * 1024 * 1024
-        digest = hashlib.sha256(b"".join(pattern_bytes(size, seed=4))).hexdigest()
-        result = await exchange(exposed, pattern_bytes(size, seed=4), timeout=120)
-        self.assertEqual(result.received.decode(), digest)
-        self.assertGreater(relay.dropped, 0.01 * (relay.dropped + relay.passed))
-        no_tracebacks(self, server, client)

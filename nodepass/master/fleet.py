@@ -8,6 +8,10 @@ other master keeps a mirror of them (``Registry.remote``), tells its subscribers
 reads the tables again whenever it may have missed a notification (at start and after
 its listening connection came back).
 
+Notifications carry no instance URL (whoever may connect to the database may LISTEN,
+and a URL holds its tunnel's key): only a mark of it, an HMAC under the fleet's own
+secret, by which a master knows its copy of the URL is current, or reads the row.
+
 A change asked of another node's instance travels as a command: a row in
 ``commands`` (the source of truth) and a notification.  The owning master claims it
 (once: ``state`` goes from queued to running in one UPDATE), carries it out through
@@ -19,8 +23,11 @@ one that died carrying a command out marks it ``interrupted`` rather than run it
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +36,7 @@ from twisted.internet.task import LoopingCall
 
 from nodepass import logs
 from nodepass.master import pg
+from nodepass.master.history import HISTORY_SAMPLES
 from nodepass.master.instances import Instance, InstanceError, from_snapshot, snapshot
 from nodepass.master.pglisten import Listener
 from nodepass.master.pgstore import CHANNEL, NOTICE_LIMIT, PgStore
@@ -37,9 +45,13 @@ if TYPE_CHECKING:
     from nodepass.master.registry import Registry
 
 MISSED_BEATS = 3
-LOG_TEXT = 2000  # characters of a log line carried to other masters
+LOG_TEXT = 2000  # characters of a log line carried to other masters, at most
 POLL = 1.0  # seconds between looks at a command's row while waiting for its outcome
-DONE = ("done", "failed", "interrupted", "cancelled")
+DONE = ("done", "failed", "interrupted", "cancelled", "expired")
+GONE_KEPT = 100_000  # deleted instances remembered (ids are never reused)
+ODD_SAID_EVERY = 60.0  # seconds between warnings about notifications no master sent
+PRUNE_EVERY = 60.0  # seconds between prunings of old traffic samples and commands
+COMMAND_TTL = 86400  # seconds a command waits for its node, and is kept once done
 
 
 @dataclass
@@ -68,20 +80,33 @@ class Fleet:
         self.registry = registry
         self.store = store
         self.node = store.node
-        self.heartbeat = registry.tunables.fleet_heartbeat
-        self.command_wait = registry.tunables.fleet_command_wait
+        tunables = registry.tunables
+        self.heartbeat = tunables.fleet_heartbeat
+        self.command_wait = tunables.fleet_command_wait
+        self.retention = HISTORY_SAMPLES * tunables.report_interval  # traffic kept, s
         self.nodes: dict[str, Node] = {}
-        self.order = [registry.started_at, 0]  # what each snapshot of ours is numbered by
+        # what each snapshot of ours is numbered by: this run's number (the database's,
+        # larger than any earlier run's) and a count
+        self.order = [store.run, 0]
         self.seen: dict[str, list[float]] = {}  # the newest number applied, per instance
+        self.fresh: dict[str, int] = {}  # the generation it was last applied in
+        self.generation = 0
+        self.gone: OrderedDict[str, None] = OrderedDict()  # deleted: never shown again
+        self.reading: set[str] = set()  # rows being read for a URL not told
         self.waiting: dict[str, Deferred[dict[str, Any]]] = {}
         self.claim = secrets.token_hex(8)  # this run's, on the commands it claims
         self.listener: Listener | None = None
         self.deaf: str | None = "not listening yet"
         self._beat = LoopingCall(self._heartbeat)
         self._beat.clock = reactor
+        self._stopped = False
         self._working = False
         self._more_work = False
-        self._first_up = True
+        self._first_read = True  # this run's first look marks what an earlier run left
+        self._reread = False  # a look failed: try again at the next heartbeat
+        self._odd = 0  # notifications ignored since the last warning
+        self._odd_said_at = float("-inf")
+        self._pruned_at = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -94,6 +119,8 @@ class Fleet:
         self._beat.start(self.heartbeat, now=True)
 
     def stop(self) -> None:
+        """No more commands taken, no more notifications heard (the store still writes)."""
+        self._stopped = True
         if self._beat.running:
             self._beat.stop()
         if self.listener is not None:
@@ -114,7 +141,7 @@ class Fleet:
         """What /info says of the fleet."""
         return {"store": "postgresql", "database": self.store.where, "node": self.node,
                 "status": self.status, "error": self.problem,
-                "pending_writes": len(self.store.outbox.pending),
+                "pending_writes": len(self.store.outbox),
                 "nodes": [n.describe(self.node) for n in self.sorted_nodes()]}
 
     def sorted_nodes(self) -> list[Node]:
@@ -129,8 +156,11 @@ class Fleet:
         pending = self.store.outbox.get(("live", instance.id))
         if pending is not None and pending[2] == "create":
             kind = "create"  # not told yet: the others hear of it as new
-        self.store.outbox.put(("live", instance.id),
-                              ("live", instance.id, kind, self._numbered(instance)))
+        told = self._numbered(instance)
+        self.store.outbox.put(("live", instance.id), (
+            "live", instance.id, kind, json.dumps(told),
+            self._notice({"k": kind, "n": self.node, "i": instance.id, "s": self.public(told)},
+                         {"k": kind, "n": self.node, "i": instance.id})))
 
     def _numbered(self, instance: Instance) -> dict[str, Any]:
         """Its snapshot, numbered so that a master never takes an older one for newer."""
@@ -139,10 +169,32 @@ class Fleet:
         told["q"] = list(self.order)
         return told
 
+    def public(self, told: dict[str, Any]) -> dict[str, Any]:
+        """A snapshot as a notification may carry it: the URL replaced by its mark."""
+        shown = {k: v for k, v in told.items() if k != "url"}
+        shown["uh"] = self.url_mark(told["url"])
+        return shown
+
+    def url_mark(self, url: str) -> str:
+        return hmac.new(self.store.secret, url.encode(), hashlib.sha256).hexdigest()[:32]
+
+    @staticmethod
+    def _notice(full: dict[str, Any], short: dict[str, Any]) -> str:
+        """``full`` as a notification, or ``short`` when it would not fit (the others read
+        the row)."""
+        text = json.dumps(full)
+        return text if len(text.encode()) <= NOTICE_LIMIT else json.dumps(short)
+
     def local_log(self, instance: Instance, level: str, text: str, line: str) -> None:
-        notice = json.dumps({"k": "log", "n": self.node, "i": instance.id, "l": level,
-                             "m": text[:LOG_TEXT], "line": line[:LOG_TEXT]})
-        self.store.outbox.put(("log", self.store.outbox.seq + 1), ("log", notice))
+        limit = LOG_TEXT
+        while True:  # characters are not bytes: JSON may spell one in twelve
+            notice = json.dumps({"k": "log", "n": self.node, "i": instance.id, "l": level,
+                                 "m": text[:limit], "line": line[:limit]})
+            if len(notice.encode()) <= NOTICE_LIMIT or limit < 100:
+                break
+            limit //= 2
+        if len(notice.encode()) <= NOTICE_LIMIT:
+            self.store.outbox.put(("log", self.store.outbox.seq + 1), ("log", notice))
 
     def local_sample(self, instance: Instance, sample: dict[str, Any]) -> None:
         at = sample["timestamp"]
@@ -152,61 +204,117 @@ class Fleet:
     # -- what the others tell ------------------------------------------------------
 
     def _heard(self, payload: str) -> None:
-        message = json.loads(payload)
-        kind = message.get("k")
+        """A notification on the fleet's channel.  Anyone who may connect to the database
+        may send one: what is not a master's is ignored (and said once a minute)."""
+        try:
+            self._dispatch(json.loads(payload))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            self._odd += 1
+            now = self.reactor.seconds()
+            if now - self._odd_said_at >= ODD_SAID_EVERY:
+                self.log.warn("ignored {n} notifications on the fleet's channel that are not "
+                              "a master's (the last: {why})", n=self._odd, why=str(e)[:200])
+                self._odd, self._odd_said_at = 0, now
+
+    def _dispatch(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            raise TypeError("not a JSON object")
+        kind = message["k"]
         if kind == "command":
             if message.get("node") == self.node:
                 self._carry_out()
             return
         if kind == "result":
-            self._result_heard(message)
+            self._result_heard(_text(message["c"]), message.get("r"))
             return
-        if message.get("n") == self.node:
+        node, instance_id = _text(message["n"]), _text(message["i"])
+        if node == self.node:
             return  # our own, told to our subscribers already
         if kind in ("create", "update"):
             if "s" in message:
-                self._apply(message["n"], message["s"])
-            else:  # too big for a notification: read it
-                self.store.db.run(read_live, message["i"]).addCallback(
-                    lambda found: found and self._apply(*found))
+                self._apply(node, message["s"])
+            else:  # too big for a notification
+                self._read_row(instance_id)
         elif kind == "delete":
-            self._forget(message["i"])
+            self._forget(instance_id)
         elif kind == "log":
-            instance = self.registry.remote.get(message["i"])
+            instance = self.registry.remote.get(instance_id)
             if instance is not None:
-                self.registry.remote_logged(instance, message["l"], message["m"],
-                                            message.get("line", ""))
+                self.registry.remote_logged(instance, _text(message["l"]),
+                                            _text(message["m"]), _text(message.get("line", "")))
+        else:
+            raise ValueError(f"unknown kind {str(kind)[:40]!r}")
 
-    def _apply(self, node: str, told: dict[str, Any]) -> Instance | None:
-        """Another node's instance as it told it (newer than what we had, or ignored)."""
+    def _apply(self, node: str, told: Any) -> Instance | None:
+        """Another node's instance as it told it: shown when newer than what was (None
+        when it is not, cannot be read, or its URL must be read from its row first)."""
         if node == self.node:
             return None
-        instance_id = told["id"]
-        order = told.get("q") or [0, 0]
-        if order <= self.seen.get(instance_id, [-1, -1]):
-            return self.registry.remote.get(instance_id)
+        if not isinstance(told, dict):
+            raise TypeError("a snapshot that is not an object")
+        instance_id = _text(told["id"])
+        order = told.get("q")
+        if not (isinstance(order, list) and len(order) == 2
+                and all(isinstance(x, int | float) for x in order)):
+            raise TypeError("a snapshot without its number")
+        if instance_id in self.gone:
+            return None
         known = self.registry.remote.get(instance_id)
+        if order <= self.seen.get(instance_id, [-1, -1]):
+            return known
+        if "url" not in told:
+            if known is None or self.url_mark(known.url) != told.get("uh"):
+                self._read_row(instance_id)  # a URL this master has not seen: read it
+                return None
+            told = {**told, "url": known.url}
         try:
             instance = from_snapshot(told, node, known)
         except (ValueError, KeyError, TypeError) as e:
             self.log.warn("instance {id} of node {node} cannot be shown here: {why}",
-                          id=instance_id, node=node, why=str(e))
+                          id=instance_id, node=node, why=str(e)[:200])
             return None
         self.seen[instance_id] = order
+        self.generation += 1
+        self.fresh[instance_id] = self.generation
         instance.stale = not self._online(node)
         self.registry.remote_changed(instance, known is None)
         return instance
 
+    def _read_row(self, instance_id: str) -> Deferred[Instance | None]:
+        """Read what an instance's row says (one read at a time per instance)."""
+        if instance_id in self.reading or self.store.db is None:
+            return Deferred.fromCoroutine(_nothing())
+        self.reading.add(instance_id)
+
+        def read(found: tuple[str, dict[str, Any]] | None) -> Instance | None:
+            self.reading.discard(instance_id)
+            return self._apply(*found) if found else None
+
+        def failed(failure: Any) -> None:
+            self.reading.discard(instance_id)
+            if not failure.check(pg.DatabaseDownError, TypeError, KeyError, ValueError):
+                self.log.failure("reading instance {id}", failure, id=instance_id)
+
+        return self.store.db.run(read_live, instance_id).addCallbacks(read, failed)
+
     def _forget(self, instance_id: str) -> None:
         self.seen.pop(instance_id, None)
+        self.fresh.pop(instance_id, None)
+        self.gone[instance_id] = None
+        while len(self.gone) > GONE_KEPT:
+            self.gone.popitem(last=False)
         self.registry.remote_gone(instance_id)
 
     def _listening(self) -> None:
         """The notification connection is (again) up: read what may have been missed."""
         self.deaf = None
-        first, self._first_up = self._first_up, False
-        d = self.store.db.run(read_fleet, self.node, self.claim if first else None)
-        d.addCallbacks(self._resynced, self._not_read)
+        self._read_fleet()
+
+    def _read_fleet(self) -> None:
+        self._reread = False
+        d = self.store.db.run(read_fleet, self.node, self.claim if self._first_read else None)
+        d.addCallback(self._resynced, self.generation)
+        d.addErrback(self._not_read)
 
     def _deaf(self, why: str) -> None:
         if self.deaf is None:
@@ -214,34 +322,50 @@ class Fleet:
                           why=why)
         self.deaf = why
 
-    def _resynced(self, found: tuple[list[tuple[str, str, Any]], list[tuple[Any, ...]]]
-                  ) -> None:
+    def _resynced(self, found: tuple[list[tuple[str, str, Any]], list[tuple[Any, ...]]],
+                  generation: int) -> None:
+        """The fleet as the tables say: shown; what is no longer there forgotten, unless
+        it was told after the tables were read."""
+        self._first_read = False
         instances, nodes = found
         self._nodes_read(nodes)
         there = set()
         for instance_id, node, told in instances:
             there.add(instance_id)
-            if told is not None:
+            if told is None:
+                continue
+            try:
                 self._apply(node, told)
-        for instance_id in [i for i in self.registry.remote if i not in there]:
+            except (ValueError, KeyError, TypeError) as e:
+                self.log.warn("instance {id} of node {node} cannot be shown here: {why}",
+                              id=instance_id, node=node, why=str(e)[:200])
+        for instance_id in [i for i in self.registry.remote if i not in there
+                            and self.fresh.get(i, 0) <= generation]:
             self._forget(instance_id)
         self._carry_out()
 
     def _not_read(self, failure: Any) -> None:
-        self.log.warn("the fleet could not be read ({why}); trying again at the next "
-                      "heartbeat", why=pg.one_line(failure.value))
-        self._first_up = self._first_up  # unchanged: still to be read
-        self._retry_read = True
+        if not failure.check(pg.DatabaseDownError):
+            self.log.failure("reading the fleet", failure)
+        else:
+            self.log.warn("the fleet could not be read ({why}); trying again at the next "
+                          "heartbeat", why=pg.one_line(failure.value))
+        self._reread = True
 
     # -- nodes ---------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
         self.store.heartbeat(self.heartbeat)
-        d = self.store.db.run(read_nodes)
-        d.addCallbacks(self._nodes_read, lambda _: None)
-        if getattr(self, "_retry_read", False) and self.deaf is None:
-            self._retry_read = False
-            self._listening()
+        if self.problem:
+            return  # the outbox's retries and the listener's bring the rest back
+        self.store.db.run(read_nodes).addCallbacks(self._nodes_read, lambda _: None)
+        if self._reread:
+            self._read_fleet()
+        self._carry_out()  # the commands table is the truth, notifications a shortcut
+        now = self.reactor.seconds()
+        if now - self._pruned_at >= PRUNE_EVERY:
+            self._pruned_at = now
+            self.store.db.run(prune, self.node, self.retention).addErrback(lambda _: None)
 
     def _nodes_read(self, rows: list[tuple[Any, ...]]) -> None:
         for node_id, alias, version, heartbeat, age in rows:
@@ -282,7 +406,8 @@ class Fleet:
 
     async def command(self, node_id: str, op: str, args: dict[str, Any]) -> Instance | None:
         """Have ``node_id`` carry out ``op``: -> the instance as it is after it (None for
-        a delete), or the InstanceError it answered, or a 503/504 naming what failed."""
+        a delete), or the InstanceError it answered, or a 503/504 naming what failed --
+        within about FLEET_COMMAND_WAIT."""
         node = self.node_named(node_id)
         if self.problem:
             raise InstanceError("FLEET_UNAVAILABLE", 503,
@@ -295,12 +420,13 @@ class Fleet:
         poll.clock = self.reactor
         try:
             try:
-                await self.store.db.run(insert_command, command_id, node_id, op,
-                                        json.dumps(args), self.node)
-            except pg.DatabaseDownError as e:
+                await self._within(self.store.db.run(
+                    insert_command, command_id, node_id, op, json.dumps(args), self.node))
+            except (pg.DatabaseDownError, TimeoutError, CancelledError) as e:
                 raise InstanceError("FLEET_UNAVAILABLE", 503,
-                                    f"the fleet database is unreachable ({e}): node "
-                                    f"{node.label()} cannot be asked until it is back") from None
+                                    f"the fleet database did not take the command "
+                                    f"({pg.one_line(e) or 'no answer in time'}): node "
+                                    f"{node.label()} was not asked") from None
             if not node.online:
                 raise InstanceError("NODE_OFFLINE", 504,
                                     f"node {node.label()} is offline (no heartbeat for "
@@ -308,24 +434,38 @@ class Fleet:
                                     "out when the node is back")
             poll.start(POLL, now=False)
             try:
-                result = await waiter.addTimeout(self.command_wait, self.reactor)
+                result = await self._within(waiter)
             except (CancelledError, TimeoutError):
-                cancelled = await self.store.db.run(cancel_command, command_id)
-                raise InstanceError(
-                    "NODE_TIMEOUT", 504,
-                    f"node {node.label()} did not answer within "
-                    f"{self.command_wait:g} s: " + (
-                        "the command was withdrawn, nothing was done" if cancelled else
-                        "it is carrying the command out; its outcome will show in the "
-                        "events")) from None
+                result = await self._withdraw(command_id, node)
         finally:
             self.waiting.pop(command_id, None)
             if poll.running:
                 poll.stop()
-        return self._outcome(node_id, op, args, result)
+        return await self._outcome(node_id, op, args, result)
 
-    def _outcome(self, node_id: str, op: str, args: dict[str, Any],
-                 result: dict[str, Any]) -> Instance | None:
+    def _within(self, d: Deferred[Any]) -> Deferred[Any]:
+        return d.addTimeout(self.command_wait, self.reactor)
+
+    async def _withdraw(self, command_id: str, node: Node) -> dict[str, Any]:
+        """No outcome in time: withdraw the command if the node has not taken it; -> the
+        outcome if it came meanwhile, or the 504 that says which."""
+        late = f"node {node.label()} did not answer within {self.command_wait:g} s: "
+        try:
+            if await self._within(self.store.db.run(cancel_command, command_id)):
+                raise InstanceError("NODE_TIMEOUT", 504,
+                                    late + "the command was withdrawn, nothing was done")
+            found = await self._within(self.store.db.run(read_command, command_id))
+        except (pg.DatabaseDownError, TimeoutError, CancelledError):
+            raise InstanceError("NODE_TIMEOUT", 504, late + "the command could not be "
+                                "withdrawn (the database did not answer); it may still be "
+                                "carried out") from None
+        if found is not None and found[0] in DONE and isinstance(found[1], dict):
+            return found[1]
+        raise InstanceError("NODE_TIMEOUT", 504, late + "it is carrying the command out; "
+                                                       "its outcome will show in the events")
+
+    async def _outcome(self, node_id: str, op: str, args: dict[str, Any],
+                       result: dict[str, Any]) -> Instance | None:
         if not result.get("ok"):
             raise InstanceError(str(result.get("code") or "INTERNAL"),
                                 int(result.get("status") or 500),
@@ -333,20 +473,31 @@ class Fleet:
         if op == "delete":
             self._forget(args["id"])
             return None
-        instance = self._apply(node_id, result["snapshot"])
+        told = result.get("snapshot")
+        instance_id = told.get("id") if isinstance(told, dict) else None
+        try:
+            instance = self._apply(node_id, told)
+            if instance is None and instance_id and instance_id not in self.gone:
+                found = await self.store.db.run(read_live, instance_id)  # its URL, new here
+                instance = self._apply(*found) if found else None
+        except (ValueError, KeyError, TypeError, pg.DatabaseDownError):
+            instance = None
+        if instance is None and instance_id in self.gone:
+            raise InstanceError("INSTANCE_NOT_FOUND", 404,
+                                f"instance {instance_id} was deleted meanwhile")
         if instance is None:
             raise InstanceError("INTERNAL", 500, f"node {node_id} answered with an instance "
                                                  "this master cannot read")
         return instance
 
-    def _result_heard(self, message: dict[str, Any]) -> None:
-        waiter = self.waiting.get(message.get("c", ""))
+    def _result_heard(self, command_id: str, result: Any) -> None:
+        waiter = self.waiting.get(command_id)
         if waiter is None or waiter.called:
             return
-        if "r" in message:
-            waiter.callback(message["r"])
+        if isinstance(result, dict):
+            waiter.callback(result)
         else:
-            self._poll(message["c"])
+            self._poll(command_id)
 
     def _poll(self, command_id: str) -> None:
         def read(found: tuple[str, Any] | None) -> None:
@@ -355,8 +506,9 @@ class Fleet:
                 return
             state, result = found
             if state in DONE:
-                waiter.callback(result or {"ok": False, "code": "NODE_TIMEOUT",
-                                           "status": 504, "message": f"command {state}"})
+                waiter.callback(result if isinstance(result, dict) else {
+                    "ok": False, "code": "NODE_TIMEOUT", "status": 504,
+                    "message": f"the command was {state}"})
 
         self.store.db.run(read_command, command_id).addCallbacks(read, lambda _: None)
 
@@ -364,6 +516,8 @@ class Fleet:
 
     def _carry_out(self) -> None:
         """Run what is queued for this node, oldest first, one at a time."""
+        if self._stopped:
+            return
         if self._working:
             self._more_work = True
             return
@@ -373,12 +527,12 @@ class Fleet:
 
     async def _work(self) -> None:
         try:
-            while True:
+            while not self._stopped:
                 self._more_work = False
                 try:
                     claimed = await self.store.db.run(claim_next, self.node, self.claim)
                 except pg.DatabaseDownError:
-                    return  # the listener's return brings us back
+                    return  # the next heartbeat looks again
                 if claimed is None:
                     if not self._more_work:
                         return
@@ -388,20 +542,21 @@ class Fleet:
                 self.log.info("fleet command {op} from node {asker}: {outcome}", op=op,
                               asker=asker, outcome="done" if result["ok"] else
                               result.get("message"))
-                notice = {"k": "result", "c": command_id, "r": result}
-                text = json.dumps(notice)
-                if len(text.encode()) > NOTICE_LIMIT:
-                    text = json.dumps({"k": "result", "c": command_id})
-                self.store.outbox.put(("result", command_id),
-                                      ("result", command_id,
-                                       "done" if result["ok"] else "failed",
-                                       json.dumps(result), text))
+                told = result.get("snapshot")
+                shown = {**result, "snapshot": self.public(told)} if told else result
+                self.store.outbox.put(("result", command_id), (
+                    "result", command_id, "done" if result["ok"] else "failed",
+                    json.dumps(result), self._notice({"k": "result", "c": command_id, "r": shown},
+                                                     {"k": "result", "c": command_id})))
         finally:
             self._working = False
 
-    async def _execute(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    async def _execute(self, op: str, args: Any) -> dict[str, Any]:
         registry = self.registry
         try:
+            if not isinstance(args, dict):
+                raise InstanceError("INVALID_REQUEST", 400, "a fleet command without its "
+                                                            "arguments")
             if op == "create":
                 instance = await registry.create(
                     args["url"], args.get("alias"), args.get("tags"),
@@ -426,8 +581,18 @@ class Fleet:
     # -- traffic -------------------------------------------------------------------
 
     async def traffic(self, instance: Instance, window: float) -> list[dict[str, Any]]:
-        since = self.reactor.seconds() - window
+        since = self.reactor.seconds() - min(window, self.retention)
         return await self.store.db.run(read_traffic, instance.id, since)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("a field that is not a string")
+    return value
+
+
+async def _nothing() -> None:
+    return None
 
 
 # -- statements, run in the database's worker thread --------------------------------
@@ -473,6 +638,11 @@ def insert_command(conn: Any, command_id: str, node: str, op: str, args: str,
 
 
 def claim_next(conn: Any, node: str, claim: str) -> tuple[str, str, Any, str] | None:
+    """The oldest command queued for ``node``, now claimed; those queued for longer than
+    COMMAND_TTL are expired first (a node back after days does not replay them)."""
+    pg.rows(conn, "UPDATE commands SET state = 'expired', done_at = now() WHERE node = %s "
+                  "AND state = 'queued' AND requested_at < now() - %s * interval '1 second'",
+            (node, COMMAND_TTL))
     found = pg.rows(
         conn, "UPDATE commands SET state = 'running', claim = %s WHERE id = (SELECT id FROM "
               "commands WHERE node = %s AND state = 'queued' ORDER BY seq LIMIT 1 FOR UPDATE "
@@ -494,3 +664,13 @@ def read_traffic(conn: Any, instance_id: str, since: float) -> list[dict[str, An
     return [row[0] for row in pg.rows(
         conn, "SELECT sample FROM traffic WHERE instance_id = %s AND at >= %s ORDER BY at",
         (instance_id, since))]
+
+
+def prune(conn: Any, node: str, retention: float) -> None:
+    """Traffic samples older than the history kept, and this node's finished commands
+    older than COMMAND_TTL."""
+    pg.rows(conn, "DELETE FROM traffic WHERE at < EXTRACT(EPOCH FROM now()) - %s",
+            (retention,))
+    pg.rows(conn, "DELETE FROM commands WHERE node = %s AND state <> 'queued' AND "
+                  "state <> 'running' AND requested_at < now() - %s * interval '1 second'",
+            (node, COMMAND_TTL))

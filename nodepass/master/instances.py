@@ -74,6 +74,7 @@ class Instance:
     node: str = ""
     seen_pid: int | None = None
     stale: bool = False
+    deleted: bool = False  # being deleted: nothing may start or change it again
 
     @property
     def url(self) -> str:
@@ -140,6 +141,10 @@ def from_snapshot(data: dict[str, Any], node: str, known: Instance | None = None
     instance.base.update({k: int((data.get("counters") or {}).get(k, 0)) for k in COUNTERS})
     instance.peer.update({k: str((data.get("peer") or {}).get(k, "")) for k in PEER_FIELDS})
     return instance
+
+
+def gone(instance: Instance) -> InstanceError:
+    return InstanceError("INSTANCE_NOT_FOUND", 404, f"instance {instance.id} was deleted")
 
 
 def parse_instance_url(text: str, master: MasterConfig) -> ServerConfig | ClientConfig:

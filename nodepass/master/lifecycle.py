@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import AlreadyCalled
 
 from nodepass import logs
-from nodepass.master.instances import Instance
+from nodepass.master.instances import Instance, gone
 from nodepass.master.supervisor import ChildProcess, Spawner, describe_exit
 from nodepass.timers import cancelled
 from nodepass.tunables import Tunables
@@ -63,6 +63,8 @@ class Lifecycle:
         return Deferred.fromCoroutine(self.start_now(instance))
 
     async def start_now(self, instance: Instance) -> None:
+        if instance.deleted:  # deleted while this waited for its turn
+            raise gone(instance)
         if instance.child is not None and instance.child.running:
             return
         if instance.desired != "running":

@@ -13,13 +13,15 @@ says (a bug, a value PostgreSQL refuses) is written again entry by entry, and on
 entries refused again are left out (and logged) -- one bad entry never blocks the rest.
 
 Bounded: one entry per key, and of the kinds that have a key per occurrence (log lines,
-traffic samples), only the newest ``limits[kind]`` wait.
+traffic samples), only the newest ``limits[kind]`` wait.  A batch holds at most MAX_BATCH
+entries, the first kinds first (the heartbeat before a backlog of samples), so what waited
+through a long outage goes out in pieces, each quick.
 """
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -32,6 +34,7 @@ Entry = tuple[Any, ...]  # (kind, ...): what pgstore.write_one writes
 # (entries, careful) -> Deferred[list of (entry, why) refused]
 Writer = Callable[[list[Entry], bool], "Deferred[list[tuple[Entry, str]]]"]
 RETRY_FIRST = 0.5  # seconds; doubling to 12 times this while the database stays away
+MAX_BATCH = 2000  # entries in one transaction
 
 
 class Outbox:
@@ -42,8 +45,9 @@ class Outbox:
         self.order = order  # kinds in the order a batch writes them
         self.limits = dict(limits)
         self.is_down = is_down  # a failure that means "the database is away"
-        self.pending: OrderedDict[Any, tuple[int, Entry]] = OrderedDict()
-        self.counts: Counter[str] = Counter()
+        # per kind, in the order of the entries' last put: (seq, entry) by key
+        self.kinds: dict[str, OrderedDict[Any, tuple[int, Entry]]] = {
+            kind: OrderedDict() for kind in order}
         self.seq = 0
         self.degraded: str | None = None
         self.on_status: list[Callable[[str | None], None]] = []
@@ -70,33 +74,43 @@ class Outbox:
 
     # -- what goes in ---------------------------------------------------------
 
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self.kinds.values())
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self.kinds[key[0]]
+
+    def __iter__(self) -> Iterator[Any]:
+        for entries in self.kinds.values():
+            yield from entries
+
     def put(self, key: Any, entry: Entry) -> None:
+        """``key[0]`` is the entry's kind."""
         self.seq += 1
-        if self.pending.pop(key, None) is None:
-            self.counts[key[0]] += 1
-        self.pending[key] = (self.seq, entry)
+        entries = self.kinds[key[0]]
+        entries.pop(key, None)
+        entries[key] = (self.seq, entry)
         limit = self.limits.get(key[0])
-        if limit is not None and self.counts[key[0]] > limit:
-            self._drop_oldest(key[0], self.counts[key[0]] - limit)
+        while limit is not None and len(entries) > limit:
+            entries.popitem(last=False)
+            self.dropped += 1
         self._kick()
 
     def drop(self, key: Any) -> None:
-        if self.pending.pop(key, None) is not None:
-            self.counts[key[0]] -= 1
+        self.kinds[key[0]].pop(key, None)
 
     def get(self, key: Any) -> Entry | None:
-        found = self.pending.get(key)
+        found = self.kinds[key[0]].get(key)
         return None if found is None else found[1]
 
-    def _drop_oldest(self, kind: str, count: int) -> None:
-        for key in [k for k in self.pending if k[0] == kind][:count]:
-            self.drop(key)
-            self.dropped += 1
+    def _oldest(self) -> int:
+        firsts = (next(iter(entries.values()))[0] for entries in self.kinds.values() if entries)
+        return min(firsts, default=self.seq + 1)
 
     def durable(self) -> Deferred[bool]:
         """Fires True once everything put so far is written, or False at once while the
         database is away (it is written when the database is back)."""
-        if not self.pending:
+        if not len(self):
             return succeed(True)
         if self.degraded or self.write is None:
             return succeed(False)
@@ -108,7 +122,7 @@ class Outbox:
 
     def _kick(self) -> None:
         if (self.write is None or self._in_flight or self._retry is not None
-                or not self.pending):
+                or not len(self)):
             return
         self._in_flight = True
         # the rest of this reactor turn's entries join the batch
@@ -118,8 +132,12 @@ class Outbox:
         if self.write is None:
             self._in_flight = False
             return
-        rank = {kind: i for i, kind in enumerate(self.order)}
-        batch = sorted(self.pending.items(), key=lambda item: (rank[item[0][0]], item[1][0]))
+        batch: list[tuple[Any, tuple[int, Entry]]] = []
+        for kind in self.order:
+            for item in self.kinds[kind].items():
+                if len(batch) == MAX_BATCH:
+                    break
+                batch.append(item)
         d = self.write([entry for _, (_, entry) in batch], self._careful)
         d.addCallbacks(self._written, self._failed, callbackArgs=(batch,))
 
@@ -132,15 +150,16 @@ class Outbox:
             self.log.error("the fleet database refused a write of {kind}, left out: {why}",
                            kind=entry[0], why=why)
         for key, (seq, _) in batch:
-            found = self.pending.get(key)
+            entries = self.kinds[key[0]]
+            found = entries.get(key)
             if found is not None and found[0] == seq:
-                self.drop(key)
+                del entries[key]
         if self.dropped:
             self.log.warn("{n} log lines and traffic samples were left out while the fleet "
                           "database was away", n=self.dropped)
             self.dropped = 0
         self._set_status(None)
-        oldest = min((seq for seq, _ in self.pending.values()), default=self.seq + 1)
+        oldest = self._oldest()
         waiting, self._waiters = self._waiters, []
         for seq, waiter in waiting:
             if waiter.called:  # given up on

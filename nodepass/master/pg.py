@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -30,6 +30,7 @@ SCHEMA = "nodepass"
 SCHEMA_VERSION = 4
 CONNECT_TIMEOUT = 5  # seconds; libpq's connect_timeout
 STATEMENT_TIMEOUT_MS = 15_000
+TCP_USER_TIMEOUT_MS = 10_000
 _LOCK = 0x6E6F6465  # pg_advisory_xact_lock key for migrations ("node")
 
 MIGRATIONS: list[list[str]] = [
@@ -69,6 +70,8 @@ MIGRATIONS: list[list[str]] = [
         "CREATE INDEX commands_queued ON commands (node, seq) WHERE state = 'queued'",
         "CREATE TABLE traffic (instance_id TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,"
         " sample JSONB NOT NULL, PRIMARY KEY (instance_id, at))",
+        "CREATE INDEX traffic_at ON traffic (at)",
+        "CREATE SEQUENCE runs",
     ],
 ]
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -89,17 +92,22 @@ def psycopg() -> Any:
 
 def check_dsn(dsn: str) -> str:
     """The DSN as given, if it names a PostgreSQL database and carries no password (it
-    would show in the process list and in the master's URL); StoreError otherwise."""
+    would show in the process list and in the master's URL); StoreError otherwise --
+    whose message never repeats the URL, which may hold a password however malformed."""
     if not re.match(r"postgres(ql)?://", dsn):
         raise StoreError("the fleet database must be a postgresql:// URL")
-    try:
-        parts = urlsplit(dsn)
-        parts.port  # noqa: B018 -- raises on a bad port
-    except ValueError as e:
-        raise StoreError(f"the fleet database URL is malformed ({e})") from None
-    if parts.password is not None or re.search(r"(^|[?&])password=", parts.query):
+    head, _, query = dsn.split("://", 1)[1].partition("?")
+    user = head.split("@", 1)[0] if "@" in head else ""
+    keys = {unquote(part.partition("=")[0]).strip().lower() for part in query.split("&")}
+    if ":" in user or "password" in keys:
         raise StoreError("the fleet database URL carries a password: give it in PGPASSWORD "
                          "or ~/.pgpass instead (a URL shows in the process list and logs)")
+    try:
+        urlsplit(dsn).port  # noqa: B018 -- raises on a bad port
+    except ValueError:
+        raise StoreError("the fleet database URL is malformed: postgresql://USER@HOST:PORT/"
+                         "DATABASE?PARAMETERS (percent-encode what is not a letter or digit)"
+                         ) from None
     return dsn
 
 
@@ -117,9 +125,12 @@ def connect(dsn: str, application: str) -> Any:
     """A new connection (autocommit off, search_path at our schema), or DatabaseDownError."""
     driver = psycopg()
     try:
+        # tcp_user_timeout: a server that stops acknowledging (its host gone) fails the
+        # statement in hand within seconds, where keepalives alone would wait for ever
         conn = driver.connect(dsn, connect_timeout=CONNECT_TIMEOUT,
-                               application_name=application[:63], keepalives=1,
-                               keepalives_idle=10, keepalives_interval=5, keepalives_count=3)
+                              application_name=application[:63], keepalives=1,
+                              keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                              tcp_user_timeout=TCP_USER_TIMEOUT_MS)
     except driver.OperationalError as e:
         raise DatabaseDownError(one_line(e)) from None
     with conn.cursor() as cur:
@@ -175,6 +186,7 @@ class Database:
         self.where = describe_dsn(dsn)
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="nodepass-db")
         self._conn: Any = None  # the worker thread's alone
+        self._stopping = False
 
     def start(self) -> None:
         self.pool.start()
@@ -184,7 +196,8 @@ class Database:
     def stop(self) -> None:
         if not self.pool.started:
             return
-        self.pool.stop()  # waits for the statement in hand
+        self._stopping = True  # what is still queued returns at once (_in_thread)
+        self.pool.stop()  # waits for the statement in hand, bounded by its timeouts
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -195,9 +208,16 @@ class Database:
 
     def call(self, work: Callable[..., T], *args: Any) -> Deferred[T]:
         """``work(*args)`` in the worker thread, on no connection of ours (it connects)."""
-        return deferToThreadPool(self.reactor, self.pool, work, *args)
+        return deferToThreadPool(self.reactor, self.pool, self._unless_stopping, work, args)
+
+    def _unless_stopping(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self._stopping:
+            raise DatabaseDownError("the master is stopping")
+        return work(*args)
 
     def _in_thread(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
+        if self._stopping:
+            raise DatabaseDownError("the master is stopping")
         driver = psycopg()
         if self._conn is None or self._conn.closed or self._conn.broken:
             if self._conn is not None:

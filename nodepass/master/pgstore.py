@@ -39,8 +39,10 @@ NODE_FILE = "node.id"
 CHANNEL = "nodepass"
 NOTICE_LIMIT = 7900  # bytes; PostgreSQL's payload limit is 8000
 LOG_BACKLOG = 2000
-TRAFFIC_BACKLOG = 200_000
-ORDER = ("node", "row", "counters", "live", "traffic", "delete", "result", "log")
+TRAFFIC_BACKLOG = 100_000  # ~30 MB: 8 minutes of 1,000 instances sampled every 5 s
+# A command's outcome before a delete in the same batch: the asking master hears what its
+# command did before it hears the instance is gone.
+ORDER = ("node", "row", "counters", "live", "traffic", "result", "delete", "log")
 
 
 def node_id(folder: Path) -> str:
@@ -82,6 +84,8 @@ class PgStore:
         self._issued: set[str] = set()
         self._alias: str | None = None
         self.interval = 5.0  # the heartbeat's, as the fleet sets it
+        self.run = 0  # this run's number, from the database: larger than any earlier run's
+        self.secret = b""  # the fleet's own, for what notifications may say of a URL
         self._read_at_start()
         self.outbox = Outbox(ORDER, {"log": LOG_BACKLOG, "traffic": TRAFFIC_BACKLOG},
                              lambda failure: bool(failure.check(pg.DatabaseDownError)))
@@ -102,6 +106,11 @@ class PgStore:
                           "ORDER BY created_at, id", (self.node,))]
                 alias = pg.rows(conn, "SELECT alias FROM nodes WHERE id = %s", (self.node,))
                 self._alias = alias[0][0] if alias else None
+                self.run = int(pg.rows(conn, "SELECT nextval('runs')")[0][0])
+                pg.rows(conn, "INSERT INTO master VALUES ('fleet_secret', %s) ON CONFLICT "
+                              "DO NOTHING", (secrets.token_hex(32),))
+                self.secret = bytes.fromhex(pg.rows(
+                    conn, "SELECT value FROM master WHERE name = 'fleet_secret'")[0][0])
         except pg.psycopg().Error as e:
             raise StoreError(f"fleet database {self.where}: {pg.one_line(e)}") from None
         finally:
@@ -177,15 +186,15 @@ class PgStore:
         """Send what waits (for at most ``grace`` seconds), then stop the worker."""
         if self.db is None:
             return
-        if self.outbox.pending and not self.degraded:
+        if len(self.outbox) and not self.degraded:
             try:
                 await self.durable().addTimeout(grace, self.db.reactor)
             except (CancelledError, TimeoutError):
                 pass
         self.outbox.stop()
-        if self.outbox.pending:
+        if len(self.outbox):
             self.log.warn("{n} writes could not reach the fleet database before the master "
-                          "stopped", n=len(self.outbox.pending))
+                          "stopped", n=len(self.outbox))
         db, self.db = self.db, None
         db.stop()  # waits for the statement in hand, bounded by its timeouts
 
@@ -211,8 +220,12 @@ def write_batch(conn: Any, node: str, ops: Iterable[Entry], careful: bool = Fals
     are (not for a lost connection) are left out -> [(entry, why)]."""
     refused = []
     psycopg = pg.psycopg()
+    samples = []
     for op in ops:
         if not careful:
+            if op[0] == "traffic":  # many at a time: one statement, pipelined
+                samples.append(op[1:])
+                continue
             write_one(conn, node, op)
             continue
         try:
@@ -222,6 +235,10 @@ def write_batch(conn: Any, node: str, ops: Iterable[Entry], careful: bool = Fals
             raise
         except Exception as e:  # this entry's own fault (or ours): it alone is left out
             refused.append((op, pg.one_line(e)))
+    if samples:
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO traffic VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                            samples)
     return refused
 
 
@@ -257,13 +274,9 @@ def write_one(conn: Any, node: str, op: Entry) -> None:
                         "udp_out = %s WHERE id = %s",
                         (*(int(values.get(k, 0)) for k in _COUNTERS), op[1]))
         elif kind == "live":
-            _, instance_id, told_kind, told = op
-            text = json.dumps(told)
+            _, instance_id, _told_kind, told, notice = op
             cur.execute("UPDATE instances SET live = %s WHERE id = %s AND node = %s",
-                        (text, instance_id, node))
-            notice = json.dumps({"k": told_kind, "n": node, "i": instance_id, "s": told})
-            if len(notice.encode()) > NOTICE_LIMIT:  # the others read the row instead
-                notice = json.dumps({"k": told_kind, "n": node, "i": instance_id})
+                        (told, instance_id, node))
             cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice))
         elif kind == "traffic":
             _, instance_id, at, sample = op

@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
 from twisted.internet.task import LoopingCall
 
 from nodepass import __version__, logs
@@ -20,6 +20,7 @@ from nodepass.master.instances import (
     PEER_FIELDS,
     Instance,
     InstanceError,
+    gone,
     parse_instance_url,
 )
 from nodepass.master.lifecycle import Lifecycle
@@ -30,7 +31,8 @@ from nodepass.master.views import count_by_status, describe
 from nodepass.tunables import Tunables
 from nodepass.url import ClientConfig, MasterConfig, ServerConfig, format_url, redacted
 
-RECENT_LOGS = 200  # log lines kept per instance, for the dashboard and GET .../logs
+RECENT_LOGS = 200
+DURABLE_WAIT = 5.0  # log lines kept per instance, for the dashboard and GET .../logs
 
 
 _MASTERS_OWN = ("NODEPASS_API_KEY", "NODEPASS_URL", "NODEPASS_DATABASE_URL")
@@ -159,6 +161,8 @@ class Registry:
 
     def _save(self, instance: Instance) -> None:
         """Commit what must survive a restart (before the API confirms a change)."""
+        if instance.deleted:
+            return
         self.store.save(StoredInstance(
             id=instance.id, url=instance.url, created_at=instance.created_at,
             desired=instance.desired, alias=instance.alias, tags=dict(instance.tags),
@@ -216,8 +220,17 @@ class Registry:
                       url=redacted(instance.url))
         self._changed("create", instance)
         await self.start(instance)
-        await self.store.durable()
+        await self._durable()
         return instance
+
+    async def _durable(self) -> None:
+        """Wait for what was just written to be committed (at once with SQLite; with a
+        fleet database at most DURABLE_WAIT: the answer goes, the write goes on)."""
+        try:
+            await self.store.durable().addTimeout(DURABLE_WAIT, self.reactor)
+        except (CancelledError, TimeoutError):
+            self.log.warn("the fleet database has not confirmed a write within {s} s; "
+                          "answering, the write goes on", s=DURABLE_WAIT)
 
     def _fleet_for(self, node: str) -> Any:
         if self.fleet is None:
@@ -256,13 +269,15 @@ class Registry:
             self.reset(instance)
         elif action is not None:
             await getattr(self, action)(instance)
-        await self.store.durable()
+        await self._durable()
         return instance
 
     def update(self, instance: Instance, alias: Any = None, tags: Any = None,
                restart: Any = None, peer: Any = None) -> None:
         """Change metadata or the restart flag; None leaves a field as it is (and a peer
         field left out of ``peer`` keeps its value)."""
+        if instance.deleted:
+            raise gone(instance)
         if alias is not None:
             instance.alias = alias or None
         if tags is not None:
@@ -290,6 +305,8 @@ class Registry:
         config = self.vet_url(instance, url)
 
         async def swap() -> None:
+            if instance.deleted:
+                raise gone(instance)
             await self.lifecycle.stop_now(instance)
             instance.config = config
             instance.desired = "running"
@@ -303,6 +320,8 @@ class Registry:
 
     def reset(self, instance: Instance) -> None:
         """Zero the traffic counters, durably, without touching the process."""
+        if instance.deleted:
+            raise gone(instance)
         instance.reset_counters()
         self.history.restart_from_here(instance)
         self._save(instance)
@@ -329,8 +348,11 @@ class Registry:
                                                          {"id": instance.id})
             return
         self._writable("delete an instance")
+        if instance.deleted:
+            raise gone(instance)
+        instance.deleted = True  # what waits for its turn on it will not bring it back
 
-        async def gone() -> None:
+        async def remove() -> None:
             await self.lifecycle.stop_now(instance)
             self.store.delete(instance.id)
             self.instances.pop(instance.id, None)
@@ -342,8 +364,8 @@ class Registry:
 
         self.restarts.cancel(instance)
         instance.desired = "stopped"
-        await self.lifecycle.exclusively(instance, gone)
-        await self.store.durable()
+        await self.lifecycle.exclusively(instance, remove)
+        await self._durable()
 
     def _still_wanted(self, instance: Instance) -> bool:
         return instance.id in self.instances and instance.desired == "running"

@@ -73,11 +73,12 @@ class RegistryService(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self.registry.fleet is not None:
+            self.registry.fleet.stop()  # no command taken now would be stopped below
         await self.registry.shutdown()
         if self.forkserver is not None:
             self.forkserver.stop()
         if self.registry.fleet is not None:
-            self.registry.fleet.stop()
             await self.registry.store.close_async(STORE_GRACE)
         hub = self.registry.hub
         hub.publish("shutdown")
