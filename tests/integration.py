@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import re
 import signal
@@ -416,14 +417,19 @@ def sleep(seconds: float) -> Deferred[None]:
 
 async def eventually(check, timeout: float = WAIT, step: float = 0.05) -> Any:
     """Poll ``check()`` until it is true and return what it gave; fail after ``timeout``
-    seconds."""
+    seconds.  ``check`` may be a coroutine function (an API call, say)."""
     waited = 0.0
-    while not (result := check()):
+    while not (result := await _called(check)):
         if waited >= timeout:
             raise AssertionError(f"condition not met within {timeout}s")
         await sleep(step)
         waited += step
     return result
+
+
+async def _called(check) -> Any:
+    result = check()
+    return await result if inspect.isawaitable(result) else result
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from tests.integration import sleep, spawn
+from tests.integration import eventually, sleep, spawn
 from tests.postgres import started_postgres
 from tests.procs import run_nodepass
 from tests.sse import EventStream
@@ -18,17 +18,6 @@ from tests.test_master_api import KEY, Api, api_port
 
 HEARTBEAT = 0.3  # seconds: offline after 3 of them
 SERVER = "server://127.0.0.1:0/127.0.0.1:0?log=info"
-
-
-async def until(check, timeout=20.0, step=0.05):
-    """Poll the coroutine function ``check`` until it gives something true."""
-    waited = 0.0
-    while not (found := await check()):
-        if waited >= timeout:
-            raise AssertionError(f"not within {timeout}s")
-        await sleep(step)
-        waited += step
-    return found
 
 
 class FleetCase(TestCase):
@@ -61,7 +50,7 @@ class FleetCase(TestCase):
                     (await master.api.ok("GET", "/nodes"))["nodes"]}
             return all(seen.get(node) for node in nodes)
 
-        await until(check)
+        await eventually(check)
 
     async def watch(self, url):
         """An event stream, whose end when its master is killed is no error."""
@@ -106,7 +95,7 @@ class Fleet(FleetCase):
             listed = (await a.api.ok("GET", "/instances"))["instances"]
             return {(i["id"], i["node"]) for i in listed} == {(ident, b.node),
                                                               (mine["id"], c.node)}
-        await until(both_seen)
+        await eventually(both_seen)
         only_b = (await a.api.ok("GET", f"/instances?node={b.node}"))["instances"]
         assert [i["id"] for i in only_b] == [ident]
         code, np_list, _ = await a.np.call("GET", f"/instances?node={c.node}")
@@ -150,7 +139,7 @@ class Fleet(FleetCase):
         async def sampled():
             data = await c.api.ok("GET", f"/instances/{ident}/traffic?window=60")
             return data["samples"]
-        await until(sampled)
+        await eventually(sampled)
 
         code, deleted, _ = await c.api.call("DELETE", f"/instances/{ident}")
         assert code == 200 and deleted["data"] == {"id": ident, "deleted": True}, deleted
@@ -197,7 +186,7 @@ class Fleet(FleetCase):
             seen = await a.api.ok("GET", f"/instances/{ident}")
             return seen if seen["status"] == "stopped" and seen["alias"] == "later" else None
 
-        seen = await until(carried_out)
+        seen = await eventually(carried_out)
         assert seen["stale"] is False
         await sleep(4 * HEARTBEAT)  # a second look at the queue must find nothing to do
         assert b2.count("fleet command ") == 2, b2.lines
@@ -218,7 +207,7 @@ class Fleet(FleetCase):
         async def degraded(master):
             async def check():
                 return (await master.api.ok("GET", "/info"))["store"]["status"] == "degraded"
-            await until(check)
+            await eventually(check)
 
         await degraded(a)
         await degraded(b)
@@ -240,12 +229,12 @@ class Fleet(FleetCase):
         async def recovered():
             info = await a.api.ok("GET", "/info")
             return info["store"]["status"] == "ok" and not info["store"]["pending_writes"]
-        await until(recovered)
+        await eventually(recovered)
 
         async def b_sees_the_stop():
             seen = await b.api.ok("GET", f"/instances/{second['id']}")
             return seen["status"] == "stopped"
-        await until(b_sees_the_stop)
+        await eventually(b_sees_the_stop)
         after = await a.api.ok("PUT", f"/instances/{on_b['id']}", {"action": "stop"})
         assert after["status"] == "stopped"
         with self.pg.connect() as conn:

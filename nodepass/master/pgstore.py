@@ -22,7 +22,6 @@ tells this master's rows from the others'.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Iterable
 from pathlib import Path
@@ -33,9 +32,9 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from nodepass import __version__, logs
 from nodepass.master import pg
 from nodepass.master.outbox import Entry, Outbox
-from nodepass.master.store import _COUNTERS, StoredInstance, StoreError
+from nodepass.master.state import NODE_FILE, StateError, kept_value
+from nodepass.master.store import _COUNTERS, StoredInstance, StoreError, row_values
 
-NODE_FILE = "node.id"
 CHANNEL = "nodepass"
 NOTICE_LIMIT = 7900  # bytes; PostgreSQL's payload limit is 8000
 LOG_BACKLOG = 2000
@@ -48,24 +47,10 @@ ORDER = ("node", "row", "counters", "live", "traffic", "result", "delete", "log"
 def node_id(folder: Path) -> str:
     """This master's node id (NodePass's ``mid``): 16 hex digits made once and kept in the
     state directory, readable by this user alone."""
-    path = folder / NODE_FILE
     try:
-        existing = path.read_text().strip()
-    except FileNotFoundError:
-        existing = ""
-    except OSError as e:
-        raise StoreError(f"node id file {str(path)!r} cannot be read ({e.strerror})") from None
-    if existing:
-        return existing
-    made = secrets.token_hex(8)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(made + "\n")
-    except OSError as e:
-        raise StoreError(f"node id file {str(path)!r} cannot be written ({e.strerror})") \
-            from None
-    return made
+        return kept_value(folder / NODE_FILE, "node id file", lambda: secrets.token_hex(8))[0]
+    except StateError as e:
+        raise StoreError(str(e)) from None
 
 
 class PgStore:
@@ -264,10 +249,7 @@ def write_one(conn: Any, node: str, op: Entry) -> None:
                 "excluded.restart, restarts = excluded.restarts, tcp_in = excluded.tcp_in, "
                 "tcp_out = excluded.tcp_out, udp_in = excluded.udp_in, udp_out = "
                 "excluded.udp_out, peer = excluded.peer, node = excluded.node",
-                (item.id, item.url, item.created_at, item.desired, item.alias,
-                 json.dumps(item.tags, sort_keys=True), int(item.restart), item.restarts,
-                 *(int(item.counters.get(c, 0)) for c in _COUNTERS),
-                 json.dumps(item.peer, sort_keys=True), node))
+                (*row_values(item), node))
         elif kind == "counters":
             values = op[2]
             cur.execute("UPDATE instances SET tcp_in = %s, tcp_out = %s, udp_in = %s, "

@@ -13,7 +13,7 @@ import hmac
 import os
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,25 +151,31 @@ def api_key(folder: Path, environ: Mapping[str, str]) -> tuple[str, str]:
     """-> (key, where it came from: "env", "file" or "new")."""
     if environ.get("NODEPASS_API_KEY"):
         return environ["NODEPASS_API_KEY"], "env"
-    path = folder / KEY_FILE
+    key, made = kept_value(folder / KEY_FILE, "API key file", new_key)
+    return key, "new" if made else "file"
+
+
+def kept_value(path: Path, what: str, make: Callable[[], str]) -> tuple[str, bool]:
+    """The value kept in ``path``, or a new one from ``make()`` written there first (0600)
+    -> (value, whether it was made now)."""
     try:
         existing = path.read_text().strip()
     except FileNotFoundError:
         existing = ""
     except OSError as e:
-        raise StateError(f"API key file {str(path)!r} cannot be read ({e.strerror})") from None
+        raise StateError(f"{what} {str(path)!r} cannot be read ({e.strerror})") from None
     if existing:
-        return existing, "file"
-    key = new_key()
-    _write_key(path, key)
-    return key, "new"
+        return existing, False
+    value = make()
+    _write_key(path, value, what)
+    return value, True
 
 
 def new_key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def _write_key(path: Path, key: str) -> None:
+def _write_key(path: Path, key: str, what: str = "API key file") -> None:
     """Replace the key file at once (mode 0600 from the start: never world-readable)."""
     partial = path.with_name(path.name + ".new")
     try:
@@ -178,8 +184,7 @@ def _write_key(path: Path, key: str) -> None:
             f.write(key + "\n")
         os.replace(partial, path)
     except OSError as e:
-        raise StateError(f"API key file {str(path)!r} cannot be written ({e.strerror})") \
-            from None
+        raise StateError(f"{what} {str(path)!r} cannot be written ({e.strerror})") from None
 
 
 class ApiKey:

@@ -146,10 +146,7 @@ class Store:
                 "alias=excluded.alias, tags=excluded.tags, restart=excluded.restart, "
                 "restarts=excluded.restarts, tcp_in=excluded.tcp_in, tcp_out=excluded.tcp_out, "
                 "udp_in=excluded.udp_in, udp_out=excluded.udp_out, peer=excluded.peer",
-                (item.id, item.url, item.created_at, item.desired, item.alias,
-                 json.dumps(item.tags, sort_keys=True), int(item.restart), item.restarts,
-                 *(int(item.counters.get(c, 0)) for c in _COUNTERS),
-                 json.dumps(item.peer, sort_keys=True)))
+                row_values(item))
 
     def set_setting(self, name: str, value: str) -> None:
         with self._transaction():
@@ -175,6 +172,14 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+def row_values(item: StoredInstance) -> tuple[Any, ...]:
+    """An instance's row, column by column (store's and pgstore's ``instances``)."""
+    return (item.id, item.url, item.created_at, item.desired, item.alias,
+            json.dumps(item.tags, sort_keys=True), int(item.restart), item.restarts,
+            *(int(item.counters.get(c, 0)) for c in _COUNTERS),
+            json.dumps(item.peer, sort_keys=True))
 
 
 def _create_private(path: Path) -> None:
