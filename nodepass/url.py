@@ -560,7 +560,7 @@ def _check_least_tls(values: dict[str, Any]) -> None:
                        "(allowed with type=2 and tls=2, sni= or ca=)")
 
 
-def _check_tls_files(values: dict[str, Any]) -> None:
+def _check_tls_files(values: dict[str, Any], files: bool = True) -> None:
     tls = values.get("tls", 0)
     crt, key = values.get("crt"), values.get("key")
     if tls != 2:
@@ -571,7 +571,8 @@ def _check_tls_files(values: dict[str, Any]) -> None:
         missing = " and ".join(n for n in ("crt", "key") if values.get(n) is None)
         raise URLError(f"query: tls=2 needs {missing} (paths to PEM files)")
     for name in ("crt", "key"):
-        _check_readable(name, values[name])
+        if files:
+            _check_readable(name, values[name])
 
 
 def _check_readable(name: str, path: str) -> None:
@@ -584,14 +585,16 @@ def _check_readable(name: str, path: str) -> None:
         raise URLError(f"query: {name} file {path!r} is not readable ({e.strerror})") from None
 
 
-def parse(text: str) -> Config:
-    """Parse a nodepass URL into a frozen config, or raise :class:`URLError`."""
+def parse(text: str, files: bool = True) -> Config:
+    """Parse a nodepass URL into a frozen config, or raise :class:`URLError`.
+    ``files=False``: the files it names (``crt``, ``key``, ``ca``) are another host's,
+    not looked for here."""
     scheme, userinfo, hostport, path, query = _split(text)
     values = _parse_query(scheme, query)
     if scheme == "client":
         _check_least_tls(values)
     elif "tls" in _MODE_PARAMS[scheme]:
-        _check_tls_files(values)
+        _check_tls_files(values, files)
 
     if scheme == "master":
         if userinfo:
@@ -612,7 +615,7 @@ def parse(text: str) -> Config:
     targets = _parse_targets(path[1:])
     _check_dialed_ports(scheme, values.get("mode", 0), tunnel, targets)
     key = unquote(userinfo) if userinfo else None
-    if "ca" in values:
+    if "ca" in values and files:
         _check_readable("ca", values["ca"])
     if values.get("min") is not None and values.get("max") is not None \
             and values["min"] > values["max"]:

@@ -4,14 +4,15 @@ Clock: no database, the notifications handed in as PostgreSQL would deliver them
 import json
 from types import SimpleNamespace
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from nodepass.master.events import EventHub
-from nodepass.master.fleet import MISSED_BEATS, Fleet, read_live
+from nodepass.master.fleet import MISSED_BEATS, Fleet, claim_next, read_live
 from nodepass.master.instances import Instance, snapshot
 from nodepass.master.outbox import Outbox
+from nodepass.master.pgstore import signed
 from nodepass.master.registry import Registry
 from nodepass.master.store import Store
 from nodepass.tunables import Tunables
@@ -37,6 +38,8 @@ class FakeDatabase:
         self.asked = []
 
     def run(self, work, *args):
+        if work is claim_next:  # nothing queued for this node
+            return succeed(None)
         d = Deferred()
         self.asked.append((work, args, d))
         return d
@@ -55,14 +58,18 @@ class Heard(TestCase):
             "test", lambda _id, kind, subject, fields: self.events.append(
                 (kind, subject.id if subject else None, fields.get("message"))) or b"")
         self.db = FakeDatabase()
-        fake_store = SimpleNamespace(node=ME, outbox=Outbox(("log",), {}, lambda f: False),
-                                     degraded=None, run=7, secret=b"s" * 32, db=self.db)
+        self.secret = b"s" * 32
+        fake_store = SimpleNamespace(node=ME, outbox=Outbox(("log", "live", "result"), {},
+                                                            lambda f: False),
+                                     degraded=None, run=7, secret=self.secret, db=self.db,
+                                     sign=lambda text: signed(self.secret, text))
         self.fleet = Fleet(self.clock, self.registry, fake_store)
         self.fleet.deaf = None
         self.registry.fleet = self.fleet
 
     def hear(self, **message):
-        self.fleet._heard(json.dumps(message))
+        """A notification a master sent (signed with the fleet's secret)."""
+        self.fleet._heard(signed(self.secret, json.dumps(message)))
 
     def reads(self):
         """The instance rows the fleet asked for: (args, Deferred)."""
@@ -113,6 +120,40 @@ class Heard(TestCase):
         self.notice("update", moved)  # its mark no longer matches: read again
         assert len(self.reads()) == 2 and self.registry.get("ins_00000001").url == secret_url
 
+    def test_an_instance_naming_files_of_its_own_node_is_shown_here(self):
+        on_b = told()
+        on_b["url"] = ("server://k@127.0.0.1:7000/127.0.0.1:8000?tls=2&crt=/etc/only-on-b/c.pem"
+                       "&key=/etc/only-on-b/k.pem")
+        self.row(on_b)
+        assert self.registry.get("ins_00000001").config.crt == "/etc/only-on-b/c.pem"
+
+    def test_a_row_asked_for_during_its_read_is_read_again(self):
+        first = told(alias="a")
+        self.notice("create", first)
+        self.notice("update", told(alias="b", order=(1.0, 2)))  # while the first read runs
+        [(_, d)] = self.reads()
+        d.callback((OTHER, first))
+        reads = self.reads()
+        assert len(reads) == 2  # the row is read once more: it may have changed meanwhile
+        newer = told(alias="b", order=(1.0, 2))
+        reads[1][1].callback((OTHER, newer))
+        assert self.registry.get("ins_00000001").alias == "b"
+
+    def test_an_outcome_is_told_with_its_snapshot_but_a_refusal_only_by_its_row(self):
+        ok = {"ok": True, "snapshot": told(alias="x")}
+        ok["snapshot"]["url"] = "server://secret-key@127.0.0.1:7000/127.0.0.1:8000"
+        self.fleet._told_outcome("c1", ok)
+        refused = {"ok": False, "code": "CONFLICT", "status": 409,
+                   "message": "already runs server://secret-key@..."}
+        self.fleet._told_outcome("c2", refused)
+        notices = {entry[1]: entry[4] for entry in
+                   (self.fleet.store.outbox.get(("result", c)) for c in ("c1", "c2"))}
+        assert "secret-key" not in notices["c1"] and '"alias": "x"' in notices["c1"]
+        assert "secret-key" not in notices["c2"] and "409" not in notices["c2"]
+        rows = {c: json.loads(self.fleet.store.outbox.get(("result", c))[3])
+                for c in ("c1", "c2")}
+        assert rows["c2"] == refused  # the asker reads the words from the row
+
     def test_its_logs_and_its_deletion_are_told_here(self):
         self.row(told())
         self.hear(k="log", n=OTHER, i="ins_00000001", l="info", m="hello", line="x")
@@ -142,16 +183,21 @@ class Heard(TestCase):
         assert self.registry.remote == {} and self.events == []
 
     def test_notifications_no_master_sent_are_ignored_and_said_once_a_minute(self):
-        for payload in ["not json", "[1, 2]", '{"k": "update"}', '{"k": "bogus", "n": "x", '
-                        '"i": "y"}', json.dumps({"k": "update", "n": OTHER, "i": "x",
-                                                  "s": {"id": "x", "q": "soon"}}),
-                        json.dumps({"k": "log", "n": OTHER, "i": 5, "l": 1, "m": 2}),
-                        json.dumps({"k": "result", "c": ["x"]})]:
+        self.row(told())
+        count = len(self.events)
+        forged = [json.dumps({"k": "delete", "n": OTHER, "i": "ins_00000001"}),  # unsigned
+                  signed(b"x" * 32, json.dumps({"k": "delete", "n": OTHER,  # another secret
+                                                "i": "ins_00000001"}))]
+        odd = [signed(self.secret, text) for text in (
+            "not json", "[1, 2]", '{"k": "update"}', '{"k": "bogus", "n": "x", "i": "y"}',
+            json.dumps({"k": "update", "n": OTHER, "i": "x", "s": {"id": "x", "q": "soon"}}),
+            json.dumps({"k": "log", "n": OTHER, "i": 5, "l": 1, "m": 2}),
+            json.dumps({"k": "result", "c": ["x"]}))]
+        for payload in forged + odd:
             self.fleet._heard(payload)
-        assert self.registry.remote == {} and self.events == []
-        warned = [e for e in self.flushLoggedErrors()]  # none: warnings, not failures
-        assert warned == []
-        assert self.fleet._odd == 6  # the first was said at once, the others counted
+        assert list(self.registry.remote) == ["ins_00000001"] and len(self.events) == count
+        assert self.flushLoggedErrors() == []  # warnings, not failures
+        assert self.fleet._odd == 8  # the first was said at once, the others counted
 
     def test_a_node_silent_for_three_heartbeats_has_its_instances_marked_stale(self):
         self.row(told())

@@ -149,6 +149,24 @@ class OutboxTests(TestCase):
         assert not len(box) and len(db.committed) == 2 * MAX_BATCH + 2
         assert len(set(db.committed)) == len(db.committed)  # each once
 
+    def test_an_answer_waits_for_state_not_for_a_backlog_of_log_lines(self):
+        box, db, clock, _ = outbox(limits={"log": 10 * MAX_BATCH})
+        for n in range(2 * MAX_BATCH):
+            box.put(("log", n), ("log", n))
+        box.put(("row", "a"), ("row", "a"))
+        durable = box.durable()
+        clock.advance(0)
+        db.ok()  # the first batch: the row, then log lines
+        assert self.successResultOf(durable) is True and len(box) > 0
+
+    def test_a_stop_answers_every_waiter(self):
+        box, _db, clock, _ = outbox()
+        box.put(("row", "a"), ("row", "a"))
+        clock.advance(0)
+        durable = box.durable()
+        box.stop()
+        assert self.successResultOf(durable) is False
+
     def test_stopped_it_writes_nothing_more(self):
         box, db, clock, _ = outbox()
         box.put(("row", "a"), ("row", "a"))

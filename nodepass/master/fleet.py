@@ -23,15 +23,13 @@ one that died carrying a command out marks it ``interrupted`` rather than run it
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
 from twisted.internet.task import LoopingCall
 
 from nodepass import logs
@@ -39,7 +37,7 @@ from nodepass.master import pg
 from nodepass.master.history import HISTORY_SAMPLES
 from nodepass.master.instances import Instance, InstanceError, from_snapshot, snapshot
 from nodepass.master.pglisten import Listener
-from nodepass.master.pgstore import CHANNEL, NOTICE_LIMIT, PgStore
+from nodepass.master.pgstore import CHANNEL, NOTICE_LIMIT, PgStore, mark, signed, verified
 
 if TYPE_CHECKING:
     from nodepass.master.registry import Registry
@@ -51,6 +49,7 @@ DONE = ("done", "failed", "interrupted", "cancelled", "expired")
 GONE_KEPT = 100_000  # deleted instances remembered (ids are never reused)
 ODD_SAID_EVERY = 60.0  # seconds between warnings about notifications no master sent
 PRUNE_EVERY = 60.0  # seconds between prunings of old traffic samples and commands
+AT_ONCE = 8  # commands for this node carried out at the same time, at most
 COMMAND_TTL = 86400  # seconds a command waits for its node, and is kept once done
 
 
@@ -93,6 +92,12 @@ class Fleet:
         self.generation = 0
         self.gone: OrderedDict[str, None] = OrderedDict()  # deleted: never shown again
         self.reading: set[str] = set()  # rows being read for a URL not told
+        self.read_again: set[str] = set()  # asked for while being read
+        self.in_progress: set[str] = set()  # commands this run is carrying out
+        self._slots = DeferredSemaphore(AT_ONCE)
+        self._polling = LoopingCall(self._poll)
+        self._polling.clock = reactor
+        self._looking = False
         self.waiting: dict[str, Deferred[dict[str, Any]]] = {}
         self.claim = secrets.token_hex(8)  # this run's, on the commands it claims
         self.listener: Listener | None = None
@@ -121,8 +126,9 @@ class Fleet:
     def stop(self) -> None:
         """No more commands taken, no more notifications heard (the store still writes)."""
         self._stopped = True
-        if self._beat.running:
-            self._beat.stop()
+        for loop in (self._beat, self._polling):
+            if loop.running:
+                loop.stop()
         if self.listener is not None:
             self.listener.stop()
         for waiter in list(self.waiting.values()):
@@ -176,14 +182,14 @@ class Fleet:
         return shown
 
     def url_mark(self, url: str) -> str:
-        return hmac.new(self.store.secret, url.encode(), hashlib.sha256).hexdigest()[:32]
+        return mark(self.store.secret, url)
 
-    @staticmethod
-    def _notice(full: dict[str, Any], short: dict[str, Any]) -> str:
-        """``full`` as a notification, or ``short`` when it would not fit (the others read
-        the row)."""
+    def _notice(self, full: dict[str, Any], short: dict[str, Any]) -> str:
+        """``full`` as a signed notification, or ``short`` when it would not fit (the
+        others read the row)."""
         text = json.dumps(full)
-        return text if len(text.encode()) <= NOTICE_LIMIT else json.dumps(short)
+        return self.store.sign(text if len(text.encode()) <= NOTICE_LIMIT
+                               else json.dumps(short))
 
     def local_log(self, instance: Instance, level: str, text: str, line: str) -> None:
         limit = LOG_TEXT
@@ -194,7 +200,8 @@ class Fleet:
                 break
             limit //= 2
         if len(notice.encode()) <= NOTICE_LIMIT:
-            self.store.outbox.put(("log", self.store.outbox.seq + 1), ("log", notice))
+            self.store.outbox.put(("log", self.store.outbox.seq + 1),
+                                  ("log", self.store.sign(notice)))
 
     def local_sample(self, instance: Instance, sample: dict[str, Any]) -> None:
         at = sample["timestamp"]
@@ -207,7 +214,10 @@ class Fleet:
         """A notification on the fleet's channel.  Anyone who may connect to the database
         may send one: what is not a master's is ignored (and said once a minute)."""
         try:
-            self._dispatch(json.loads(payload))
+            text = verified(self.store.secret, payload)
+            if text is None:
+                raise ValueError("not signed with the fleet's secret")
+            self._dispatch(json.loads(text))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             self._odd += 1
             now = self.reactor.seconds()
@@ -230,6 +240,7 @@ class Fleet:
         node, instance_id = _text(message["n"]), _text(message["i"])
         if node == self.node:
             return  # our own, told to our subscribers already
+        self._alive(node)
         if kind in ("create", "update"):
             if "s" in message:
                 self._apply(node, message["s"])
@@ -280,22 +291,33 @@ class Fleet:
         self.registry.remote_changed(instance, known is None)
         return instance
 
-    def _read_row(self, instance_id: str) -> Deferred[Instance | None]:
-        """Read what an instance's row says (one read at a time per instance)."""
-        if instance_id in self.reading or self.store.db is None:
-            return Deferred.fromCoroutine(_nothing())
+    def _read_row(self, instance_id: str) -> None:
+        """Read what an instance's row says: one read at a time per instance, and one more
+        when asked again meanwhile (the row may have changed since the read began)."""
+        if self.store.db is None:
+            return
+        if instance_id in self.reading:
+            self.read_again.add(instance_id)
+            return
         self.reading.add(instance_id)
 
-        def read(found: tuple[str, dict[str, Any]] | None) -> Instance | None:
-            self.reading.discard(instance_id)
-            return self._apply(*found) if found else None
+        def read(found: tuple[str, dict[str, Any]] | None) -> None:
+            if found:
+                self._apply(*found)
 
         def failed(failure: Any) -> None:
-            self.reading.discard(instance_id)
+            self._reread = True  # the whole fleet is looked at again at the next heartbeat
             if not failure.check(pg.DatabaseDownError, TypeError, KeyError, ValueError):
                 self.log.failure("reading instance {id}", failure, id=instance_id)
 
-        return self.store.db.run(read_live, instance_id).addCallbacks(read, failed)
+        def done(_: Any) -> None:
+            self.reading.discard(instance_id)
+            if instance_id in self.read_again:
+                self.read_again.discard(instance_id)
+                self._read_row(instance_id)
+
+        d = self.store.db.run(read_live, instance_id)
+        d.addCallback(read).addErrback(failed).addBoth(done)
 
     def _forget(self, instance_id: str) -> None:
         self.seen.pop(instance_id, None)
@@ -312,7 +334,8 @@ class Fleet:
 
     def _read_fleet(self) -> None:
         self._reread = False
-        d = self.store.db.run(read_fleet, self.node, self.claim if self._first_read else None)
+        d = self.store.db.run(read_fleet, self.node, self.store.secret, self.claim,
+                              self._first_read, sorted(self.in_progress))
         d.addCallback(self._resynced, self.generation)
         d.addErrback(self._not_read)
 
@@ -355,6 +378,12 @@ class Fleet:
     # -- nodes ---------------------------------------------------------------------
 
     def _heartbeat(self) -> None:
+        try:
+            self._beat_once()
+        except Exception:  # the heartbeat must go on: a node that stops it looks dead
+            self.log.failure("fleet heartbeat")
+
+    def _beat_once(self) -> None:
         self.store.heartbeat(self.heartbeat)
         if self.problem:
             return  # the outbox's retries and the listener's bring the rest back
@@ -390,6 +419,14 @@ class Fleet:
                 instance.stale = not node.online
                 self.registry.remote_changed(instance, False)
 
+    def _alive(self, node_id: str) -> None:
+        """A node that signs a notification is alive, whatever its last heartbeat said:
+        its instances are fresh again now, not at this master's next look."""
+        node = self.nodes.get(node_id)
+        if node is not None and not node.online:
+            node.online, node.age = True, 0.0
+            self._node_turned(node)
+
     def _online(self, node_id: str) -> bool:
         node = self.nodes.get(node_id)
         return node.online if node is not None else True
@@ -416,31 +453,33 @@ class Fleet:
         command_id = secrets.token_hex(16)
         waiter: Deferred[dict[str, Any]] = Deferred()
         self.waiting[command_id] = waiter
-        poll = LoopingCall(self._poll, command_id)
-        poll.clock = self.reactor
         try:
             try:
                 await self._within(self.store.db.run(
-                    insert_command, command_id, node_id, op, json.dumps(args), self.node))
+                    insert_command, command_id, node_id, op, json.dumps(args), self.node,
+                    self.store.sign(json.dumps({"k": "command", "node": node_id})),
+                    self.reactor.seconds() + self.command_wait, self.reactor.seconds))
             except (pg.DatabaseDownError, TimeoutError, CancelledError) as e:
                 raise InstanceError("FLEET_UNAVAILABLE", 503,
-                                    f"the fleet database did not take the command "
-                                    f"({pg.one_line(e) or 'no answer in time'}): node "
-                                    f"{node.label()} was not asked") from None
+                                    f"the fleet database did not take the command in time "
+                                    f"({pg.one_line(e) or 'no answer'}): node {node.label()} "
+                                    "was most likely not asked; look before asking again")\
+                    from None
             if not node.online:
                 raise InstanceError("NODE_OFFLINE", 504,
                                     f"node {node.label()} is offline (no heartbeat for "
                                     f"{node.age:.0f} s): the command is queued and is carried "
                                     "out when the node is back")
-            poll.start(POLL, now=False)
+            if not self._polling.running:
+                self._polling.start(POLL, now=False)
             try:
                 result = await self._within(waiter)
             except (CancelledError, TimeoutError):
                 result = await self._withdraw(command_id, node)
         finally:
             self.waiting.pop(command_id, None)
-            if poll.running:
-                poll.stop()
+            if not self.waiting and self._polling.running:
+                self._polling.stop()
         return await self._outcome(node_id, op, args, result)
 
     def _within(self, d: Deferred[Any]) -> Deferred[Any]:
@@ -497,59 +536,89 @@ class Fleet:
         if isinstance(result, dict):
             waiter.callback(result)
         else:
-            self._poll(command_id)
+            self._poll()
 
-    def _poll(self, command_id: str) -> None:
-        def read(found: tuple[str, Any] | None) -> None:
-            waiter = self.waiting.get(command_id)
-            if found is None or waiter is None or waiter.called:
-                return
-            state, result = found
-            if state in DONE:
+    def _poll(self) -> None:
+        """Look at the rows of the commands waited for (one look at a time): the
+        notification of an outcome may have been missed."""
+        if self._looking or not self.waiting or self.store.db is None:
+            return
+        self._looking = True
+
+        def read(found: list[tuple[str, str, Any]]) -> None:
+            for command_id, state, result in found:
+                waiter = self.waiting.get(command_id)
+                if waiter is None or waiter.called or state not in DONE:
+                    continue
                 waiter.callback(result if isinstance(result, dict) else {
                     "ok": False, "code": "NODE_TIMEOUT", "status": 504,
                     "message": f"the command was {state}"})
 
-        self.store.db.run(read_command, command_id).addCallbacks(read, lambda _: None)
+        def done(_: Any) -> None:
+            self._looking = False
+
+        d = self.store.db.run(read_commands, sorted(self.waiting))
+        d.addCallback(read).addErrback(lambda _: None).addBoth(done)
 
     # -- commands: carrying out ------------------------------------------------------
 
     def _carry_out(self) -> None:
-        """Run what is queued for this node, oldest first, one at a time."""
-        if self._stopped:
+        """Take what is queued for this node, oldest first, and carry it out: up to
+        AT_ONCE commands at a time (each instance's own lock keeps one instance's in
+        order).  Not while the database is away: an outcome could not be told."""
+        if self._stopped or self.problem:
             return
         if self._working:
             self._more_work = True
             return
         self._working = True
-        Deferred.fromCoroutine(self._work()).addErrback(
+        Deferred.fromCoroutine(self._take()).addErrback(
             lambda f: self.log.failure("carrying out fleet commands", f))
 
-    async def _work(self) -> None:
+    async def _take(self) -> None:
         try:
             while not self._stopped:
                 self._more_work = False
+                await self._slots.acquire()
                 try:
                     claimed = await self.store.db.run(claim_next, self.node, self.claim)
                 except pg.DatabaseDownError:
-                    return  # the next heartbeat looks again
+                    # the next heartbeat looks again, at the whole fleet: a claim whose
+                    # commit was lost with the connection is queued again there
+                    claimed, self._reread = None, True
                 if claimed is None:
+                    self._slots.release()
                     if not self._more_work:
                         return
                     continue
-                command_id, op, args, asker = claimed
-                result = await self._execute(op, args)
-                self.log.info("fleet command {op} from node {asker}: {outcome}", op=op,
-                              asker=asker, outcome="done" if result["ok"] else
-                              result.get("message"))
-                told = result.get("snapshot")
-                shown = {**result, "snapshot": self.public(told)} if told else result
-                self.store.outbox.put(("result", command_id), (
-                    "result", command_id, "done" if result["ok"] else "failed",
-                    json.dumps(result), self._notice({"k": "result", "c": command_id, "r": shown},
-                                                     {"k": "result", "c": command_id})))
+                self.in_progress.add(claimed[0])
+                run = Deferred.fromCoroutine(self._carry(*claimed))
+                run.addErrback(lambda f: self.log.failure("carrying out a fleet command", f))
+                run.addBoth(lambda _: self._slots.release())
         finally:
             self._working = False
+
+    async def _carry(self, command_id: str, op: str, args: Any, asker: str) -> None:
+        try:
+            result = await self._execute(op, args)
+            self.log.info("fleet command {op} from node {asker}: {outcome}", op=op,
+                          asker=asker, outcome="done" if result["ok"] else
+                          result.get("message"))
+            self._told_outcome(command_id, result)
+        finally:
+            self.in_progress.discard(command_id)
+
+    def _told_outcome(self, command_id: str, result: dict[str, Any]) -> None:
+        """The outcome goes to the command's row, and to its asker by a notification --
+        which carries a success's snapshot (without its URL) but never a refusal's
+        words, which may quote the URL: those are read from the row."""
+        told = result.get("snapshot")
+        notice = ({"k": "result", "c": command_id, "r": {**result,
+                                                          "snapshot": self.public(told)}}
+                  if told else {"k": "result", "c": command_id})
+        self.store.outbox.put(("result", command_id), (
+            "result", command_id, "done" if result["ok"] else "failed", json.dumps(result),
+            self._notice(notice, {"k": "result", "c": command_id})))
 
     async def _execute(self, op: str, args: Any) -> dict[str, Any]:
         registry = self.registry
@@ -591,10 +660,6 @@ def _text(value: Any) -> str:
     return value
 
 
-async def _nothing() -> None:
-    return None
-
-
 # -- statements, run in the database's worker thread --------------------------------
 
 def read_live(conn: Any, instance_id: str) -> tuple[str, dict[str, Any]] | None:
@@ -608,12 +673,13 @@ def read_nodes(conn: Any) -> list[tuple[Any, ...]]:
                          "EXTRACT(EPOCH FROM now() - heartbeat_at)::float FROM nodes")
 
 
-def read_fleet(conn: Any, me: str, claim: str | None
-               ) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """Every other node's instances and every node; on this run's first read, the
-    commands an earlier run of this node claimed and never finished are marked
-    interrupted (carried out at most once)."""
-    if claim is not None:
+def read_fleet(conn: Any, me: str, secret: bytes, claim: str, first: bool,
+               in_progress: list[str]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Every other node's instances and every node.  Commands of this node's left
+    ``running``: by an earlier run (on this run's first look) they are marked interrupted
+    (carried out at most once); by this run but not in progress here (its claim committed
+    though it never heard so) they are queued again."""
+    if first:
         interrupted = pg.rows(
             conn, "UPDATE commands SET state = 'interrupted', done_at = now(), result = %s "
                   "WHERE node = %s AND state = 'running' AND claim IS DISTINCT FROM %s "
@@ -623,18 +689,24 @@ def read_fleet(conn: Any, me: str, claim: str | None
                                     "it is not run again"}), me, claim))
         for (command_id,) in interrupted:
             pg.rows(conn, "SELECT pg_notify(%s, %s)",
-                    (CHANNEL, json.dumps({"k": "result", "c": command_id})))
+                    (CHANNEL, signed(secret, json.dumps({"k": "result", "c": command_id}))))
+    pg.rows(conn, "UPDATE commands SET state = 'queued', claim = NULL WHERE node = %s AND "
+                  "state = 'running' AND claim = %s AND NOT (id = ANY(%s))",
+            (me, claim, in_progress))
     instances = pg.rows(conn, "SELECT id, node, live FROM instances WHERE node <> %s", (me,))
     return instances, read_nodes(conn)
 
 
-def insert_command(conn: Any, command_id: str, node: str, op: str, args: str,
-                   asker: str) -> None:
+def insert_command(conn: Any, command_id: str, node: str, op: str, args: str, asker: str,
+                   notice: str, deadline: float, clock: Any) -> None:
+    """Queue a command -- unless its asker has given up waiting by the time this runs
+    (the database's thread had others before it)."""
+    if clock() > deadline:
+        raise pg.DatabaseDownError("the database did not take it in time")
     pg.rows(conn, "INSERT INTO commands (id, node, op, args, requested_by) VALUES "
                   "(%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
             (command_id, node, op, args, asker))
-    pg.rows(conn, "SELECT pg_notify(%s, %s)",
-            (CHANNEL, json.dumps({"k": "command", "node": node})))
+    pg.rows(conn, "SELECT pg_notify(%s, %s)", (CHANNEL, notice))
 
 
 def claim_next(conn: Any, node: str, claim: str) -> tuple[str, str, Any, str] | None:
@@ -653,6 +725,11 @@ def claim_next(conn: Any, node: str, claim: str) -> tuple[str, str, Any, str] | 
 def read_command(conn: Any, command_id: str) -> tuple[str, Any] | None:
     found = pg.rows(conn, "SELECT state, result FROM commands WHERE id = %s", (command_id,))
     return (found[0][0], found[0][1]) if found else None
+
+
+def read_commands(conn: Any, command_ids: list[str]) -> list[tuple[str, str, Any]]:
+    return [tuple(row) for row in pg.rows(  # type: ignore[misc]
+        conn, "SELECT id, state, result FROM commands WHERE id = ANY(%s)", (command_ids,))]
 
 
 def cancel_command(conn: Any, command_id: str) -> bool:

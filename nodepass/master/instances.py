@@ -127,7 +127,7 @@ def from_snapshot(data: dict[str, Any], node: str, known: Instance | None = None
     if known is not None and known.url == data["url"]:
         config = known.config
     else:
-        config = parse(data["url"])
+        config = parse(data["url"], files=False)  # its files are its node's
         if isinstance(config, MasterConfig):
             raise ValueError("a master URL")
     instance = Instance(
@@ -147,10 +147,12 @@ def gone(instance: Instance) -> InstanceError:
     return InstanceError("INSTANCE_NOT_FOUND", 404, f"instance {instance.id} was deleted")
 
 
-def parse_instance_url(text: str, master: MasterConfig) -> ServerConfig | ClientConfig:
-    """A server or client URL, with what it leaves out inherited from the master."""
+def parse_instance_url(text: str, master: MasterConfig, files: bool = True
+                       ) -> ServerConfig | ClientConfig:
+    """A server or client URL, with what it leaves out inherited from the master
+    (``files=False``: for another node, whose files are not looked for here)."""
     try:
-        config = parse(text)
+        config = parse(text, files)
     except URLError as e:
         raise InstanceError("INVALID_URL", 400, str(e)) from None
     if isinstance(config, MasterConfig):

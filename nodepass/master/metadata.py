@@ -23,6 +23,13 @@ class MetadataError(ValueError):
 def alias(value: Any, field: str = "alias") -> str:
     if not isinstance(value, str) or len(value) > MAX_TEXT:
         raise MetadataError(f"'{field}' must be a string of at most {MAX_TEXT} characters")
+    return _no_nul(value, field)
+
+
+def _no_nul(value: str, field: str) -> str:
+    """No NUL character: neither SQL text type (PostgreSQL's) nor many panels hold one."""
+    if "\x00" in value:
+        raise MetadataError(f"'{field}' must not contain a NUL character")
     return value
 
 
@@ -33,6 +40,9 @@ def tags(value: Any) -> dict[str, str]:
         raise MetadataError(f"'tags' must be an object of at most {MAX_TAGS} string values, "
                             f"keys of 1-{MAX_TEXT} characters without ':', values of at most "
                             f"{MAX_TEXT}")
+    for key, text in value.items():
+        _no_nul(key, "tags")
+        _no_nul(text, "tags")
     return dict(value)
 
 
@@ -65,4 +75,5 @@ def peer(value: Any) -> dict[str, str]:
                             "\"2\" (tunnel forwarding)")
     if len(value.get("alias", "")) > MAX_TEXT:
         raise MetadataError(f"peer 'alias' must be at most {MAX_TEXT} characters")
+    _no_nul(value.get("alias", ""), "peer alias")
     return dict(value)

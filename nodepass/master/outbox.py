@@ -71,6 +71,7 @@ class Outbox:
             self._retry.cancel()
         self._retry = None
         self.write = None
+        self._release(False)
 
     # -- what goes in ---------------------------------------------------------
 
@@ -104,13 +105,16 @@ class Outbox:
         return None if found is None else found[1]
 
     def _oldest(self) -> int:
-        firsts = (next(iter(entries.values()))[0] for entries in self.kinds.values() if entries)
+        """The oldest entry durable() waits for: not log lines and samples (kinds with a
+        limit), which may be left out and need not hold up an answer."""
+        firsts = (next(iter(entries.values()))[0] for kind, entries in self.kinds.items()
+                  if entries and kind not in self.limits)
         return min(firsts, default=self.seq + 1)
 
     def durable(self) -> Deferred[bool]:
         """Fires True once everything put so far is written, or False at once while the
         database is away (it is written when the database is back)."""
-        if not len(self):
+        if self._oldest() > self.seq:
             return succeed(True)
         if self.degraded or self.write is None:
             return succeed(False)
@@ -173,18 +177,22 @@ class Outbox:
     def _failed(self, failure: Failure) -> None:
         self._in_flight = False
         self._attempts += 1
+        if self.reactor is not None and self.write is not None:
+            # set before anyone hears of the failure: what they put meanwhile waits for it
+            self._retry = self.reactor.callLater(self._delay(self._attempts), self._again)
         if self.is_down(failure):
             self._set_status(_one_line(failure.value))
-            waiting, self._waiters = self._waiters, []
-            for _, waiter in waiting:
-                if not waiter.called:
-                    waiter.callback(False)
+            self._release(False)
         else:
             self.log.failure("writing to the fleet database failed; writing each entry on "
                              "its own", failure)
             self._careful = True
-        if self.reactor is not None and self.write is not None:
-            self._retry = self.reactor.callLater(self._delay(self._attempts), self._again)
+
+    def _release(self, written: bool) -> None:
+        waiting, self._waiters = self._waiters, []
+        for _, waiter in waiting:
+            if not waiter.called:
+                waiter.callback(written)
 
     def _again(self) -> None:
         self._retry = None

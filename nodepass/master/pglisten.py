@@ -78,8 +78,13 @@ class Listener:
         if self._stopped:
             conn.close()
             return
-        self.conn = conn
-        self._fd = os.dup(conn.pgconn.socket)
+        try:
+            fd = os.dup(conn.pgconn.socket)
+        except (OSError, pg.psycopg().Error) as e:
+            conn.close()
+            self._not_opened(Failure(pg.DatabaseDownError(pg.one_line(e))))
+            return
+        self.conn, self._fd = conn, fd
         self._attempts = 0
         self.reactor.addReader(self)
         self.on_up()

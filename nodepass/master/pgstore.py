@@ -21,6 +21,8 @@ tells this master's rows from the others'.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import secrets
 from collections.abc import Iterable
@@ -36,12 +38,31 @@ from nodepass.master.state import NODE_FILE, StateError, kept_value
 from nodepass.master.store import _COUNTERS, StoredInstance, StoreError, row_values
 
 CHANNEL = "nodepass"
-NOTICE_LIMIT = 7900  # bytes; PostgreSQL's payload limit is 8000
+NOTICE_LIMIT = 7850  # bytes of a notification's text; PostgreSQL's limit is 8000
+MARK_LENGTH = 32
 LOG_BACKLOG = 2000
 TRAFFIC_BACKLOG = 100_000  # ~30 MB: 8 minutes of 1,000 instances sampled every 5 s
-# A command's outcome before a delete in the same batch: the asking master hears what its
-# command did before it hears the instance is gone.
-ORDER = ("node", "row", "counters", "live", "traffic", "result", "delete", "log")
+# The heartbeat first; a command's outcome before a delete in the same batch (the asking
+# master hears what its command did before it hears the instance is gone); samples and
+# log lines, which may pile up while the database is away, last.
+ORDER = ("node", "row", "counters", "live", "result", "delete", "traffic", "log")
+
+
+def mark(secret: bytes, text: str) -> str:
+    """An HMAC-SHA256 of ``text`` under the fleet's secret, as 32 hex digits."""
+    return hmac.new(secret, text.encode(), hashlib.sha256).hexdigest()[:MARK_LENGTH]
+
+
+def signed(secret: bytes, text: str) -> str:
+    """A notification as masters send it: its mark, then the text.  Any role that can
+    connect may NOTIFY; only a master, which can read the secret, can sign."""
+    return mark(secret, text) + text
+
+
+def verified(secret: bytes, payload: str) -> str | None:
+    """The text of a notification a master signed, or None."""
+    text = payload[MARK_LENGTH:]
+    return text if hmac.compare_digest(payload[:MARK_LENGTH], mark(secret, text)) else None
 
 
 def node_id(folder: Path) -> str:
@@ -128,7 +149,11 @@ class PgStore:
     def delete(self, instance_id: str) -> None:
         for kind in ("row", "counters", "live"):
             self.outbox.drop((kind, instance_id))
-        self.outbox.put(("delete", instance_id), ("delete", instance_id))
+        notice = self.sign(json.dumps({"k": "delete", "n": self.node, "i": instance_id}))
+        self.outbox.put(("delete", instance_id), ("delete", instance_id, notice))
+
+    def sign(self, text: str) -> str:
+        return signed(self.secret, text)
 
     def set_setting(self, name: str, value: str) -> None:
         """``mid`` is the node id (kept in the state directory); ``alias`` the node's."""
@@ -248,7 +273,9 @@ def write_one(conn: Any, node: str, op: Entry) -> None:
                 "excluded.desired, alias = excluded.alias, tags = excluded.tags, restart = "
                 "excluded.restart, restarts = excluded.restarts, tcp_in = excluded.tcp_in, "
                 "tcp_out = excluded.tcp_out, udp_in = excluded.udp_in, udp_out = "
-                "excluded.udp_out, peer = excluded.peer, node = excluded.node",
+                "excluded.udp_out, peer = excluded.peer, node = excluded.node "
+                # another node's row is never taken over (an id both made at once)
+                "WHERE instances.node IN (excluded.node, '')",
                 (*row_values(item), node))
         elif kind == "counters":
             values = op[2]
@@ -265,11 +292,11 @@ def write_one(conn: Any, node: str, op: Entry) -> None:
             cur.execute("INSERT INTO traffic VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
                         (instance_id, at, sample))
         elif kind == "delete":
-            instance_id = op[1]
-            cur.execute("DELETE FROM instances WHERE id = %s", (instance_id,))
+            _, instance_id, notice = op
+            cur.execute("DELETE FROM instances WHERE id = %s AND node IN (%s, '')",
+                        (instance_id, node))
             cur.execute("DELETE FROM traffic WHERE instance_id = %s", (instance_id,))
-            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, json.dumps(
-                {"k": "delete", "n": node, "i": instance_id})))
+            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice))
         elif kind == "result":
             _, command_id, state, result, notice = op
             cur.execute("UPDATE commands SET state = %s, result = %s, done_at = now() "

@@ -205,11 +205,12 @@ class Registry:
                      tags: dict[str, str] | None = None, restart: bool = False,
                      peer: dict[str, str] | None = None, node: str | None = None) -> Instance:
         """A new instance, on this master or (``node``) on another of the fleet."""
-        config = self.parse_instance_url(url)  # a bad URL is refused here, wherever it goes
         if node is not None and node != self.node:
+            parse_instance_url(url, self.master, files=False)  # refused here if it is bad
             fleet = self._fleet_for(node)
             return await fleet.command(node, "create", {  # type: ignore[no-any-return]
                 "url": url, "alias": alias, "tags": tags, "restart": restart, "peer": peer})
+        config = self.parse_instance_url(url)
         self._writable("create an instance")
         instance = Instance(self.new_id(), config, self.reactor.seconds(), alias=alias or None,
                             tags=dict(tags or {}), auto_restart=restart, node=self.node)
@@ -296,7 +297,7 @@ class Registry:
         config = self.parse_instance_url(url)
         if format_url(config) == instance.url:
             raise InstanceError("CONFLICT", 409, f"instance {instance.id} already runs this URL "
-                                                 f"({instance.url})")
+                                                 f"({redacted(instance.url)})")
         return config
 
     async def replace_url(self, instance: Instance, url: str) -> None:
