@@ -239,8 +239,9 @@ def run(counts: list[int], samples: int) -> None:
 
 def heard_cost(count: int = 1000) -> float:
     """Milliseconds of a master's reactor to take in ``count`` updates from another node
-    (the notifications parsed, the mirror updated, both dialects' events rendered), in
-    this process with the master's own pieces and no database."""
+    (the notifications verified and parsed, the mirror updated, both dialects' events
+    rendered), in this process with the master's own pieces and no database; the
+    instances were first shown from their rows (which carry the URL), as at start."""
     from types import SimpleNamespace
 
     from twisted.internet.task import Clock
@@ -251,6 +252,7 @@ def heard_cost(count: int = 1000) -> float:
     from nodepass.master.instances import Instance, snapshot
     from nodepass.master.npapi import NodePassAPI
     from nodepass.master.outbox import Outbox
+    from nodepass.master.pgstore import signed
     from nodepass.master.registry import Registry
     from nodepass.master.state import ApiKey
     from nodepass.master.store import Store
@@ -266,8 +268,10 @@ def heard_cost(count: int = 1000) -> float:
     keys = KeyCheck(ApiKey(KEY), clock)
     MasterAPI(registry, "/api", keys)
     NodePassAPI(registry, "/api/np", keys, TcpPing(clock))
+    secret = b"s" * 32
     fleet = Fleet(clock, registry, SimpleNamespace(
-        node=me, outbox=Outbox((), {}, lambda f: False), degraded=None))
+        node=me, outbox=Outbox((), {}, lambda f: False), degraded=None, run=1, secret=secret,
+        sign=lambda text: signed(secret, text), db=None))
     fleet.deaf = None
     registry.fleet = fleet
 
@@ -281,7 +285,9 @@ def heard_cost(count: int = 1000) -> float:
                                    mode="reverse", transport="tcp")
             data = snapshot(instance)
             data["q"] = [1.0, order * count + n]
-            told.append(json.dumps({"k": kind, "n": other, "i": instance.id, "s": data}))
+            shown = fleet.public(data) if kind == "update" else data  # as notices carry them
+            told.append(signed(secret, json.dumps({"k": kind, "n": other, "i": instance.id,
+                                                   "s": shown})))
         return told
 
     for text in notices("create", 0):

@@ -39,7 +39,7 @@ class FakeDatabase:
 
     def run(self, work, *args):
         if work is claim_next:  # nothing queued for this node
-            return succeed(None)
+            return succeed([])
         d = Deferred()
         self.asked.append((work, args, d))
         return d

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import LoopingCall
 
 from nodepass import logs
@@ -94,7 +94,7 @@ class Fleet:
         self.reading: set[str] = set()  # rows being read for a URL not told
         self.read_again: set[str] = set()  # asked for while being read
         self.in_progress: set[str] = set()  # commands this run is carrying out
-        self._slots = DeferredSemaphore(AT_ONCE)
+        self._full = False  # the last claim took all it could: more may wait
         self._polling = LoopingCall(self._poll)
         self._polling.clock = reactor
         self._looking = False
@@ -579,22 +579,23 @@ class Fleet:
         try:
             while not self._stopped:
                 self._more_work = False
-                await self._slots.acquire()
+                free = AT_ONCE - len(self.in_progress)
+                if free <= 0:
+                    return  # the first to finish looks again
                 try:
-                    claimed = await self.store.db.run(claim_next, self.node, self.claim)
+                    claimed = await self.store.db.run(claim_next, self.node, self.claim, free)
                 except pg.DatabaseDownError:
                     # the next heartbeat looks again, at the whole fleet: a claim whose
                     # commit was lost with the connection is queued again there
-                    claimed, self._reread = None, True
-                if claimed is None:
-                    self._slots.release()
-                    if not self._more_work:
-                        return
-                    continue
-                self.in_progress.add(claimed[0])
-                run = Deferred.fromCoroutine(self._carry(*claimed))
-                run.addErrback(lambda f: self.log.failure("carrying out a fleet command", f))
-                run.addBoth(lambda _: self._slots.release())
+                    self._reread = True
+                    return
+                self._full = len(claimed) == free
+                for command_id, op, args, asker in claimed:  # started in their order
+                    self.in_progress.add(command_id)
+                    Deferred.fromCoroutine(self._carry(command_id, op, args, asker)).addErrback(
+                        lambda f: self.log.failure("carrying out a fleet command", f))
+                if not self._full and not self._more_work:
+                    return
         finally:
             self._working = False
 
@@ -607,6 +608,8 @@ class Fleet:
             self._told_outcome(command_id, result)
         finally:
             self.in_progress.discard(command_id)
+            if self._full:  # more may wait than were taken
+                self._carry_out()
 
     def _told_outcome(self, command_id: str, result: dict[str, Any]) -> None:
         """The outcome goes to the command's row, and to its asker by a notification --
@@ -709,17 +712,18 @@ def insert_command(conn: Any, command_id: str, node: str, op: str, args: str, as
     pg.rows(conn, "SELECT pg_notify(%s, %s)", (CHANNEL, notice))
 
 
-def claim_next(conn: Any, node: str, claim: str) -> tuple[str, str, Any, str] | None:
-    """The oldest command queued for ``node``, now claimed; those queued for longer than
-    COMMAND_TTL are expired first (a node back after days does not replay them)."""
+def claim_next(conn: Any, node: str, claim: str, count: int) -> list[tuple[str, str, Any, str]]:
+    """The oldest ``count`` commands queued for ``node``, now claimed, oldest first; those
+    queued for longer than COMMAND_TTL are expired first (a node back after days does not
+    replay them)."""
     pg.rows(conn, "UPDATE commands SET state = 'expired', done_at = now() WHERE node = %s "
                   "AND state = 'queued' AND requested_at < now() - %s * interval '1 second'",
             (node, COMMAND_TTL))
     found = pg.rows(
-        conn, "UPDATE commands SET state = 'running', claim = %s WHERE id = (SELECT id FROM "
-              "commands WHERE node = %s AND state = 'queued' ORDER BY seq LIMIT 1 FOR UPDATE "
-              "SKIP LOCKED) RETURNING id, op, args, requested_by", (claim, node))
-    return tuple(found[0]) if found else None  # type: ignore[return-value]
+        conn, "UPDATE commands SET state = 'running', claim = %s WHERE id IN (SELECT id FROM "
+              "commands WHERE node = %s AND state = 'queued' ORDER BY seq LIMIT %s FOR UPDATE "
+              "SKIP LOCKED) RETURNING id, op, args, requested_by, seq", (claim, node, count))
+    return [tuple(row[:4]) for row in sorted(found, key=lambda row: row[4])]  # type: ignore[misc]
 
 
 def read_command(conn: Any, command_id: str) -> tuple[str, Any] | None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import secrets
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -225,19 +226,26 @@ def _stored(row: tuple[Any, ...]) -> StoredInstance:
 
 def write_batch(conn: Any, node: str, ops: Iterable[Entry], careful: bool = False
                 ) -> list[tuple[Entry, str]]:
-    """One batch of the outbox, in the worker thread, in one transaction.  ``careful``:
-    each entry in a savepoint of its own, and those PostgreSQL refuses for what they
-    are (not for a lost connection) are left out -> [(entry, why)]."""
+    """One batch of the outbox, in the worker thread, in one transaction: the kinds that
+    come by the thousand (how instances look, samples, log lines) a statement per kind,
+    pipelined.  ``careful``: each entry in a savepoint of its own, and those PostgreSQL
+    refuses for what they are (not for a lost connection) are left out -> [(entry,
+    why)]."""
+    if not careful:
+        for kind, group in itertools.groupby(ops, key=lambda op: op[0]):
+            many = MANY.get(kind)
+            if many is None:
+                for op in group:
+                    write_one(conn, node, op)
+                continue
+            entries = list(group)
+            with conn.cursor() as cur:
+                for sql, params in many:
+                    cur.executemany(sql, [params(op, node) for op in entries])
+        return []
     refused = []
     psycopg = pg.psycopg()
-    samples = []
     for op in ops:
-        if not careful:
-            if op[0] == "traffic":  # many at a time: one statement, pipelined
-                samples.append(op[1:])
-                continue
-            write_one(conn, node, op)
-            continue
         try:
             with conn.transaction():
                 write_one(conn, node, op)
@@ -245,11 +253,19 @@ def write_batch(conn: Any, node: str, ops: Iterable[Entry], careful: bool = Fals
             raise
         except Exception as e:  # this entry's own fault (or ours): it alone is left out
             refused.append((op, pg.one_line(e)))
-    if samples:
-        with conn.cursor() as cur:
-            cur.executemany("INSERT INTO traffic VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                            samples)
     return refused
+
+
+_NOTIFY = "SELECT pg_notify('" + CHANNEL + "', %s)"
+# the kinds written many at a time: (statement, its parameters from an entry) in turn
+MANY: dict[str, list[tuple[str, Callable[[Entry, str], tuple[Any, ...]]]]] = {
+    "live": [("UPDATE instances SET live = %s WHERE id = %s AND node = %s",
+              lambda op, node: (op[3], op[1], node)),
+             (_NOTIFY, lambda op, node: (op[4],))],
+    "traffic": [("INSERT INTO traffic VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                 lambda op, node: op[1:])],
+    "log": [(_NOTIFY, lambda op, node: (op[1],))],
+}
 
 
 def write_one(conn: Any, node: str, op: Entry) -> None:
