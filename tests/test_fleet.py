@@ -265,19 +265,41 @@ class FleetDashboard(FleetCase):
         made = await a.api.ok("POST", "/instances", {"url": SERVER, "node": b.node},
                               status=201)
         driver = await deferToThread(browser, self)
-        await deferToThread(self.session, Page(driver, f"http://127.0.0.1:{a.port}"), made)
+        page = Page(driver, f"http://127.0.0.1:{a.port}")
+        made_here = await deferToThread(self.session, page, made, b.node)
+        assert (await b.api.ok("GET", f"/instances/{made_here}"))["alias"] == "from-a"
 
-    def session(self, page, made):
+    def session(self, page, made, b_node):
+        from selenium.webdriver.support.ui import Select
+
+        by = page.by
         page.driver.get(f"{page.origin}/api/")
         page.until(lambda: page.find("login").is_displayed(), "the key is asked for")
         page.login(KEY)
         page.until(lambda: page.row(made["id"]), "B's tunnel is listed on A's dashboard")
 
-        def node_shown():
-            row = page.row(made["id"])
-            return row.find_element(page.by.CSS_SELECTOR, 'td[data-column="node"]').text
-        page.until(lambda: node_shown() == "nat-box", "with B's alias as its node")
+        def node_of(instance_id):
+            row = page.row(instance_id)
+            return row.find_element(by.CSS_SELECTOR, 'td[data-column="node"]').text if row \
+                else ""
+        page.until(lambda: node_of(made["id"]) == "nat-box", "with B's alias as its node")
         assert not page.find("store-banner").is_displayed()
+
+        # a new tunnel made in A's form, to run on B
+        page.find("new-button").click()
+        form = page.find("create-form")
+        page.until(lambda: page.find("create-node-label").is_displayed(),
+                   "in a fleet the form asks which node")
+        form.find_element(by.NAME, "tunnel").send_keys("127.0.0.1:0")
+        form.find_element(by.NAME, "targets").send_keys("127.0.0.1:0")
+        form.find_element(by.NAME, "alias").send_keys("from-a")
+        Select(form.find_element(by.NAME, "node")).select_by_visible_text("nat-box")
+        page.find("create-submit").click()
+        page.until(lambda: page.find("detail").is_displayed()
+                   and page.text("detail-title") == "from-a", "its page opens")
+        made_here = page.driver.current_url.rsplit("/", 1)[1]
+        page.driver.get(f"{page.origin}/api/#/")
+        page.until(lambda: node_of(made_here) == "nat-box", "it runs on B")
 
         self.pg.stop()
         page.until(lambda: page.find("store-banner").is_displayed(),
@@ -286,6 +308,7 @@ class FleetDashboard(FleetCase):
         self.pg.start_again()
         page.until(lambda: not page.find("store-banner").is_displayed(),
                    "and no longer once it is back")
+        return made_here
 
 
 class Settings(TestCase):

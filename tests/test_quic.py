@@ -84,7 +84,8 @@ class Quic(TestCase):
         await udp_sessions_cross(self, "?type=1")
 
     async def test_backpressure_into_a_slow_target(self):
-        await slow_backend_holds_memory(self, "?type=1", 128 * 1024 * 1024)
+        # 80 MiB: more than the 64 MiB the ends may grow by while the target reads nothing
+        await slow_backend_holds_memory(self, "?type=1", 80 * 1024 * 1024)
 
     async def test_a_wrong_key_is_refused(self):
         await wrong_key_refused(self, "?type=1")

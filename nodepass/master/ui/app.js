@@ -731,16 +731,32 @@ function refreshCreate() {
 
 function openCreate() {
   $("create-form").reset();
+  fillNodes();
   $("create-error").textContent = "";
   refreshCreate();
   $("create").showModal();
   $("create-form").elements.tunnel.focus();
 }
 
+// In a fleet, the node to run a new tunnel on: this master first; offline ones are listed
+// (a create for one is queued) but marked.
+function fillNodes() {
+  const store = state.info && state.info.store;
+  const nodes = (store && store.nodes) || [];
+  const select = $("create-form").elements.node;
+  select.replaceChildren();
+  for (const node of nodes) {
+    const name = node.self ? "this master" : (node.alias || node.id);
+    select.append(new Option(node.online ? name : `${name} (offline)`, node.self ? "" : node.id));
+  }
+  $("create-node-label").hidden = nodes.length < 2;
+}
+
 async function submitCreate(event) {
   event.preventDefault();
   const fields = createFields();
   const body = { url: buildUrl(fields), restart: fields.restart };
+  if (fields.node) body.node = fields.node;
   if (fields.alias.trim()) body.alias = fields.alias.trim();
   const tags = parseTags(fields.tags);
   if (Object.keys(tags).length) body.tags = tags;
@@ -869,7 +885,7 @@ function wire() {
     if (instance) fillForms(instance);
   });
   window.addEventListener("hashchange", route);
-  setInterval(refreshInfo, 5000); // the fleet database's state, the nodes
+  setInterval(refreshInfo, 2000); // the fleet database's state, the nodes: said within 2 s
   setInterval(schedule, 5000); // rates fade to zero when reports stop
   $("detail-title").tabIndex = -1;
   renderHead();
