@@ -138,6 +138,27 @@ def _describe_host(host: Any) -> str:
     return str(Address(host.host, host.port))
 
 
+def port_free_for_both(host: str) -> int:
+    """A port number free on ``host`` for TCP and for UDP alike, or 0 (let TCP choose, as
+    before) when none is found: the kernel's choice for a TCP socket says nothing of UDP,
+    and a UDP socket of another program may hold that number."""
+    try:
+        family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    except OSError:
+        return 0
+    for _ in range(PORT_PROBES):
+        with socket.socket(family, socket.SOCK_STREAM) as stream, \
+                socket.socket(family, socket.SOCK_DGRAM) as datagram:
+            try:
+                stream.bind((host, 0))
+                port = stream.getsockname()[1]
+                datagram.bind((host, port))
+            except OSError:
+                continue
+            return int(port)
+    return 0
+
+
 class UdpListenerService(Service):
     """Receive UDP on an address while running; on failure, call ``on_failure(message)``."""
 
@@ -182,11 +203,16 @@ class UdpListenerService(Service):
         return None
 
 
+PORT_PROBES = 20  # port 0 with TCP and UDP: numbers tried for one free for both
+
+
 def listeners(reactor: Any, address: Address, role: str, on_failure: Callable[[str], None],
               tcp: Factory | None = None, udp: Any = None,
               udp_only_if: Callable[[], bool] = lambda: True) -> list[Service]:
     """The services listening for ``role`` on ``address``: TCP with ``tcp`` (a factory),
-    UDP with ``udp`` (a protocol) on the same port (the one TCP took, for port 0)."""
+    UDP with ``udp`` (a protocol) on the same port (for port 0: one free for both)."""
+    if tcp is not None and udp is not None and address.port == 0:
+        address = Address(address.host, port_free_for_both(address.host))
     services: list[Service] = []
     tcp_listener = None
     if tcp is not None:
