@@ -20,6 +20,7 @@ import os
 import pwd
 import re
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -219,18 +220,15 @@ class Postgres:
         except ProcessLookupError:
             pass
         self.running = False
-        deadline = time.monotonic() + 10
-        while _alive(pid) or any(_alive(*child) for child in children):
-            if time.monotonic() > deadline - 5:  # 5s after: finish off the stragglers
-                for child in children:
-                    if _alive(*child):
-                        try:
-                            os.kill(child[0], signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-            if time.monotonic() > deadline:
+        if not _wait_gone([(pid, None), *children], 5):
+            for child in children:  # 5 s after: finish off the stragglers
+                if _alive(*child):
+                    try:
+                        os.kill(child[0], signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            if not _wait_gone([(pid, None), *children], 5):
                 raise PostgresError(f"the killed postmaster {pid} or a child is still alive")
-            time.sleep(0.02)
         if _exists(pid):  # a zombie nobody has reaped yet: postgres would take it as alive
             for lock in (self.data_dir / "postmaster.pid",
                          self._dir() / f".s.PGSQL.{PORT}.lock"):
@@ -343,6 +341,26 @@ def _alive(pid: int, started: int | None = None) -> bool:
     if stat is None:
         return started is None  # no /proc: that it exists is all we can know
     return stat[0] not in ("Z", "X") and started in (None, stat[2])
+
+
+def _wait_gone(processes: list[tuple[int, int | None]], timeout: float) -> bool:
+    """Wait (at most ``timeout`` seconds) for each process to end -- on its pidfd, which
+    becomes readable when it exits (a zombie counts as gone) -> whether all did."""
+    deadline = time.monotonic() + timeout
+    for pid, started in processes:
+        if not _alive(pid, started):
+            continue
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            left = max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0] and _alive(pid, started):
+                return False
+        finally:
+            os.close(fd)
+    return True
 
 
 def _children(pid: int) -> list[tuple[int, int]]:

@@ -89,6 +89,7 @@ class Fleet:
         self.order = [store.run, 0]
         self.seen: dict[str, list[float]] = {}  # the newest number applied, per instance
         self.fresh: dict[str, int] = {}  # the generation it was last applied in
+        self.urls: dict[str, tuple[str, str]] = {}  # (mark, URL) of what is shown
         self.generation = 0
         self.gone: OrderedDict[str, None] = OrderedDict()  # deleted: never shown again
         self.reading: set[str] = set()  # rows being read for a URL not told
@@ -274,10 +275,11 @@ class Fleet:
         if order <= self.seen.get(instance_id, [-1, -1]):
             return known
         if "url" not in told:
-            if known is None or self.url_mark(known.url) != told.get("uh"):
+            mark, url = self.urls.get(instance_id, ("", ""))
+            if not mark or mark != told.get("uh"):
                 self._read_row(instance_id)  # a URL this master has not seen: read it
                 return None
-            told = {**told, "url": known.url}
+            told = {**told, "url": url}
         try:
             instance = from_snapshot(told, node, known)
         except (ValueError, KeyError, TypeError) as e:
@@ -285,6 +287,8 @@ class Fleet:
                           id=instance_id, node=node, why=str(e)[:200])
             return None
         self.seen[instance_id] = order
+        if self.urls.get(instance_id, ("", ""))[1] != told["url"]:
+            self.urls[instance_id] = (self.url_mark(told["url"]), told["url"])
         self.generation += 1
         self.fresh[instance_id] = self.generation
         instance.stale = not self._online(node)
@@ -322,6 +326,7 @@ class Fleet:
     def _forget(self, instance_id: str) -> None:
         self.seen.pop(instance_id, None)
         self.fresh.pop(instance_id, None)
+        self.urls.pop(instance_id, None)
         self.gone[instance_id] = None
         while len(self.gone) > GONE_KEPT:
             self.gone.popitem(last=False)
@@ -493,13 +498,14 @@ class Fleet:
             if await self._within(self.store.db.run(cancel_command, command_id)):
                 raise InstanceError("NODE_TIMEOUT", 504,
                                     late + "the command was withdrawn, nothing was done")
-            found = await self._within(self.store.db.run(read_command, command_id))
+            found = await self._within(self.store.db.run(read_commands, [command_id]))
         except (pg.DatabaseDownError, TimeoutError, CancelledError):
             raise InstanceError("NODE_TIMEOUT", 504, late + "the command could not be "
                                 "withdrawn (the database did not answer); it may still be "
                                 "carried out") from None
-        if found is not None and found[0] in DONE and isinstance(found[1], dict):
-            return found[1]
+        for _, state, result in found:
+            if state in DONE and isinstance(result, dict):
+                return result
         raise InstanceError("NODE_TIMEOUT", 504, late + "it is carrying the command out; "
                                                        "its outcome will show in the events")
 
@@ -724,11 +730,6 @@ def claim_next(conn: Any, node: str, claim: str, count: int) -> list[tuple[str, 
               "commands WHERE node = %s AND state = 'queued' ORDER BY seq LIMIT %s FOR UPDATE "
               "SKIP LOCKED) RETURNING id, op, args, requested_by, seq", (claim, node, count))
     return [tuple(row[:4]) for row in sorted(found, key=lambda row: row[4])]  # type: ignore[misc]
-
-
-def read_command(conn: Any, command_id: str) -> tuple[str, Any] | None:
-    found = pg.rows(conn, "SELECT state, result FROM commands WHERE id = %s", (command_id,))
-    return (found[0][0], found[0][1]) if found else None
 
 
 def read_commands(conn: Any, command_ids: list[str]) -> list[tuple[str, str, Any]]:

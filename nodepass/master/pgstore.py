@@ -84,7 +84,6 @@ class PgStore:
     def __init__(self, dsn: str, folder: Path) -> None:
         self.dsn = pg.check_dsn(dsn)
         self.where = pg.describe_dsn(dsn)
-        self.path = self.where  # what the log and /info show as the state's place
         self.node = node_id(folder)
         self.found_version = 0
         self._loaded: list[StoredInstance] = []
@@ -271,7 +270,10 @@ MANY: dict[str, list[tuple[str, Callable[[Entry, str], tuple[Any, ...]]]]] = {
 def write_one(conn: Any, node: str, op: Entry) -> None:
     with conn.cursor() as cur:
         kind = op[0]
-        if kind == "node":
+        if kind in MANY:
+            for sql, params in MANY[kind]:
+                cur.execute(sql, params(op, node))
+        elif kind == "node":
             cur.execute(
                 "INSERT INTO nodes (id, alias, version, heartbeat, heartbeat_at) "
                 "VALUES (%s, %s, %s, %s, now()) ON CONFLICT (id) DO UPDATE SET "
@@ -298,15 +300,6 @@ def write_one(conn: Any, node: str, op: Entry) -> None:
             cur.execute("UPDATE instances SET tcp_in = %s, tcp_out = %s, udp_in = %s, "
                         "udp_out = %s WHERE id = %s",
                         (*(int(values.get(k, 0)) for k in _COUNTERS), op[1]))
-        elif kind == "live":
-            _, instance_id, _told_kind, told, notice = op
-            cur.execute("UPDATE instances SET live = %s WHERE id = %s AND node = %s",
-                        (told, instance_id, node))
-            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice))
-        elif kind == "traffic":
-            _, instance_id, at, sample = op
-            cur.execute("INSERT INTO traffic VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                        (instance_id, at, sample))
         elif kind == "delete":
             _, instance_id, notice = op
             cur.execute("DELETE FROM instances WHERE id = %s AND node IN (%s, '')",
@@ -318,7 +311,5 @@ def write_one(conn: Any, node: str, op: Entry) -> None:
             cur.execute("UPDATE commands SET state = %s, result = %s, done_at = now() "
                         "WHERE id = %s", (state, result, command_id))
             cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, notice))
-        elif kind == "log":
-            cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, op[1]))
         else:
             raise ValueError(f"unknown outbox entry {kind!r}")
