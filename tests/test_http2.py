@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import h2.config
 import h2.connection
 import h2.settings
+from hyperframe.frame import Frame
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from nodepass.tunnel.h2stream import H2Carrier, Http2Pool
 from tests.integration import (
@@ -111,3 +116,97 @@ class StreamLimits(SynchronousTestCase):
         self.assertEqual(len(carrier.streams), 1)
         failure = self.failureResultOf(pool.dial(), ConnectionError)
         self.assertIn("no HTTP/2 stream", str(failure.value))
+
+
+@implementer(IHalfCloseableProtocol)
+class _Recorder(Protocol):
+    """A stream's tunnel connection that keeps what it hears; ``reply``, when given,
+    is written at the peer's end of stream, then this end's writing ends (as the
+    test backend answers a digest at EOF)."""
+
+    def __init__(self, reply: bytes = b"") -> None:
+        self.reply = reply
+        self.received = b""
+        self.events: list[str] = []
+        self.reason: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        self.events.append("data")
+
+    def readConnectionLost(self) -> None:
+        self.events.append("eof")
+        if self.reply:
+            self.transport.write(self.reply)
+            self.transport.loseWriteConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any) -> None:
+        self.events.append("lost")
+        self.reason = reason
+
+
+def _deliver(source: StringTransport, to: H2Carrier) -> bytes:
+    """What ``source`` was given, to ``to`` in one read."""
+    data = source.value()
+    source.clear()
+    if data:
+        to.dataReceived(data)
+    return data
+
+
+def _frames(data: bytes) -> list[tuple[str, int, set[str]]]:
+    """The frames in ``data``: their type, stream and flags."""
+    frames = []
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frames.append((type(frame).__name__, frame.stream_id, set(frame.flags)))
+        data = data[9 + length:]
+    return frames
+
+
+class Streams(SynchronousTestCase):
+    """In memory: a client's and a server's H2Carrier, what one sends handed to the
+    other in reads of the test's choosing."""
+
+    def test_what_comes_with_the_end_of_a_stream_in_one_read_is_delivered(self):
+        # The server's END_STREAM went first; the client acknowledges the data (a
+        # WINDOW_UPDATE on the stream), answers and ends: all in one read at the
+        # server, where h2 has closed the stream before the events are dispatched.
+        # The WINDOW_UPDATE (dispatched first) must not end the stream then: the
+        # answer and the peer's END_STREAM are still to come.
+        answer = b"the digest, at EOF"
+        servers: list[_Recorder] = []
+
+        def carried_at_the_server() -> _Recorder:
+            servers.append(_Recorder())
+            return servers[-1]
+
+        client = H2Carrier(True, lambda: _Recorder(answer), "/p", "h")
+        server = H2Carrier(False, carried_at_the_server, "/p")
+        to_server, to_client = StringTransport(), StringTransport()
+        client.makeConnection(to_server)
+        server.makeConnection(to_client)
+        for _ in range(2):  # the prefaces, SETTINGS and their acknowledgements
+            _deliver(to_server, server)
+            _deliver(to_client, client)
+        inner = client.open_stream()
+        _deliver(to_server, server)
+        [carried] = servers
+        sent = bytes(range(256)) * 2400  # more than half the stream's window: acknowledged
+        carried.transport.write(sent)
+        carried.transport.loseWriteConnection()
+        _deliver(to_client, client)
+        self.assertEqual((len(inner.received), inner.events[-2:]), (len(sent), ["eof", "lost"]))
+
+        read = _deliver(to_server, server)
+
+        self.assertEqual(_frames(read), [("WindowUpdateFrame", 1, set()),
+                                         ("DataFrame", 1, set()),
+                                         ("DataFrame", 1, {"END_STREAM"})])
+        self.assertEqual(carried.received, answer)
+        self.assertEqual(carried.events, ["data", "eof", "lost"])
+        carried.reason.trap(ConnectionDone)
+        self.assertEqual(server.streams, {})

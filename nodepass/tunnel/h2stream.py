@@ -58,6 +58,8 @@ class StreamTransport(CarriedStream, CarriedTLS):
         self.held: list[bytes] = []  # waiting for the send window
         self.held_size = 0
         self.end_after_held = False
+        self.end_sent = False
+        self.read_closed = False  # the peer's END_STREAM was dispatched to ``inner``
 
     # ITransport
     def write(self, data: bytes) -> None:
@@ -186,6 +188,7 @@ class H2Carrier(Protocol):
         elif isinstance(event, h2.events.StreamEnded):
             stream = self.streams.get(event.stream_id)
             if stream is not None:
+                stream.read_closed = True
                 if IHalfCloseableProtocol(stream.inner, None) is not None:
                     stream.inner.readConnectionLost()
                 else:
@@ -225,6 +228,7 @@ class H2Carrier(Protocol):
             if not stream.held and stream.end_after_held:
                 stream.end_after_held = False
                 self.h2.end_stream(sid)
+                stream.end_sent = True
         except h2.exceptions.ProtocolError:  # the stream closed or was reset meanwhile
             stream.held.clear()
             stream.held_size = 0
@@ -258,18 +262,19 @@ class H2Carrier(Protocol):
             self._end_stream(stream, Failure(ConnectionLost("aborted")))
 
     def _maybe_done(self, stream: StreamTransport) -> None:
-        """A stream closed both ways (or asked to close, with nothing held) is over."""
-        sid = stream.stream_id
-        if sid not in self.streams:
-            return
-        closed = self.h2.streams.get(sid) is None or self.h2.streams[sid].closed
-        if closed or (sid in self.closing and not stream.held and not stream.end_after_held
-                      and self._remote_closed(sid)):
-            self._end_stream(stream, Failure(ConnectionDone()))
+        """A stream closed both ways (or asked to close, with nothing held) is over.
 
-    def _remote_closed(self, sid: int) -> bool:
-        state = self.h2.streams.get(sid)
-        return state is None or state.closed
+        Judged by what was sent and what was dispatched, not by h2's stream state:
+        ``receive_data`` applies every frame of a read before its events are
+        dispatched, so a WINDOW_UPDATE dispatched first would find the stream closed
+        while its DATA and END_STREAM, in the same read, are still to come (and
+        dropped, the stream gone).  A reset to come ends it with its own event."""
+        sid = stream.stream_id
+        if sid not in self.streams or not stream.read_closed:
+            return
+        if stream.end_sent or (sid in self.closing and not stream.held
+                               and not stream.end_after_held):
+            self._end_stream(stream, Failure(ConnectionDone()))
 
     def _end_stream(self, stream: StreamTransport, reason: Failure) -> None:
         self.streams.pop(stream.stream_id, None)
