@@ -11,6 +11,8 @@ itself (:func:`line_observer`)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -93,7 +95,58 @@ class _EscapingFields:
         self._observer(event)
 
 
-gate = LevelGate()
+class Scope:
+    """One instance among several in a process (a host's, see nodepass/master/host.py):
+    its own log level and log sink.  The host's reactor runs each piece of an instance's
+    code through :meth:`run`; once the scope has ended, nothing more of it runs."""
+
+    def __init__(self) -> None:
+        self.gate = LevelGate()
+        self.sink: ILogObserver | None = None
+        self.ended = False
+
+    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self.ended:
+            return None
+        token = current_scope.set(self)
+        try:
+            return f(*args, **kwargs)
+        finally:
+            current_scope.reset(token)
+
+
+current_scope: ContextVar[Scope | None] = ContextVar("nodepass_scope", default=None)
+
+
+class _CurrentGate:
+    """The level gate in force: the current instance's in a host, else the process's."""
+
+    def __init__(self) -> None:
+        self.process = LevelGate()
+
+    def _gate(self) -> LevelGate:
+        scope = current_scope.get()
+        return self.process if scope is None else scope.gate
+
+    @property
+    def minimum(self) -> LogLevel | None:
+        return self._gate().minimum
+
+    @minimum.setter
+    def minimum(self, level: LogLevel | None) -> None:
+        self._gate().minimum = level
+
+    def set_level(self, level: str) -> None:
+        self._gate().set_level(level)
+
+    def passes(self, level: LogLevel) -> bool:
+        return self._gate().passes(level)
+
+    def __call__(self, event: dict[str, Any]) -> PredicateResult:
+        return self._gate()(event)
+
+
+gate = _CurrentGate()
 _observer = FilteringLogObserver(_EscapingFields(globalLogPublisher), [gate])
 
 
@@ -144,6 +197,28 @@ def start_logging(level: str, stream: IO[str], sink: ILogObserver | None = None)
         [FilteringLogObserver(observer, [gate, quiet_twisted])],
         redirectStandardIO=False,
     )
+
+
+def scoped_observer(stream: IO[str]) -> ILogObserver:
+    """For a process whose instances each log to their own sink (a host): an event goes
+    to the sink of the scope it was emitted in, past that scope's level; what is
+    emitted outside every scope, to ``stream`` as lines."""
+    lines = line_observer(stream)
+
+    @implementer(ILogObserver)
+    def to_scope(event: dict[str, Any]) -> None:
+        scope = current_scope.get()
+        if scope is None:
+            lines(event)
+        elif scope.sink is not None:
+            scope.sink(event)
+
+    return FilteringLogObserver(to_scope, [gate, quiet_twisted])
+
+
+def start_scoped_logging(stream: IO[str]) -> None:
+    """Begin logging to :func:`scoped_observer` (in a host)."""
+    globalLogBeginner.beginLoggingTo([scoped_observer(stream)], redirectStandardIO=False)
 
 
 def message_text(event: dict[str, Any]) -> str:

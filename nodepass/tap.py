@@ -69,6 +69,7 @@ class Options(usage.Options):
         _check_dial(self["config"])
         if isinstance(self["config"], MasterConfig):
             _check_state(self["config"], self.environ)
+            _check_hosts(self.environ)
 
     def _url(self, given: tuple[str, ...]) -> str:
         """The URL: the one argument; ``-`` reads it from standard input, and none
@@ -120,6 +121,15 @@ def _check_state(config: MasterConfig, environ: Mapping[str, str]) -> None:
         raise usage.UsageError(str(e)) from None
 
 
+def _check_hosts(environ: Mapping[str, str]) -> None:
+    from nodepass.master.hosts import host_settings
+
+    try:
+        host_settings(environ)
+    except ValueError as e:
+        raise usage.UsageError(f"environment: {e}") from None
+
+
 def _check_dial(config: Config) -> None:
     """``dial=IP`` must be an address of this machine, or every connection would fail."""
     from nodepass.endpoints import bind_problem
@@ -167,15 +177,18 @@ def server_credentials(root: RootService, config: ServerConfig | MasterConfig,
     return None
 
 
-def makeService(options: Options, reactor: Any = None) -> RootService:
+def makeService(options: Options, reactor: Any = None,
+                root: RootService | None = None) -> RootService:
     """The service tree for the URL in ``options``, on ``reactor`` (the global one
-    unless another is handed in: tests run whole trees on a network in memory)."""
+    unless another is handed in: tests run whole trees on a network in memory), under
+    ``root`` (a host hands in one that stops one instance, not the process)."""
     if reactor is None:
         from twisted.internet import reactor
     config = options["config"]
     logs.gate.set_level(config.log)
     raise_open_file_limit()
-    root = RootService(reactor)
+    if root is None:
+        root = RootService(reactor)
     if isinstance(config, MasterConfig):
         _master(root, config, options["tunables"], options.get("credentials"), options.environ)
         return root
@@ -214,19 +227,21 @@ def _master(root: RootService, config: MasterConfig, tunables: Tunables,
         root.reactor.callWhenRunning(root.fail, str(e))
         return
     hub = EventHub(root.reactor, keepalive=max(1.0, min(15.0, 3 * tunables.report_interval)))
-    forkserver = None
+    hosts = None
     spawn: dict[str, Any] = {}
     if environ.get("NODEPASS_FORK", "1") != "0":  # (0: each instance a fresh interpreter)
         from nodepass.master.forkserver import ForkServer
+        from nodepass.master.hosts import HostPool, host_settings
 
         forkserver = ForkServer(root.reactor, children_environ(environ))
-        spawn["spawn"] = forkserver.spawn
+        hosts = HostPool(root.reactor, forkserver, host_settings(environ))
+        spawn["spawn"] = hosts.spawn
     registry = Registry(root.reactor, config, tunables, environ, store, hub, **spawn)
     if store.kind == "postgresql":
         from nodepass.master.fleet import Fleet
 
         registry.fleet = Fleet(root.reactor, registry, store)
-    RegistryService(registry, forkserver).setServiceParent(root)
+    RegistryService(registry, hosts).setServiceParent(root)
     if credentials is not None:
         root.log.info("tls={mode}: API certificate fingerprint {fp}", mode=config.tls,
                       fp=fingerprint_text(credentials.credentials.fingerprint))

@@ -16,6 +16,7 @@ everywhere.
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import hashlib
 import os
@@ -318,6 +319,33 @@ def peer_fingerprint(transport: Any) -> bytes | None:
     return hashlib.sha256(der).digest()
 
 
+class _Hangup:
+    """One SIGHUP handler for every reloader of the process (a host runs several): each
+    reloads in the context it started in (its instance's scope), on its reactor."""
+
+    def __init__(self) -> None:
+        self.reloaders: dict[CertificateReloader, contextvars.Context] = {}
+        self.previous: Any = None
+
+    def add(self, reloader: CertificateReloader) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if not self.reloaders:
+            self.previous = signal.signal(signal.SIGHUP, self._on_sighup)
+        self.reloaders[reloader] = contextvars.copy_context()
+
+    def remove(self, reloader: CertificateReloader) -> None:
+        if self.reloaders.pop(reloader, None) is not None and not self.reloaders:
+            signal.signal(signal.SIGHUP, self.previous)
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        for reloader, context in list(self.reloaders.items()):
+            context.run(reloader.reactor.callFromThread, reloader.credentials.reload)
+
+
+_hangup = _Hangup()
+
+
 class CertificateReloader(Service):
     """Re-reads tls=2 files every RELOAD_INTERVAL and on SIGHUP."""
 
@@ -327,21 +355,14 @@ class CertificateReloader(Service):
         self._loop = LoopingCall(credentials.reload)
         self._loop.clock = reactor
         self.interval = interval
-        self._previous: Any = None
 
     def startService(self) -> None:
         super().startService()
         self._loop.start(self.interval, now=False)
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGHUP, self._on_sighup)
-
-    def _on_sighup(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self.credentials.reload)
+        _hangup.add(self)
 
     def stopService(self) -> None:
         super().stopService()
         if self._loop.running:
             self._loop.stop()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
+        _hangup.remove(self)

@@ -114,6 +114,12 @@ class Children:
         """Killed from outside, as ``kill -9`` would."""
         self.latest(instance_id)[2].exit(None, sig)
 
+    def lose_host(self, instance_id: str, sig: int = signal.SIGSEGV) -> None:
+        """Its host (shared with others) ended under it, as hosts.Host reports it."""
+        child = self.latest(instance_id)[1]
+        child.host_lost = True
+        self.latest(instance_id)[2].exit(None, sig)
+
     def latest(self, instance_id: str) -> tuple[str, Any, FakeProcess]:
         return next(s for s in reversed(self.spawned) if s[1].instance_id == instance_id)
 

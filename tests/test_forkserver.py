@@ -1,100 +1,273 @@
-"""The master's side of the fork server, in memory: requests queue while the fork
-server does not read, go out in order, and a fork server that dies ends its children."""
+"""The master's side of the fork server and of its hosts, in memory: messages queue
+while the other end does not read and go out in order; a fork server that dies ends
+its hosts; instances are spread over hosts and a host that ends takes only its own
+instances with it; the watchdog kills a silent host."""
 
 from __future__ import annotations
 
-import array
 import json
+import os
 import signal
 import socket
 
-from twisted.internet.error import ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from nodepass.master.forkserver import FDS, MAX_MESSAGE, ForkedTransport, _ForkServerProcess
-
-
-class Child(ProcessProtocol):
-    def __init__(self) -> None:
-        self.ended = None
-
-    def processEnded(self, reason) -> None:
-        self.ended = reason
+from nodepass.master.forkserver import Forked, _ForkServerProcess
+from nodepass.master.hosts import (
+    CHECK_EVERY,
+    Host,
+    HostPool,
+    HostSettings,
+    host_settings,
+)
+from nodepass.master.packets import PacketChannel, receive
+from nodepass.master.supervisor import ChildProcess
 
 
 def _read_all(sock: socket.socket) -> list[tuple[dict, int]]:
-    """Every message waiting on the fork server's end: (request, descriptors attached)."""
+    """Every message waiting on the other end: (message, descriptors attached)."""
     got = []
     while True:
         try:
-            data, ancillary, _, _ = sock.recvmsg(
-                MAX_MESSAGE, socket.CMSG_SPACE(FDS * array.array("i").itemsize))
+            data, fds = receive(sock)
         except BlockingIOError:
             return got
-        fds = array.array("i")
-        for _, _, payload in ancillary:
-            fds.frombytes(payload)
         for fd in fds:
-            socket.socket(fileno=fd).close()
+            os.close(fd)
         got.append((json.loads(data), len(fds)))
 
 
-class Requests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.reactor = MemoryReactor()
-        self.process = _ForkServerProcess(self.reactor, {})
-        ours, self.theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        ours.setblocking(False)
-        self.theirs.setblocking(False)
-        self.addCleanup(self.theirs.close)
-        self.process.control = ours
-        self.addCleanup(self.process.stop)
+def _pair(case: SynchronousTestCase) -> tuple[socket.socket, socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setblocking(False)
+    case.addCleanup(theirs.close)
+    case.addCleanup(ours.close)
+    return ours, theirs
 
-    def test_requests_wait_while_the_fork_server_is_not_reading(self):
-        children = [Child() for _ in range(300)]
-        for n, child in enumerate(children):
-            self.process.spawn(self.reactor, f"server://k@127.0.0.1:0/127.0.0.1:{n}",
-                               {"PAD": "x" * 1500}, child)
-        self.assertTrue(self.process.outgoing)  # its socket is full: the rest waits
-        self.assertIn(self.process, self.reactor.getWriters())
+
+class Packets(SynchronousTestCase):
+    def test_messages_wait_while_the_other_end_is_not_reading(self):
+        reactor = MemoryReactor()
+        ours, theirs = _pair(self)
+        channel = PacketChannel(reactor, ours, "test", lambda m, fds: None, lambda: None)
+        sent = []
+        for n in range(300):
+            attached = socket.socketpair()
+            attached[1].close()
+            channel.send({"n": n, "pad": "x" * 1500}, [attached[0]],
+                         lambda n=n: sent.append(n))
+        self.assertTrue(channel.outgoing)  # its socket is full: the rest waits
+        self.assertIn(channel, reactor.getWriters())
         got = []
-        while self.process.outgoing:
-            got += _read_all(self.theirs)
-            self.process.doWrite()
-        got += _read_all(self.theirs)
-        self.assertEqual([r["url"] for r, _ in got],
-                         [f"server://k@127.0.0.1:0/127.0.0.1:{n}" for n in range(300)])
-        self.assertEqual({fds for _, fds in got}, {FDS})
-        self.assertNotIn(self.process, self.reactor.getWriters())
-        self.assertEqual(list(self.process.waiting), children)
+        while channel.outgoing:
+            got += _read_all(theirs)
+            channel.doWrite()
+        got += _read_all(theirs)
+        self.assertEqual([m["n"] for m, _ in got], list(range(300)))
+        self.assertEqual({fds for _, fds in got}, {1})
+        self.assertEqual(sent, list(range(300)))
+        self.assertNotIn(channel, reactor.getWriters())
 
-    def test_a_dead_fork_server_ends_every_child_it_had(self):
-        forked, sent, unsent = Child(), Child(), Child()
-        for child in (forked, sent):
-            self.process.spawn(self.reactor, "server://k@127.0.0.1:0/127.0.0.1:0", {}, child)
-        _read_all(self.theirs)
-        self.theirs.send(json.dumps({"pid": 2 ** 22 + 7}).encode())  # no such process
-        self.process.doRead()
-        self.assertEqual(forked.transport.pid, 2 ** 22 + 7)
-        unsent.makeConnection(ForkedTransport())
-        self.process.outgoing.append((b"{}", [], unsent))  # (as if the socket were full)
-        self.process._gone()
-        for child in (forked, sent, unsent):
-            child.ended.trap(ProcessTerminated)
-            self.assertEqual(child.ended.value.signal, signal.SIGKILL)
-        self.assertIsNone(self.process.control)
-        self.process._gone()  # (its end of file and its exit both say so: once is enough)
+    def test_a_malformed_message_is_ignored_and_the_next_handled(self):
+        reactor = MemoryReactor()
+        ours, theirs = _pair(self)
+        got = []
+        PacketChannel(reactor, ours, "test", lambda m, fds: got.append(m), lambda: None)
+        for data in (b"not json", b"[1]", b'{"ok": 1}'):
+            theirs.send(data)
+        reactor.getReaders()[0].doRead()
+        self.assertEqual(got, [{"ok": 1}])
 
-    def test_a_signal_before_the_pid_waits_for_it(self):
-        child = Child()
-        self.process.spawn(self.reactor, "server://k@127.0.0.1:0/127.0.0.1:0", {}, child)
-        child.transport.signalProcess(signal.SIGTERM)  # the instance is stopped at once
-        self.assertEqual(child.transport.pending, signal.SIGTERM)
-        self.theirs.send(json.dumps({"pid": 2 ** 22 + 9}).encode())
-        self.process.doRead()  # the pid came: the signal goes (the process is gone: fine)
-        self.assertIsNone(child.transport.pending)
-        self.theirs.send(json.dumps({"exit": 2 ** 22 + 9, "code": 0, "signal": None}).encode())
-        self.process.doRead()
-        self.assertTrue(child.transport.exited)
+    def test_the_other_end_closing_closes_the_channel_once(self):
+        reactor = MemoryReactor()
+        ours, theirs = _pair(self)
+        closed = []
+        channel = PacketChannel(reactor, ours, "test", lambda m, fds: None,
+                                lambda: closed.append(1))
+        theirs.close()
+        channel.doRead()
+        channel.close()
+        self.assertEqual(closed, [1])
+        self.assertRaises(OSError, channel.send, {"late": 1})
+
+
+class ForkServerGone(SynchronousTestCase):
+    def test_a_dead_fork_server_ends_every_host_it_had(self):
+        process = _ForkServerProcess(MemoryReactor(), {})
+        ours, theirs = _pair(self)
+        process.channel = PacketChannel(process.reactor, ours, "forkserver",
+                                        process._message, process._closed)
+        ends = []
+
+        def record(name):
+            return Forked(lambda pid: None, lambda code, sig: ends.append((name, code, sig)))
+
+        for name in ("forked", "sent"):
+            process.fork([socket.socket()], record(name))
+        _read_all(theirs)
+        theirs.send(json.dumps({"pid": 2 ** 22 + 7}).encode())  # no such process
+        process.channel.doRead()
+        self.assertEqual(set(process.hosts), {2 ** 22 + 7})
+        process.channel.outgoing.append((b"{}", [], lambda: process.waiting.append(
+            record("unsent"))))  # (as if the socket were full)
+        process._gone()
+        self.assertEqual(sorted(ends), [("forked", None, signal.SIGKILL),
+                                        ("sent", None, signal.SIGKILL),
+                                        ("unsent", None, signal.SIGKILL)])
+        self.assertIsNone(process.channel)
+        process._gone()  # (its end of file and its exit both say so: once is enough)
+        self.assertEqual(len(ends), 3)
+
+
+class FakeForkServer:
+    """Takes fork requests; the test plays each host's end."""
+
+    def __init__(self, case: SynchronousTestCase) -> None:
+        self.case = case
+        self.requests: list[tuple[socket.socket, Forked]] = []
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+
+    def stop(self) -> None:
+        self.running = False
+
+    def fork(self, ends: list[socket.socket], forked: Forked) -> None:
+        host_end, output = ends
+        output.close()
+        host_end.setblocking(False)
+        self.case.addCleanup(host_end.close)
+        self.requests.append((host_end, forked))
+
+
+def _child(name: str, ended: dict) -> ChildProcess:
+    child = ChildProcess(name, lambda event: None,
+                         lambda code, sig, tail: ended.__setitem__(name, (code, sig)))
+    return child
+
+
+class Pool(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.forks = FakeForkServer(self)
+        self.pool = HostPool(self.reactor, self.forks, HostSettings(size=3, spread=2,
+                                                                    watchdog=3.0))
+        self.ended: dict = {}
+        self.killed: list[Host] = []
+        self.patch(Host, "kill", lambda host: self.killed.append(host))
+
+    def spawn(self, name: str, alone: bool = False) -> ChildProcess:
+        child = _child(name, self.ended)
+        child.alone = alone
+        self.pool.spawn(self.reactor, f"server://k@127.0.0.1:0/127.0.0.1:0#{name}", {}, child)
+        return child
+
+    def host_of(self, child: ChildProcess) -> Host:
+        return child.transport.host
+
+    def test_instances_spread_over_hosts_then_share_them_up_to_the_size(self):
+        children = [self.spawn(f"i{n}") for n in range(6)]
+        hosts = [self.host_of(c) for c in children]
+        # a host each until there are `spread` of them, then the one with most room
+        self.assertEqual(len(set(hosts[:2])), 2)
+        self.assertEqual({len(h.instances) for h in self.pool.hosts}, {3})
+        self.assertEqual(len(self.pool.hosts), 2)
+        seventh = self.spawn("i6")  # all full: a new host
+        self.assertEqual(len(self.pool.hosts), 3)
+        self.assertNotIn(self.host_of(seventh), hosts)
+        alone = self.spawn("lone", alone=True)
+        self.assertEqual(self.host_of(alone).capacity, 1)
+        self.assertEqual(len(self.host_of(self.spawn("i7")).instances), 2)  # not with it
+
+    def test_each_instance_gets_its_url_and_three_descriptors_in_its_host(self):
+        child = self.spawn("one")
+        host_end, forked = self.forks.requests[0]
+        forked.forked(4242)
+        self.assertEqual(child.pid, 4242)
+        ((message, fds),) = _read_all(host_end)
+        self.assertEqual(message["url"], "server://k@127.0.0.1:0/127.0.0.1:0#one")
+        self.assertEqual(fds, 3)
+        child.transport.signalProcess(signal.SIGTERM)
+        self.assertEqual(_read_all(host_end), [({"signal": message["start"],
+                                                 "sig": signal.SIGTERM}, 0)])
+
+    def test_a_host_that_ends_takes_only_its_own_instances(self):
+        a, b = self.spawn("a"), self.spawn("b")
+        c = self.spawn("c")  # shares a's or b's host
+        doomed = self.host_of(c)
+        (survivor,) = {self.host_of(a), self.host_of(b)} - {doomed}
+        doomed._exited(None, signal.SIGSEGV)
+        for child in (a, b, c):
+            child.channel_closed()  # (the host's end of each status channel went with it)
+        lost = {name for name, (_, sig) in self.ended.items() if sig == signal.SIGSEGV}
+        self.assertEqual(lost, {c.instance_id, *[x.instance_id for x in (a, b)
+                                                 if self.host_of(x) is doomed]})
+        for child in (a, b, c):
+            self.assertEqual(child.host_lost, self.host_of(child) is doomed)
+        self.assertNotIn(doomed, self.pool.hosts)
+        self.assertIn(survivor, self.pool.hosts)
+
+    def test_an_instance_ends_as_its_host_says_and_an_empty_host_is_retired(self):
+        child = self.spawn("one")
+        host = self.host_of(child)
+        host_end, _ = self.forks.requests[0]
+        number = _read_all(host_end)[0][0]["start"]
+        host_end.send(json.dumps({"exit": number, "code": 0, "signal": None}).encode())
+        host.channel.doRead()
+        child.channel_closed()
+        self.assertEqual(self.ended, {"one": (0, None)})
+        self.assertFalse(child.host_lost)
+        self.assertTrue(host.retired)
+        self.assertIsNone(host.channel.sock)  # its end closed: the host exits
+        self.assertNotIn(host, self.pool.hosts)
+
+    def test_the_watchdog_kills_a_host_that_stops_saying_it_is_alive(self):
+        self.pool.start()
+        quiet, talking = self.host_of(self.spawn("quiet")), self.host_of(self.spawn("talks"))
+        for n, (_, forked) in enumerate(self.forks.requests):
+            forked.forked(1000 + n)
+        talking_end = next(end for end, f in self.forks.requests
+                           if f.exited == talking._exited)
+        for _ in range(6):
+            talking_end.send(json.dumps({"alive": 1}).encode())  # (read by the watchdog)
+            self.reactor.advance(CHECK_EVERY)
+        self.assertEqual(self.killed, [quiet])
+        self.reactor.advance(10 * CHECK_EVERY)
+        self.assertEqual(self.killed, [quiet, talking], "killed once each")
+        self.pool.stop()
+
+    def test_a_host_process_ending_reads_as_a_process_ending(self):
+        child = self.spawn("one")
+        self.host_of(child)._exited(0, None)
+        child.channel_closed()
+        self.assertEqual(self.ended, {"one": (1, None)})  # it did not stop on its own
+
+    def test_process_done_for_a_clean_exit(self):
+        from nodepass.master.hosts import ended
+
+        ended(0, None).trap(ProcessDone)
+        self.assertEqual(ended(None, signal.SIGKILL).trap(ProcessTerminated),
+                         ProcessTerminated)
+
+
+class Settings(SynchronousTestCase):
+    def test_defaults(self):
+        settings = host_settings({})
+        self.assertEqual((settings.size, settings.watchdog), (16, 5.0))
+        self.assertEqual(settings.spread, os.cpu_count() or 1)
+
+    def test_bad_values_are_named_with_what_is_allowed(self):
+        for name, value, words in (
+            ("NODEPASS_HOST_SIZE", "0", "expected a whole number from 1"),
+            ("NODEPASS_HOST_SIZE", "many", "expected a whole number from 1"),
+            ("NODEPASS_HOST_SPREAD", "-1", "expected a whole number from 1"),
+            ("NODEPASS_HOST_WATCHDOG", "1s", "at least 2s"),
+            ("NODEPASS_HOST_WATCHDOG", "soon", "at least 2s"),
+        ):
+            with self.assertRaises(ValueError) as raised:
+                host_settings({name: value})
+            self.assertIn(f"{name}={value!r}", str(raised.exception))
+            self.assertIn(words, str(raised.exception))

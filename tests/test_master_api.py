@@ -196,7 +196,7 @@ class MasterSettings(TestCase):
                 "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201)
             pids.append(data["pid"])
         (forkserver,) = _children(master.pid)
-        self.assertEqual(sorted(_children(forkserver)), sorted(pids))
+        self.assertEqual(sorted(_children(forkserver)), sorted(set(pids)))  # (their hosts)
         self.assertEqual(await master.stop(), 0)
         await eventually(lambda: not any(_alive(pid) for pid in (*pids, forkserver)))
 
@@ -209,27 +209,59 @@ class MasterSettings(TestCase):
         await eventually(lambda: not _alive(data["pid"]) and not _alive(forkserver),
                          timeout=15)
 
-    async def test_a_blocked_instance_harms_no_other_and_stops_at_once(self):
-        master = await start_master(self, SHUTDOWN_TIMEOUT="0s")
+    async def _three_in_two_hosts(self, master):
+        """Three servers: the first two share a host (of two), the third has its own."""
         api = Api(master.base)
-        blocked, other = [await api.ok("POST", "/instances", {
-            "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201) for _ in range(2)]
-        exposed = await master.listening_port("target", instance=other["id"])
-        os.kill(blocked["pid"], signal.SIGSTOP)  # its reactor runs no more
-        self.addCleanup(lambda: _alive(blocked["pid"]) and os.kill(blocked["pid"],
-                                                                  signal.SIGKILL))
-        # the other instance serves (a user is turned away at once: no client yet), and
-        # the master answers
-        for _ in range(3):
+        made = [await api.ok("POST", "/instances", {
+            "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201) for _ in range(3)]
+        self.assertEqual(made[0]["pid"], made[1]["pid"])
+        self.assertNotEqual(made[1]["pid"], made[2]["pid"])
+        return api, made
+
+    async def _back_in_another_host(self, api, instance):
+        async def running_again():
+            got = await api.ok("GET", f"/instances/{instance['id']}")
+            return got["status"] == "running" and got["pid"] not in (None, instance["pid"])
+
+        await eventually(running_again, timeout=20)
+
+    async def _serves(self, api, master, instance):
+        got = await api.ok("GET", f"/instances/{instance['id']}")
+        self.assertEqual((got["status"], got["pid"]), ("running", instance["pid"]))
+        exposed = await master.listening_port("target", instance=instance["id"])
+        for _ in range(3):  # a user is turned away at once (no client yet): it serves
             user = await TCP4ClientEndpoint(reactor, "127.0.0.1", exposed).connect(
                 Factory.forProtocol(_Closed))
             await user.closed
-        self.assertEqual((await api.ok("GET", f"/instances/{other['id']}"))["status"],
-                         "running")
-        # stopping the blocked one ends it: SIGTERM is not acted on, SIGKILL follows
+
+    async def test_a_crashed_host_takes_only_its_instances_and_they_come_back(self):
+        master = await start_master(self, NODEPASS_HOST_SIZE="2", NODEPASS_HOST_SPREAD="1")
+        api, (a, b, c) = await self._three_in_two_hosts(master)
+        os.kill(a["pid"], signal.SIGSEGV)
+        for lost in (a, b):  # (restart: false, yet they come back: not their doing)
+            await master.wait_for(rf"instance {lost['id']} .*killed by SIGSEGV")
+            await self._back_in_another_host(api, lost)
+        await self._serves(api, master, c)
+        self.assertEqual(master.count(rf"instance {c['id']} .*killed"), 0)
+
+    async def test_a_blocked_host_is_killed_by_the_watchdog_and_stops_at_once(self):
+        master = await start_master(self, SHUTDOWN_TIMEOUT="0s", NODEPASS_HOST_SIZE="2",
+                                    NODEPASS_HOST_SPREAD="1", NODEPASS_HOST_WATCHDOG="2s")
+        api, (blocked, mate, other) = await self._three_in_two_hosts(master)
+        os.kill(blocked["pid"], signal.SIGSTOP)  # its reactor runs no more
+        self.addCleanup(lambda: _alive(blocked["pid"]) and os.kill(blocked["pid"],
+                                                                  signal.SIGKILL))
+        await self._serves(api, master, other)  # the other host serves, the master answers
+        # stopping an instance of the blocked host ends it: its host does not act on
+        # the stop, and the watchdog kills it
         stopped = await api.ok("PUT", f"/instances/{blocked['id']}", {"action": "stop"})
         self.assertEqual(stopped["status"], "stopped")
         self.assertFalse(_alive(blocked["pid"]))
+        await master.wait_for(rf"host {blocked['pid']} silent for .* killed")
+        await self._back_in_another_host(api, mate)  # its host-mate comes back
+        self.assertEqual((await api.ok("GET", f"/instances/{blocked['id']}"))["status"],
+                         "stopped")
+        await self._serves(api, master, other)
 
     async def test_the_fork_server_killed_ends_its_instances_which_come_back(self):
         master = await start_master(self)

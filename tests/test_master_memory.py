@@ -287,6 +287,24 @@ class RestartPolicy(Case):
         self.assertTrue(self.ok("PUT", f"/instances/{created['id']}",
                                 {"restart": True})["restart"])
 
+    def test_an_instance_whose_host_ended_comes_back_and_is_set_apart_the_second_time(self):
+        created = self.create()  # restart: false
+        children, clock = self.master.children, self.master.clock
+        children.lose_host(created["id"])
+        got = self.ok("GET", f"/instances/{created['id']}")
+        self.assertEqual((got["status"], got["error"]), ("error", "killed by SIGSEGV"))
+        clock.advance(0.2)
+        self.assertEqual(self.ok("GET", f"/instances/{created['id']}")["status"], "running")
+        self.assertFalse(children.latest(created["id"])[1].alone)
+        children.lose_host(created["id"])  # again: it may be the one that crashes hosts
+        clock.advance(0.4)
+        self.assertTrue(children.latest(created["id"])[1].alone)
+        children.kill(created["id"])  # an end of its own: no more a host's loss
+        clock.advance(30)
+        self.assertEqual(self.ok("GET", f"/instances/{created['id']}")["status"], "error")
+        self.ok("PUT", f"/instances/{created['id']}", {"action": "start"})
+        self.assertFalse(children.latest(created["id"])[1].alone)
+
     def test_stop_cancels_a_pending_restart(self):
         created = self.create(restart=True)
         self.master.children.kill(created["id"])

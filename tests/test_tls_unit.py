@@ -66,6 +66,37 @@ class Certificates(SynchronousTestCase):
         clock.advance(1)
         self.assertEqual(current.current()[1], tls.fingerprint(renewed.cert))
 
+    def test_sighup_reloads_every_reloader_of_the_process_each_in_its_scope(self):
+        import signal
+
+        from nodepass import logs
+
+        class Reactor(Clock):
+            def __init__(self):
+                super().__init__()
+                self.from_thread = []
+
+            def callFromThread(self, f, *args):
+                self.from_thread.append((logs.current_scope.get(), f))
+
+        scopes = [logs.Scope(), logs.Scope()]
+        reactor = Reactor()
+        reloaders = []
+        for n, scope in enumerate(scopes):  # two instances in one host
+            crt, key = certs.issue(self.ca).write(self.dir, f"s{n}")
+            current = tls.ServerCredentials(tls.load_credentials(crt, key), crt, key)
+            reloaders.append(tls.CertificateReloader(reactor, current, 3600.0))
+            scope.run(reloaders[-1].startService)
+        before = signal.getsignal(signal.SIGHUP)
+        tls._hangup._on_sighup(signal.SIGHUP, None)
+        expected = [(scope, r.credentials.reload)
+                    for scope, r in zip(scopes, reloaders, strict=True)]
+        self.assertEqual(reactor.from_thread, expected)
+        reloaders[0].stopService()  # the other still hears SIGHUP
+        self.assertEqual(signal.getsignal(signal.SIGHUP), before)
+        reloaders[1].stopService()
+        self.assertNotEqual(signal.getsignal(signal.SIGHUP), before)  # the previous one back
+
 
 def _handshake_in_memory(client_context, server_context) -> tuple:
     """A TLS handshake between two SSLObjects over memory BIOs: (client, server)."""

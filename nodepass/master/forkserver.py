@@ -1,4 +1,4 @@
-"""Instances forked from a process that has already imported them.
+"""Hosts forked from a process that has already imported what they run.
 
 A fresh ``python -m nodepass`` spends ~300 ms and ~28 MiB of private memory importing
 the interpreter's, Twisted's, cryptography's and nodepass's modules before it listens.
@@ -6,27 +6,20 @@ The master therefore starts one *fork server* at start-up: ``python -m
 nodepass.master.forkserver``, which imports what an instance runs (no reactor yet),
 freezes those objects out of the garbage collector's reach (``gc.freeze``: a collection
 in a child would otherwise touch, and so copy, every page they live on) and then forks
-one child per instance asked for.  A child shares those pages with the fork server and
-its siblings until it writes to them, and is listening a few milliseconds after the
-request.
+one *host* (nodepass/master/host.py) each time the master asks.  A host shares those
+pages with the fork server and its siblings until it writes to them, and runs as many
+instances as the master gives it, each in its own scope on the host's one reactor.
 
-Each instance is still a process of its own, with everything that gives (docs/how-it-
-works.md): a crash, a leak or a blocked reactor stays in it; SIGTERM/SIGKILL stop it at
-once; it exits when the master's status channel closes.
-
-The request travels on a ``SOCK_SEQPACKET`` Unix socket: one JSON message (the URL and
-the environment — the URL never in an argument) with three descriptors attached by
-``SCM_RIGHTS``: the instance's status channel (fd 3) and its stdout and stderr.  The
-fork server answers ``{"pid": N}``, later ``{"exit": N, "code": C, "signal": S}``
-(it is the children's parent, so it reaps them), and exits when the master's end
-closes.
+The request travels on a ``SOCK_SEQPACKET`` Unix socket (nodepass/master/packets.py):
+``{"env": {...}}`` with the host's end of its own socket to the master and its
+stderr (stdout too) attached by ``SCM_RIGHTS``.  The fork server answers ``{"pid":
+N}``, later ``{"exit": N, "code": C, "signal": S}`` (it is the hosts' parent, so it
+reaps them), and exits when the master's end closes.
 """
 
 from __future__ import annotations
 
-import array
 import gc
-import io
 import json
 import os
 import selectors
@@ -34,25 +27,24 @@ import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from nodepass import logs
-
-MAX_MESSAGE = 256 * 1024
-FDS = 3  # status channel, stdout, stderr
-
+from nodepass.master.packets import PacketChannel, encode, receive
 
 # ---------------------------------------------------------------------------
 # The fork server process (no Twisted reactor: it must not exist before a fork)
 
 
 def _preload() -> None:
-    """What every instance imports, imported once here."""
+    """What every host imports, imported once here."""
     import twisted.internet.epollreactor  # noqa: F401
 
     import nodepass.cli
     import nodepass.endpoints
+    import nodepass.master.host
+    import nodepass.master.hostreactor
     import nodepass.statuschannel
     import nodepass.tap
     import nodepass.tunnel.client
@@ -60,44 +52,34 @@ def _preload() -> None:
     import nodepass.tunnel.server  # noqa: F401
 
 
-def _receive(control: socket.socket) -> tuple[bytes, list[int]]:
-    fds = array.array("i")
-    data, ancillary, _, _ = control.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(FDS * fds.itemsize))
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    return data, list(fds)
-
-
 def _child(control: socket.socket, selector: selectors.BaseSelector, wakeup: tuple[int, int],
            request: dict[str, Any], fds: list[int]) -> None:
-    """In the forked child: become ``nodepass -`` with the request's URL; never return."""
+    """In the forked child: become a host on ``fds`` (its socket, its output); never
+    return.  (Its output is not ours: a host holding the fork server's pipes would hide
+    the fork server's end from the master.)"""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # (as any process has)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the master decides; ^C reaches it)
         selector.close()
         control.close()
-        for fd in wakeup:
-            os.close(fd)
-        status, out, err = fds
+        for end in wakeup:
+            os.close(end)
+        host_end, output = fds
         null = os.open(os.devnull, os.O_RDONLY)
-        for source, target in ((null, 0), (out, 1), (err, 2), (status, 3)):
+        for source, target in ((null, 0), (output, 1), (output, 2)):
             os.dup2(source, target)
-        for fd in (null, out, err, status):
-            if fd > 3:
-                os.close(fd)
+        os.close(null)
+        os.close(output)
         os.environ.clear()
         os.environ.update(request["env"])
-        sys.stdin = io.StringIO(request["url"] + "\n")
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
         # (the imported objects stay frozen: a collection here would write to each of
         # them, copying every shared page they live on)
-        from nodepass import cli
+        from nodepass.master import host
 
-        code = cli.main(["-"], environ=os.environ)
+        host.serve(socket.socket(fileno=host_end))
+        code = 0
     except BaseException:
         import traceback
 
@@ -120,11 +102,11 @@ def _reap(control: socket.socket) -> None:
             return
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        control.send(json.dumps({"exit": pid, "code": code, "signal": sig}).encode())
+        control.send(encode({"exit": pid, "code": code, "signal": sig}))
 
 
 def serve(control: socket.socket) -> None:
-    """Fork a child per request until the master's end closes."""
+    """Fork a host per request until the master's end closes."""
     _preload()
     gc.collect()
     gc.freeze()
@@ -143,84 +125,43 @@ def serve(control: socket.socket) -> None:
                 os.read(wake_read, 4096)
                 _reap(control)
                 continue
-            data, fds = _receive(control)
+            data, fds = receive(control)
             if not data:
-                return  # the master is gone: the children follow by their status channels
+                return  # the master is gone: the hosts follow by their own sockets
             try:
                 request = json.loads(data)
-                if len(fds) != FDS:
+                if len(fds) != 2:
                     raise ValueError(f"{len(fds)} descriptors")
                 pid = os.fork()
             except (ValueError, OSError) as e:
                 for fd in fds:
                     os.close(fd)
-                control.send(json.dumps({"error": str(e)}).encode())
+                control.send(encode({"error": str(e)}))
                 continue
             if pid == 0:
                 _child(control, selector, (wake_read, wake_write), request, fds)
             for fd in fds:
                 os.close(fd)
-            control.send(json.dumps({"pid": pid}).encode())
+            control.send(encode({"pid": pid}))
 
 
 # ---------------------------------------------------------------------------
 # The master's side
 
 
-class _Output:
-    """The reading end of a child's stdout or stderr, as a protocol."""
+class Forked:
+    """What the master waits to hear of one host it asked for: ``forked(pid)`` once the
+    fork server forked it, ``exited(code, signal)`` once it ended (or could not be)."""
 
-    def __init__(self, child: Any, fd: int) -> None:
-        self.child, self.fd = child, fd
-
-    def makeConnection(self, transport: Any) -> None:
-        self.transport = transport
-
-    def dataReceived(self, data: bytes) -> None:
-        self.child.childDataReceived(self.fd, data)
-
-    def connectionLost(self, reason: Any) -> None:
-        pass
-
-
-class ForkedTransport:
-    """What a ChildProcess holds for a forked child: its pid (once the fork server said
-    it) and a way to signal it (a signal asked for before the pid came waits for it)."""
-
-    def __init__(self) -> None:
-        self.pid: int | None = None
-        self.exited = False
-        self.pending: int | None = None
-
-    def forked(self, pid: int) -> None:
-        from twisted.internet.error import ProcessExitedAlready
-
-        self.pid = pid
-        if self.pending is not None:
-            sig, self.pending = self.pending, None
-            try:
-                self.signalProcess(sig)
-            except ProcessExitedAlready:
-                pass
-
-    def signalProcess(self, sig: int) -> None:
-        from twisted.internet.error import ProcessExitedAlready
-
-        if self.exited:
-            raise ProcessExitedAlready()
-        if self.pid is None:
-            self.pending = sig
-            return
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            raise ProcessExitedAlready() from None
+    def __init__(self, forked: Callable[[int], None],
+                 exited: Callable[[int | None, int | None], None]) -> None:
+        self.forked = forked
+        self.exited = exited
 
 
 class ForkServer:
-    """The master's fork server: :meth:`spawn` has the signature of
-    :func:`~nodepass.master.supervisor.spawn_child` (a Registry's ``spawn``).  A fork
-    server that died is replaced at the next spawn (its children were ended)."""
+    """The master's fork server: :meth:`fork` asks it for a host.  A fork server that
+    died is replaced at the next fork (the hosts it forked were ended)."""
 
     def __init__(self, reactor: Any, environ: Mapping[str, str]) -> None:
         self.reactor = reactor
@@ -228,7 +169,7 @@ class ForkServer:
         self.current: _ForkServerProcess | None = None
 
     def start(self) -> None:
-        if self.current is None or self.current.control is None:
+        if self.current is None or self.current.channel is None:
             self.current = _ForkServerProcess(self.reactor, self.environ)
             self.current.start()
 
@@ -236,20 +177,20 @@ class ForkServer:
         if self.current is not None:
             self.current.stop()
 
-    def spawn(self, reactor: Any, url: str, environ: Mapping[str, str], child: Any) -> Any:
-        """Fork ``nodepass -`` for ``url`` with its status channel on fd 3; raises
-        OSError when the fork server cannot take the request."""
+    def fork(self, ends: list[socket.socket], forked: Forked) -> None:
+        """Fork a host on ``ends`` (its socket and its output, closed here once sent);
+        raises OSError when the fork server cannot take the request."""
         self.start()
         assert self.current is not None
-        return self.current.spawn(reactor, url, environ, child)
+        self.current.fork(ends, forked)
 
 
 class _ForkServerProcess:
-    """One fork server process and the children it forked.
+    """One fork server process and the hosts it forked.
 
-    Requests wait in ``outgoing`` while the fork server's socket is full (it reads none
-    while it imports, at start); each message read is handled on its own, so one that
-    cannot be makes no other fail.
+    Requests wait while the fork server's socket is full (it reads none while it
+    imports, at start); a fork server that dies is read to its last message before
+    its hosts are ended.
     """
 
     log = logs.logger("nodepass.master")
@@ -257,19 +198,16 @@ class _ForkServerProcess:
     def __init__(self, reactor: Any, environ: Mapping[str, str]) -> None:
         self.reactor = reactor
         self.environ = environ
-        self.control: socket.socket | None = None
-        self.outgoing: deque[tuple[bytes, list[socket.socket], Any]] = deque()
-        self.waiting: deque[Any] = deque()  # children sent for, whose pid is yet to come
-        self.children: dict[int, Any] = {}
+        self.channel: PacketChannel | None = None
+        self.waiting: deque[Forked] = deque()  # sent for, their pid yet to come
+        self.hosts: dict[int, Forked] = {}
         self.exited: dict[int, tuple[int | None, int | None]] = {}  # before their pid came
-        self.writing = False
         self.dead = False
 
     def start(self) -> None:
         from twisted.internet.protocol import ProcessProtocol
 
         master_end, server_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        master_end.setblocking(False)
         owner = self
 
         class _Process(ProcessProtocol):
@@ -290,159 +228,69 @@ class _ForkServerProcess:
             raise
         finally:
             server_end.close()
-        self.control = master_end
-        self.reactor.addReader(self)
+        self.channel = PacketChannel(self.reactor, master_end, "forkserver", self._message,
+                                     self._closed)
 
     def stop(self) -> None:
         """Closing our end ends the fork server (the master stops, or it died)."""
-        if self.control is not None:
-            self.reactor.removeReader(self)
-            if self.writing:
-                self.reactor.removeWriter(self)
-                self.writing = False
-            self.control.close()
-            self.control = None
+        if self.channel is not None:
+            self.channel.close()
 
-    # IReadDescriptor, IWriteDescriptor
-    def fileno(self) -> int:
-        return self.control.fileno() if self.control is not None else -1
+    def _closed(self) -> None:
+        self.channel = None
 
-    def logPrefix(self) -> str:
-        return "forkserver"
-
-    def connectionLost(self, reason: Any) -> None:
-        self.stop()
-
-    def doRead(self) -> None:
-        while self.control is not None:
-            try:
-                data = self.control.recv(MAX_MESSAGE)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self.stop()
-                return
-            try:
-                self._message(json.loads(data))
-            except Exception:
-                self.log.failure("fork server message not handled")
-
-    def doWrite(self) -> None:
-        self._flush()
-
-    def _flush(self) -> None:
-        while self.outgoing and self.control is not None:
-            request, ends, child = self.outgoing[0]
-            try:
-                self.control.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                  array.array("i", [e.fileno() for e in ends]))])
-            except BlockingIOError:
-                if not self.writing:
-                    self.reactor.addWriter(self)
-                    self.writing = True
-                return
-            except OSError:  # the fork server is gone; its end shows it soon
-                self._gone()
-                return
-            self.outgoing.popleft()
+    def fork(self, ends: list[socket.socket], forked: Forked) -> None:
+        if self.channel is None:
             for end in ends:
                 end.close()
-            self.waiting.append(child)
-        if self.writing:
-            self.reactor.removeWriter(self)
-            self.writing = False
+            raise OSError("the fork server is gone")
+        self.channel.send({"env": self.environ}, ends, lambda: self.waiting.append(forked))
 
-    def _message(self, message: dict[str, Any]) -> None:
+    def _message(self, message: dict[str, Any], fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
         if "pid" in message or "error" in message:
-            child = self.waiting.popleft()
+            forked = self.waiting.popleft()
             if "error" in message:
-                self._end(child, 1, None)
+                forked.exited(1, None)
                 return
             pid = message["pid"]
-            self.children[pid] = child
-            child.transport.forked(pid)
+            self.hosts[pid] = forked
+            forked.forked(pid)
             if pid in self.exited:
-                self._end(self.children.pop(pid), *self.exited.pop(pid))
+                self.hosts.pop(pid).exited(*self.exited.pop(pid))
         elif "exit" in message:
             pid = message["exit"]
-            if pid in self.children:
-                self._end(self.children.pop(pid), message.get("code"), message.get("signal"))
+            outcome = (message.get("code"), message.get("signal"))
+            if pid in self.hosts:
+                self.hosts.pop(pid).exited(*outcome)
             else:
-                self.exited[pid] = (message.get("code"), message.get("signal"))
-
-    @staticmethod
-    def _end(child: Any, code: int | None, sig: int | None) -> None:
-        child.transport.exited = True
-        child.processEnded(_ended(code, sig))
+                self.exited[pid] = outcome
 
     def _gone(self) -> None:
-        """The fork server died.  What it said before is read first; its children can
-        no longer be reaped by us, so those with a pid are ended (SIGKILL), those whose
-        pid never came lose their status channel (and so stop by themselves), and all
-        are reported; the next start forks from a new fork server."""
+        """The fork server died.  What it said before is read first; its hosts can no
+        longer be reaped by us, so those with a pid are ended (SIGKILL), and every
+        host is reported; the next fork comes from a new fork server."""
         if self.dead:
             return
         self.dead = True
-        if self.control is not None:
-            self.doRead()
-            self.stop()
-        for pid, child in list(self.children.items()):
+        if self.channel is not None:
+            channel = self.channel
+            channel.doRead()
+            for _, _, sent in channel.unsent():
+                if sent is not None:  # (as if sent: it waits for its answer, ended below)
+                    sent()
+            channel.close()
+        for pid, forked in list(self.hosts.items()):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            self._end(child, None, signal.SIGKILL)
-        self.children.clear()
-        unsent = [child for _, _, child in self.outgoing]
-        for _, ends, _ in self.outgoing:
-            for end in ends:
-                end.close()
-        self.outgoing.clear()
-        for child in [*self.waiting, *unsent]:
-            status = getattr(child, "status_receiver", None)
-            if status is not None and status.transport is not None:
-                status.transport.loseConnection()
-            self._end(child, None, signal.SIGKILL)
+            forked.exited(None, signal.SIGKILL)
+        self.hosts.clear()
+        for forked in list(self.waiting):
+            forked.exited(None, signal.SIGKILL)
         self.waiting.clear()
-
-    # -- spawning ----------------------------------------------------------
-
-    def spawn(self, reactor: Any, url: str, environ: Mapping[str, str], child: Any) -> Any:
-        from nodepass.master.supervisor import StatusReceiver, adopt
-        from nodepass.statuschannel import ENV
-
-        if self.control is None:
-            raise OSError("the fork server is gone")
-        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(FDS)]
-        env = dict(environ)
-        env[ENV] = "3"
-        request = json.dumps({"url": url, "env": env}).encode()
-        if len(request) > MAX_MESSAGE:
-            for a, b in pairs:
-                a.close()
-                b.close()
-            raise OSError(f"the request is over {MAX_MESSAGE} bytes")
-        child.makeConnection(ForkedTransport())  # running from now: it may be stopped
-        (status, _), (out, _), (err, _) = pairs
-        child.status_receiver = adopt(reactor, status, StatusReceiver(child))
-        for sock, fd in ((out, 1), (err, 2)):
-            adopt(reactor, sock, _Output(child, fd))
-        for ours, _ in pairs:
-            ours.close()
-        self.outgoing.append((request, [theirs for _, theirs in pairs], child))
-        self._flush()
-        return child
-
-
-def _ended(code: int | None, sig: int | None) -> Any:
-    from twisted.internet.error import ProcessDone, ProcessTerminated
-    from twisted.python.failure import Failure
-
-    if code == 0 and sig is None:
-        return Failure(ProcessDone(0))
-    return Failure(ProcessTerminated(code, sig))
 
 
 def main() -> None:

@@ -66,9 +66,11 @@ class Instance:
     ready: Deferred[None] | None = None
     last_fatal: str | None = None
     stopping: bool = False
-    # the restart policy's
+    # the restart policy's; host_lost: its last end was its host's (a crash domain's)
     failures: int = 0
     restart_call: Any = None
+    host_lost: bool = False
+    host_losses: int = 0  # in a row: from QUARANTINE on, it runs in a host of its own
     # the fleet's: the node (master id) that runs it; for another node's instance, its
     # process id as last told and whether that node has stopped telling (offline)
     node: str = ""

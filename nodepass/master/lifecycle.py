@@ -19,6 +19,7 @@ from nodepass.tunables import Tunables
 
 READY_TIMEOUT = 5.0
 KILL_GRACE = 2.0
+QUARANTINE = 2  # its host lost this many times in a row: it gets a host of its own
 
 
 class Lifecycle:
@@ -77,6 +78,7 @@ class Lifecycle:
         child = ChildProcess(instance.id, lambda e: self._event(instance, e),
                              lambda code, sig, tail: self._exited(instance, code, sig, tail),
                              lambda level, text, line: self.logged(instance, level, text, line))
+        child.alone = instance.host_losses >= QUARANTINE
         instance.child = child
         try:
             self.spawn(self.reactor, instance.url, self.environ, child)
@@ -131,6 +133,8 @@ class Lifecycle:
                 stderr_tail: list[str]) -> None:
         instance.base = instance.counters()  # what this process counted is kept
         instance.report = {}
+        instance.host_lost = instance.child is not None and instance.child.host_lost
+        instance.host_losses = instance.host_losses + 1 if instance.host_lost else 0
         instance.child = None
         if not instance.stopping:
             reason = instance.last_fatal or (stderr_tail[-1] if stderr_tail else None)

@@ -27,8 +27,9 @@ class RestartPolicy:
         self.still_wanted = still_wanted  # not deleted, not stopped meanwhile
 
     def exited(self, instance: Instance) -> None:
-        """Its process exited on its own: try again later, if it is meant to run."""
-        if not instance.auto_restart or instance.desired != "running":
+        """Its process exited on its own: try again later, if it is meant to run (and
+        always when its host ended under it: that may have been another's doing)."""
+        if instance.desired != "running" or not (instance.auto_restart or instance.host_lost):
             return
         ran = self.reactor.seconds() - (instance.started_at or self.reactor.seconds())
         if ran >= HEALTHY_FACTOR * self.cooldown:

@@ -55,14 +55,14 @@ class RegistryService(Service):
     """Brings stored instances back at start; stops every instance when the master
     stops, so no orphan process is left behind."""
 
-    def __init__(self, registry: Registry, forkserver: Any = None) -> None:
+    def __init__(self, registry: Registry, hosts: Any = None) -> None:
         self.registry = registry
-        self.forkserver = forkserver  # started first, stopped after the last instance
+        self.hosts = hosts  # started first, stopped after the last instance
 
     def startService(self) -> None:
         super().startService()
-        if self.forkserver is not None:
-            self.forkserver.start()
+        if self.hosts is not None:
+            self.hosts.start()
         self.registry.hub.start()
         if self.registry.fleet is not None:
             self.registry.fleet.start()
@@ -76,8 +76,8 @@ class RegistryService(Service):
         if self.registry.fleet is not None:
             self.registry.fleet.stop()  # no command taken now would be stopped below
         await self.registry.shutdown()
-        if self.forkserver is not None:
-            self.forkserver.stop()
+        if self.hosts is not None:
+            self.hosts.stop()
         if self.registry.fleet is not None:
             await self.registry.store.close_async(STORE_GRACE)
         hub = self.registry.hub

@@ -71,6 +71,8 @@ class ChildProcess(ProcessProtocol):
         self._partial = {1: b"", 2: b""}
         self.stderr_tail: deque[str] = deque(maxlen=20)
         self.running = False
+        self.host_lost = False  # it ended because its host (process) did
+        self.alone = False  # it asks for a host of its own
         self._exit: tuple[int | None, int | None] | None = None
         self._channel_open = True
 
