@@ -1,6 +1,6 @@
 """A master holding many tunnels: what each costs to create and to keep.
 
-    python bench/master_scale.py [--counts 10,100,500] [--tls 0] [--fork 1]
+    python bench/master_scale.py [--counts 10,100,500] [--tls 0] [--fork 1] [--host-size N]
 
 For each count a fresh master (on 127.0.0.1, state in a temporary directory) creates
 that many server instances one after another through its API, then:
@@ -17,7 +17,9 @@ that many server instances one after another through its API, then:
 - 100 creates at once (on top): how many were answered 201 and running, and in what time.
 
 ``--fork 0`` runs the master with NODEPASS_FORK=0 (a fresh interpreter per instance,
-as before the fork server) for comparison.  Loopback only; every wait is bounded.
+as before the fork server) for comparison; ``--host-size N`` sets NODEPASS_HOST_SIZE
+(instances per host process; 1 is a process per instance, as before hosts).  The
+number of processes under the master is printed too.  Loopback only; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -46,12 +48,14 @@ REPORT_INTERVAL = 5.0
 
 
 class Master:
-    def __init__(self, fork: bool) -> None:
+    def __init__(self, fork: bool, host_size: int | None = None) -> None:
         self.state = tempfile.mkdtemp(prefix="np-scale-")
         self.port = free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO), "NODEPASS_API_KEY": KEY,
                "NODEPASS_FORK": "1" if fork else "0",
                "REPORT_INTERVAL": f"{REPORT_INTERVAL:g}s"}
+        if host_size is not None:
+            env["NODEPASS_HOST_SIZE"] = str(host_size)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nodepass",
              f"master://127.0.0.1:{self.port}/api?state={self.state}&log=warn"],
@@ -176,8 +180,8 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def measure(count: int, query: str, fork: bool) -> dict:
-    master = Master(fork)
+def measure(count: int, query: str, fork: bool, host_size: int | None) -> dict:
+    master = Master(fork, host_size)
     try:
         time.sleep(1.0)  # the fork server's imports (~0.3 s), paid once at master start
         alone = pss_kib(tree(master.proc.pid))
@@ -211,7 +215,7 @@ def measure(count: int, query: str, fork: bool) -> dict:
                 "list_p50_ms": statistics.median(lists) * 1000, "idle_cpu_percent": cpu,
                 "watched_cpu_percent": watched,
                 "updates_per_instance_per_interval": updates / count / (10.0 / REPORT_INTERVAL),
-                "burst_ok": good, "burst_s": burst}
+                "burst_ok": good, "burst_s": burst, "processes": len(pids)}
     finally:
         master.stop()
 
@@ -221,25 +225,27 @@ def main() -> None:
     parser.add_argument("--counts", default="10,100,500")
     parser.add_argument("--tls", type=int, default=0)
     parser.add_argument("--fork", type=int, default=1)
+    parser.add_argument("--host-size", type=int, default=None)
     args = parser.parse_args()
     query = f"?tls={args.tls}" if args.tls else ""
     rows = []
     for count in (int(c) for c in args.counts.split(",")):
-        rows.append(measure(count, query, bool(args.fork)))
+        rows.append(measure(count, query, bool(args.fork), args.host_size))
         print(f"measured {count}", file=sys.stderr)
-    how = "fork server" if args.fork else "a fresh interpreter per instance"
+    how = ("a fresh interpreter per instance" if not args.fork else
+           f"hosts of up to {args.host_size or 'the default'} instances")
     print(f"server instances{' tls=' + str(args.tls) if args.tls else ''}, {how}")
     print("| instances | create p50 / p99 ms | PSS in all MiB | PSS per instance MiB "
           "(all / growth) | GET /instances p50 ms | idle CPU % (with a subscriber) | "
-          "updates per instance per interval | 100 creates at once |")
-    print("|---|---|---|---|---|---|---|---|")
+          "updates per instance per interval | 100 creates at once | processes |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['count']} | {r['create_p50_ms']:.1f} / {r['create_p99_ms']:.1f} | "
               f"{r['pss_total_mib']:.0f} | {r['pss_per_instance_mib']:.2f} / "
               f"{r['pss_growth_per_instance_mib']:.2f} | {r['list_p50_ms']:.1f} | "
               f"{r['idle_cpu_percent']:.1f} ({r['watched_cpu_percent']:.1f}) | "
               f"{r['updates_per_instance_per_interval']:.2f} | "
-              f"{r['burst_ok']}/100 in {r['burst_s']:.2f} s |")
+              f"{r['burst_ok']}/100 in {r['burst_s']:.2f} s | {r['processes']} |")
 
 
 if __name__ == "__main__":

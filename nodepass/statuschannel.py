@@ -63,6 +63,7 @@ class StatusChannel(Service):
         self.protocol: _Channel | None = None
         self._loop = LoopingCall(self.report)
         self._loop.clock = reactor
+        self._first: Any = None
         self._stopping = False
         self.dropped_logs = 0
         self._unsent = b""
@@ -74,7 +75,10 @@ class StatusChannel(Service):
         self.protocol = _Channel(self._lost)
         factory = Factory.forProtocol(lambda: self.protocol)
         self.reactor.adoptStreamConnection(self.fd, socket.AF_UNIX, factory)
-        self._loop.start(self.interval, now=False)
+        # Reports fall on whole multiples of the interval on the clock: the instances
+        # of one host report in one wake-up of its reactor, not each in its own.
+        delay = self.interval - self.reactor.seconds() % self.interval
+        self._first = self.reactor.callLater(delay, self._loop.start, self.interval)
 
     def send(self, **event: Any) -> bool:
         """Write one record now; False when it was dropped.  What the socket takes only
@@ -126,6 +130,8 @@ class StatusChannel(Service):
     def stopService(self) -> None:
         self._stopping = True
         super().stopService()
+        if self._first is not None and self._first.active():
+            self._first.cancel()
         if self._loop.running:
             self._loop.stop()
         self.report()

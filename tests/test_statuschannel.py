@@ -66,3 +66,30 @@ class LogRecords(SynchronousTestCase):
         (record,) = self.records()
         self.assertEqual(len(record["text"]), 1800)
 
+
+
+class Reports(SynchronousTestCase):
+    def test_instances_started_apart_report_together_on_multiples_of_the_interval(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        class Report:
+            def as_dict(self):
+                return {}
+
+        reactor = MemoryReactorClock()
+        reported = []
+        channels = []
+        for name, start in (("a", 0.3), ("b", 2.7)):
+            reactor.advance(start - reactor.seconds())
+            ours, theirs = socket.socketpair()
+            self.addCleanup(theirs.close)
+            channel = StatusChannel(reactor, ours.detach(), lambda name=name: (
+                reported.append((name, reactor.seconds())), Report())[1], 5.0, lambda: None)
+            channel.startService()
+            channels.append(channel)
+        reactor.advance(5.0 - reactor.seconds())
+        reactor.advance(5.0)
+        self.assertEqual(reported, [("a", 5.0), ("b", 5.0), ("a", 10.0), ("b", 10.0)])
+        for channel in channels:
+            channel.stopService()  # (each reports once more as it stops)
+        self.assertEqual(reactor.getDelayedCalls(), [])
