@@ -15,6 +15,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import IO, Any
+from weakref import WeakSet
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -104,10 +105,15 @@ class Scope:
         self.gate = LevelGate()
         self.sink: ILogObserver | None = None
         self.ended = False
+        self.descriptors: WeakSet[Any] = WeakSet()  # every one it ever watched (a host's)
 
     def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if self.ended:
             return None
+        return self.enter(f, *args, **kwargs)
+
+    def enter(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``f`` in this scope, ended or not (to close what it left)."""
         token = current_scope.set(self)
         try:
             return f(*args, **kwargs)
@@ -116,6 +122,15 @@ class Scope:
 
 
 current_scope: ContextVar[Scope | None] = ContextVar("nodepass_scope", default=None)
+
+
+def outside_scopes(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run ``f`` as the process's own, whatever instance's code called it."""
+    token = current_scope.set(None)
+    try:
+        return f(*args, **kwargs)
+    finally:
+        current_scope.reset(token)
 
 
 class _CurrentGate:
@@ -210,7 +225,7 @@ def scoped_observer(stream: IO[str]) -> ILogObserver:
         scope = current_scope.get()
         if scope is None:
             lines(event)
-        elif scope.sink is not None:
+        elif scope.sink is not None and not scope.ended:
             scope.sink(event)
 
     return FilteringLogObserver(to_scope, [gate, quiet_twisted])

@@ -95,6 +95,8 @@ class StatusChannel(Service):
 
     def _write(self, data: bytes) -> bytes:
         """What of ``data`` the socket did not take."""
+        if self.fd < 0:
+            return b""  # closed: its number may be another socket's by now
         try:
             return data[os.write(self.fd, data):]
         except BlockingIOError:
@@ -137,7 +139,8 @@ class StatusChannel(Service):
         self.report()
         if self.protocol is not None and self.protocol.transport is not None:
             self.protocol.transport.loseConnection()
+        fd, self.fd = self.fd, -1
         try:
-            os.close(self.fd)
+            os.close(fd)
         except OSError:
             pass

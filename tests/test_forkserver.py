@@ -22,7 +22,7 @@ from nodepass.master.hosts import (
     HostSettings,
     host_settings,
 )
-from nodepass.master.packets import PacketChannel, receive
+from nodepass.master.packets import MAX_MESSAGE, PacketChannel, receive
 from nodepass.master.supervisor import ChildProcess
 
 
@@ -75,10 +75,18 @@ class Packets(SynchronousTestCase):
         ours, theirs = _pair(self)
         got = []
         PacketChannel(reactor, ours, "test", lambda m, fds: got.append(m), lambda: None)
-        for data in (b"not json", b"[1]", b'{"ok": 1}'):
+        for data in (b"not json", b"[1]", b"[" * 100_000, b'{"ok": 1}'):
             theirs.send(data)
         reactor.getReaders()[0].doRead()
         self.assertEqual(got, [{"ok": 1}])
+
+    def test_a_message_too_long_is_refused_and_the_channel_goes_on(self):
+        reactor = MemoryReactor()
+        ours, theirs = _pair(self)
+        channel = PacketChannel(reactor, ours, "test", lambda m, fds: None, lambda: None)
+        self.assertRaises(OSError, channel.send, {"url": "x" * MAX_MESSAGE})
+        channel.send({"next": 1})
+        self.assertEqual(_read_all(theirs), [({"next": 1}, 0)])
 
     def test_the_other_end_closing_closes_the_channel_once(self):
         reactor = MemoryReactor()
@@ -238,6 +246,31 @@ class Pool(SynchronousTestCase):
         self.reactor.advance(10 * CHECK_EVERY)
         self.assertEqual(self.killed, [quiet, talking], "killed once each")
         self.pool.stop()
+
+    def test_a_going_host_takes_no_new_instance(self):
+        first = self.spawn("first")
+        going = self.host_of(first)
+        going.channel.close()  # (its end of file read: its exit is yet to be reported)
+        self.assertEqual(self.killed, [going])  # (made sure of)
+        self.assertIsNot(self.host_of(self.spawn("second")), going)
+        self.assertNotIn(going, self.pool.hosts)
+
+    def test_an_instance_alone_in_its_host_ends_as_itself(self):
+        alone = self.spawn("alone", alone=True)
+        self.host_of(alone)._exited(None, signal.SIGSEGV)
+        alone.channel_closed()
+        self.assertFalse(alone.host_lost)  # (its own crash: its restart policy decides)
+        self.assertEqual(self.ended, {"alone": (None, signal.SIGSEGV)})
+
+    def test_a_retired_host_that_does_not_exit_is_killed(self):
+        child = self.spawn("one")
+        host = self.host_of(child)
+        self.forks.requests[0][1].forked(4242)
+        host.retire()
+        self.reactor.advance(9)
+        self.assertEqual(self.killed, [])
+        self.reactor.advance(2)
+        self.assertEqual(self.killed, [host])
 
     def test_a_host_process_ending_reads_as_a_process_ending(self):
         child = self.spawn("one")

@@ -5,6 +5,7 @@ alone — its descriptors closed, its timers cancelled — however the others fa
 from __future__ import annotations
 
 import array
+import gc
 import io
 import json
 import os
@@ -94,6 +95,38 @@ class Scopes(SynchronousTestCase):
         pump(self.reactor, lambda: reader.scopes)
         self.assertEqual(reader.scopes, [self.b])
 
+    def test_what_the_host_watched_first_stays_the_hosts(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        reader = Reader(ours)  # (as the host's socket to the master)
+        self.reactor.addReader(reader)
+        self.reactor.removeReader(reader)
+        self.a.run(self.reactor.addReader, reader)  # (an instance's code writing to it)
+        theirs.send(b"x")
+        pump(self.reactor, lambda: reader.scopes)
+        self.assertEqual(reader.scopes, [None])
+        self.assertNotIn(reader, self.a.descriptors)
+
+    def test_an_ended_scope_closes_what_it_stopped_watching_and_survives_a_failing_close(self):
+        class Failing(Reader):
+            def connectionLost(self, reason):
+                super().connectionLost(reason)
+                raise RuntimeError("a bug in an instance's protocol")
+
+        pairs = [socket.socketpair() for _ in range(2)]
+        for _, theirs in pairs:
+            self.addCleanup(theirs.close)
+        paused, failing = Reader(pairs[0][0]), Failing(pairs[1][0])
+        for reader in (paused, failing):
+            self.a.run(self.reactor.addReader, reader)
+        self.reactor.removeReader(paused)  # (a paused connection: not watched now)
+        self.a.run(self.reactor.callLater, 1, lambda: None)
+        self.assertEqual(self.reactor.end_scope(self.a), 3)
+        self.assertEqual((len(paused.lost), len(failing.lost)), (1, 1))
+        self.assertTrue(self.a.ended)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_a_result_from_a_thread_comes_back_in_the_callers_scope(self):
         pool = self.reactor.getThreadPool()
         pool.start()
@@ -138,6 +171,28 @@ class Scopes(SynchronousTestCase):
         self.assertFalse(self.a.run(logs.gate.passes, LogLevel.info))
         self.assertTrue(self.b.run(logs.gate.passes, LogLevel.debug))
         self.assertEqual(logs.gate.minimum, logs.gate.process.minimum)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _accept(listener: socket.socket, into: list) -> bool:
+    try:
+        into.append(listener.accept()[0])
+    except BlockingIOError:
+        pass
+    return bool(into)
+
+
+def _receive(sock: socket.socket, into: list) -> bool:
+    try:
+        into.append(sock.recv(100))
+    except BlockingIOError:
+        pass
+    return bool(into)
 
 
 class Instance:
@@ -230,6 +285,48 @@ class Hosted(SynchronousTestCase):
         self.assertEqual(quiet.said("log"), [])
         self.assertIn({"alive": 0}, self.heard())  # (said as the host started)
 
+    def test_a_killed_instance_closes_its_relayed_connections_at_once(self):
+        gc.disable()  # (its sockets must be closed by the kill, not by a collection)
+        self.addCleanup(gc.enable)
+        backend = socket.socket()
+        self.addCleanup(backend.close)
+        backend.bind(("127.0.0.1", 0))
+        backend.listen()
+        backend.setblocking(False)
+        port = _free_port()
+        forwarder = self.start(0, f"client://127.0.0.1:{port}/127.0.0.1:"
+                                  f"{backend.getsockname()[1]}?mode=1")
+        pump(self.reactor, lambda: forwarder.said("ready"))
+        user = socket.create_connection(("127.0.0.1", port))
+        self.addCleanup(user.close)
+        user.sendall(b"ping")
+        accepted: list[socket.socket] = []  # (its target pool dials ahead: which one?)
+
+        found: list[socket.socket] = []
+
+        def relayed() -> bool:
+            _accept(backend, accepted)
+            for sock in accepted:
+                sock.setblocking(False)
+                got: list[bytes] = []
+                if _receive(sock, got) and got == [b"ping"]:
+                    found.append(sock)
+            return bool(found)
+
+        pump(self.reactor, relayed)
+        for sock in accepted:
+            self.addCleanup(sock.close)
+        target = found[0]  # relayed: both connections are live
+        self.master_end.send(json.dumps({"signal": 0, "sig": signal.SIGKILL}).encode())
+        pump(self.reactor, lambda: self.exit_of(0))
+        for end in (user, target):
+            end.settimeout(5)
+            try:
+                self.assertEqual(end.recv(10), b"")
+            except ConnectionResetError:
+                pass  # (aborted: as good as closed)
+        self.assertNotIn("the master is gone", forwarder.texts())
+
     def test_a_killed_instance_lets_go_of_everything_at_once_and_alone(self):
         killed = self.start(0, "server://k@127.0.0.1:0/127.0.0.1:0")
         kept = self.start(1, "server://k@127.0.0.1:0/127.0.0.1:0")
@@ -242,7 +339,7 @@ class Hosted(SynchronousTestCase):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", port))
         pump(self.reactor, lambda: killed.read() or killed.closed)
-        self.assertTrue(self.reactor.descriptors_of(self.host.instances[1]))
+        self.assertTrue(self.host.instances[1].descriptors)
         self.assertNotIn(0, self.host.instances)
         with socket.create_connection(("127.0.0.1", kept.port("tunnel"))):
             pass  # the other one still listens
@@ -257,11 +354,14 @@ class Hosted(SynchronousTestCase):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         kept = self.start(0, "server://k@127.0.0.1:0/127.0.0.1:0")
-        failing = self.start(1, f"server://k@127.0.0.1:0/127.0.0.1:{taken.getsockname()[1]}"
-                                "?mode=1")
+        tunnel = _free_port()
+        failing = self.start(1, f"server://k@127.0.0.1:{tunnel}/127.0.0.1:"
+                                f"{taken.getsockname()[1]}?mode=1")
         pump(self.reactor, lambda: self.exit_of(1))
         self.assertEqual(self.exit_of(1)["code"], 1)
         self.assertIn("Address already in use", failing.said("fatal")[0]["message"])
+        with socket.socket() as s:  # what it started after the failure was stopped too
+            s.bind(("127.0.0.1", tunnel))
         pump(self.reactor, lambda: kept.said("ready"))
         self.assertIn(0, self.host.instances)
         self.assertFalse(self.host.instances[0].ended)

@@ -234,6 +234,33 @@ class MasterSettings(TestCase):
                 Factory.forProtocol(_Closed))
             await user.closed
 
+    async def test_master_sigkill_ends_a_blocked_host_too(self):
+        master = await start_master(self, SHUTDOWN_TIMEOUT="0s", NODEPASS_HOST_WATCHDOG="2s")
+        data = await Api(master.base).ok("POST", "/instances", {
+            "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201)
+        (forkserver,) = _children(master.pid)
+        os.kill(data["pid"], signal.SIGSTOP)  # (it would never see its socket close)
+        self.addCleanup(lambda: _alive(data["pid"]) and os.kill(data["pid"], signal.SIGKILL))
+        await master.stop(signal.SIGKILL)
+        await eventually(lambda: not _alive(data["pid"]) and not _alive(forkserver),
+                         timeout=15)
+
+    async def test_sighup_to_a_host_or_the_fork_server_ends_nothing(self):
+        master = await start_master(self)
+        api = Api(master.base)
+        data = await api.ok("POST", "/instances", {
+            "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201)
+        (forkserver,) = _children(master.pid)
+        for pid in (data["pid"], forkserver):
+            os.kill(pid, signal.SIGHUP)
+        fresh = await api.ok("POST", "/instances", {  # (the fork server still forks)
+            "url": "server://k@127.0.0.1:0/127.0.0.1:0", "alias": "after"}, status=201)
+        self.assertEqual(fresh["status"], "running")
+        self.assertTrue(_alive(data["pid"]))
+        got = await api.ok("GET", f"/instances/{data['id']}")
+        self.assertEqual((got["status"], got["pid"]), ("running", data["pid"]))
+        self.assertEqual(_children(master.pid), [forkserver])
+
     async def test_a_crashed_host_takes_only_its_instances_and_they_come_back(self):
         master = await start_master(self, NODEPASS_HOST_SIZE="2", NODEPASS_HOST_SPREAD="1")
         api, (a, b, c) = await self._three_in_two_hosts(master)

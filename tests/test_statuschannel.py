@@ -93,3 +93,28 @@ class Reports(SynchronousTestCase):
         for channel in channels:
             channel.stopService()  # (each reports once more as it stops)
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_nothing_is_written_once_stopped_even_to_a_reused_descriptor_number(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        number = ours.detach()
+        channel = StatusChannel(MemoryReactorClock(), number, lambda: None, 5.0,
+                                lambda: None)
+        channel.report = lambda: None
+        channel.stopService()
+        reused = None
+        for _ in range(10):  # the lowest free number comes back: wait for ours
+            a, b = socket.socketpair()
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            if a.fileno() == number:
+                reused = b
+                break
+        self.assertIsNotNone(reused, "the descriptor number was not reused")
+        channel.log_record({"log_format": "late", "log_level": LogLevel.info,
+                            "log_time": 0.0})
+        channel.send(type="report")
+        reused.setblocking(False)
+        self.assertRaises(BlockingIOError, reused.recv, 100)

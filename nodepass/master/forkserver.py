@@ -22,16 +22,32 @@ from __future__ import annotations
 import gc
 import json
 import os
+import select
 import selectors
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from nodepass import logs
 from nodepass.master.packets import PacketChannel, encode, receive
+
+
+def _hosts_grace(environ: Mapping[str, str]) -> float:
+    """How long hosts may take to stop once the master is gone: their instances'
+    SHUTDOWN_TIMEOUT and grace, and the watchdog's patience."""
+    from nodepass.master.host import KILL_GRACE
+    from nodepass.master.hosts import host_settings
+    from nodepass.tunables import from_environ
+
+    try:
+        return (from_environ(environ).shutdown_timeout + KILL_GRACE
+                + host_settings(environ).watchdog)
+    except ValueError:
+        return 15.0
 
 # ---------------------------------------------------------------------------
 # The fork server process (no Twisted reactor: it must not exist before a fork)
@@ -61,7 +77,6 @@ def _child(control: socket.socket, selector: selectors.BaseSelector, wakeup: tup
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the master decides; ^C reaches it)
         selector.close()
         control.close()
         for end in wakeup:
@@ -92,7 +107,7 @@ def _child(control: socket.socket, selector: selectors.BaseSelector, wakeup: tup
             os._exit(code)
 
 
-def _reap(control: socket.socket) -> None:
+def _reap(control: socket.socket, hosts: set[int]) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -100,9 +115,30 @@ def _reap(control: socket.socket) -> None:
             return
         if pid == 0:
             return
+        hosts.discard(pid)
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        control.send(encode({"exit": pid, "code": code, "signal": sig}))
+        try:
+            control.send(encode({"exit": pid, "code": code, "signal": sig}))
+        except OSError:
+            pass  # the master is gone
+
+
+def _outlive(hosts: set[int], control: socket.socket, wake_read: int) -> None:
+    """The master is gone: its hosts stop their instances (each within SHUTDOWN_TIMEOUT
+    and a grace) and exit; one that has not by then and the watchdog's time — its
+    reactor blocked — is killed, so none outlives the master."""
+    deadline = time.monotonic() + _hosts_grace(os.environ)
+    while hosts and (left := deadline - time.monotonic()) > 0:
+        if select.select([wake_read], [], [], left)[0]:
+            os.read(wake_read, 4096)
+        _reap(control, hosts)
+    for pid in hosts:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
 
 
 def serve(control: socket.socket) -> None:
@@ -116,6 +152,8 @@ def serve(control: socket.socket) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the master decides; ^C reaches it)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (meant for a tls=2 instance's reload)
+    hosts: set[int] = set()
     selector = selectors.DefaultSelector()
     selector.register(control, selectors.EVENT_READ)
     selector.register(wake_read, selectors.EVENT_READ)
@@ -123,11 +161,12 @@ def serve(control: socket.socket) -> None:
         for key, _ in selector.select():
             if key.fileobj == wake_read:
                 os.read(wake_read, 4096)
-                _reap(control)
+                _reap(control, hosts)
                 continue
             data, fds = receive(control)
             if not data:
-                return  # the master is gone: the hosts follow by their own sockets
+                _outlive(hosts, control, wake_read)
+                return
             try:
                 request = json.loads(data)
                 if len(fds) != 2:
@@ -140,6 +179,7 @@ def serve(control: socket.socket) -> None:
                 continue
             if pid == 0:
                 _child(control, selector, (wake_read, wake_write), request, fds)
+            hosts.add(pid)
             for fd in fds:
                 os.close(fd)
             control.send(encode({"pid": pid}))

@@ -62,19 +62,32 @@ class HostedInstance(logs.Scope):
         super().__init__()
         self.host = host
         self.number = number
-        self.status_fd, self.out_fd, self.err_fd = fds
+        self.fds = fds  # status channel, stdout, stderr: ours, closed when it ends
         self.root: HostedRoot | None = None
         self.shutdown_timeout = 0.0
+        self.starting = False
         self.stopping = False
         self.ending = False
+        self.stop_after_start = False
         self.finished: Deferred[None] = Deferred()
 
     def start(self, url: str, env: dict[str, str]) -> None:
+        """Build and start its tree (in its scope).  A fatal error while starting (a port
+        taken) stops it once every service has started, not half-way through."""
+        self.starting = True
+        try:
+            self._start(url, env)
+        finally:
+            self.starting = False
+        if self.stop_after_start:
+            self.stop()
+
+    def _start(self, url: str, env: dict[str, str]) -> None:
         from nodepass import tap
         from nodepass.statuschannel import ENV
 
         # (the status channel owns a copy, closed when it stops; ours, when we end)
-        channel = os.dup(self.status_fd)
+        channel = os.dup(self.fds[0])
         options = tap.Options({**env, ENV: str(channel)}, stdin=io.StringIO(url + "\n"))
         try:
             options.parseOptions(["-"])
@@ -101,42 +114,50 @@ class HostedInstance(logs.Scope):
     def stop(self) -> None:
         """Stop gracefully (SIGTERM, a fatal error, the master gone): at most
         SHUTDOWN_TIMEOUT and a grace, then it is ended as if killed."""
+        if self.starting:
+            self.stop_after_start = True
+            return
         if self.stopping or self.ending:
             return
         self.stopping = True
         assert self.root is not None
         stopped = self.root.stopService() if self.root.running else None
         timer = self.host.reactor.callLater(self.shutdown_timeout + KILL_GRACE,
-                                            self.host.end, self, signal.SIGKILL)
+                                            self.end, None, signal.SIGKILL)
         if isinstance(stopped, Deferred):
             stopped.addBoth(lambda _: (timer.cancel() if timer.active() else None,
-                                       self.host.end(self)))
+                                       self.end()))
         else:
             timer.cancel()
-            self.host.end(self)
+            self.end()
 
     def end(self, code: int | None = None, sig: int | None = None) -> None:
         """Nothing of this instance runs from now on; the master hears how it ended."""
         if self.ending:  # (closing its status channel below would stop it: once is enough)
             return
         self.ending = True
-        if self.root is not None and self.root.running:
-            # Killed: its listeners and connections are closed first (a service's stop
-            # would close a port only at the next turn, which an ended scope never
-            # gets), then its services let go of what else they hold (files).
-            self.host.reactor.close_descriptors(self)
-            self.run(self.root.stopService)
-        self.host.reactor.end_scope(self)
-        for fd in (self.status_fd, self.out_fd, self.err_fd):
-            os.close(fd)
-        if code is None and sig is None:
-            code = self.root.exit_status if self.root is not None else 1
-        self.host.exited(self, code, sig)  # (before the host may stop, below)
-        self.finished.callback(None)
+        try:
+            if self.root is not None and self.root.running:
+                # Killed: its services let go of what they hold (their status channel
+                # sends its last report); what they only began to close is closed below.
+                self.enter(self.root.stopService)
+        except Exception:
+            self.host.log.failure("instance {n}: stopping its services", n=self.number)
+        finally:
+            self.host.reactor.end_scope(self)
+            self.sink = None
+            for fd in self.fds:
+                os.close(fd)
+            if code is None and sig is None:
+                code = self.root.exit_status if self.root is not None else 1
+            self.host.exited(self, code, sig)  # (before the host may stop, below)
+            self.finished.callback(None)
 
     def _print(self, text: str) -> None:
+        if self.ending:
+            return
         try:
-            os.write(self.err_fd, text.encode("utf-8", "replace"))
+            os.write(self.fds[2], text.encode("utf-8", "replace"))
         except OSError:
             pass
 
@@ -169,7 +190,7 @@ class Host:
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
-            self.channel.send(message)
+            logs.outside_scopes(self.channel.send, message)
         except OSError:
             pass  # the master is gone: _master_gone stops everything
 
@@ -184,7 +205,7 @@ class Host:
             if instance is None:
                 return
             if message.get("sig") == signal.SIGKILL:
-                self.end(instance, signal.SIGKILL)
+                instance.end(sig=signal.SIGKILL)
             elif message.get("sig") in (signal.SIGTERM, signal.SIGINT):
                 instance.run(instance.stop)
 
@@ -202,9 +223,6 @@ class Host:
                          dict(message.get("env", {})))
         except Exception:
             instance.crashed()
-
-    def end(self, instance: HostedInstance, sig: int | None = None) -> None:
-        instance.end(sig=sig)
 
     def exited(self, instance: HostedInstance, code: int | None, sig: int | None) -> None:
         self.instances.pop(instance.number, None)
@@ -237,4 +255,5 @@ def serve(control: socket.socket) -> None:
     # (after Twisted's own handlers: ^C in a terminal reaches the whole process group,
     # and the master decides what stops; SIGTERM still stops every instance, gracefully)
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (a tls=2 instance reloads on it)
     reactor.run()

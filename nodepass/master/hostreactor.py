@@ -20,7 +20,9 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionAborted
 from twisted.python.threadpool import ThreadPool
 
-from nodepass.logs import Scope, current_scope
+from nodepass.logs import Scope, current_scope, logger
+
+log = logger("nodepass.master")
 
 SCOPE = "nodepass_scope"  # the attribute a descriptor carries its scope in
 
@@ -69,10 +71,10 @@ class ScopedReactor(EPollReactor):
 
     def _doReadOrWrite(self, selectable: Any, fd: int, event: int) -> None:
         scope = getattr(selectable, SCOPE, None)
-        if scope is None:
+        if scope is None or scope is HOST:
             super()._doReadOrWrite(selectable, fd, event)
         elif scope.ended:
-            self._disconnectSelectable(selectable, ConnectionAborted(), False)
+            scope.enter(self._disconnectSelectable, selectable, ConnectionAborted(), False)
         else:
             scope.run(super()._doReadOrWrite, selectable, fd, event)
 
@@ -84,37 +86,48 @@ class ScopedReactor(EPollReactor):
 
     # -- ending one instance's everything ------------------------------------
 
-    def descriptors_of(self, scope: Scope) -> list[Any]:
-        return [s for s in self._selectables.values() if getattr(s, SCOPE, None) is scope]
-
     def timers_of(self, scope: Scope) -> list[DelayedCall]:
         return [c for c in self.getDelayedCalls()
                 if c.active() and getattr(c.func, "__self__", None) is scope]
 
-    def close_descriptors(self, scope: Scope) -> int:
-        """Close every descriptor ``scope`` watches (its listeners, connections, status
-        channel) now, as aborted connections; how many there were."""
-        left = self.descriptors_of(scope)
-        for selectable in left:
-            scope.run(self._disconnectSelectable, selectable, ConnectionAborted(), False)
-        return len(left)
-
     def end_scope(self, scope: Scope) -> int:
-        """Close what ``scope`` still watches, then end it: its timers are cancelled and
-        whatever of it is still scheduled never runs.  How many were left."""
-        left = self.close_descriptors(scope)
+        """End ``scope``: every descriptor it ever watched and has not closed — its
+        listeners, connections (paused ones too), spliced sockets, status channel — is
+        closed now as an aborted connection (a port's own close would come at the next
+        turn, which an ended scope never gets), its timers are cancelled, and whatever
+        of it is still scheduled never runs.  How many were left."""
+        left = [d for d in list(scope.descriptors) if not getattr(d, "disconnected", False)]
+        for selectable in left:
+            try:
+                scope.enter(self._disconnectSelectable, selectable, ConnectionAborted(), False)
+            except Exception:
+                log.failure("closing {what} of an ended instance", what=selectable)
         scope.ended = True
         timers = self.timers_of(scope)
         for call in timers:
             call.cancel()
-        return left + len(timers)
+        return len(left) + len(timers)
+
+
+class _Host:
+    """The scope of what the host itself watches (its socket to the master, the
+    reactor's waker): marked, so that no instance claims it later."""
+
+    def __repr__(self) -> str:
+        return "<the host's own>"
+
+
+HOST = _Host()
 
 
 def _claim(selectable: Any) -> None:
-    """A descriptor belongs to the scope that first watched it."""
+    """A descriptor belongs to the scope that first watched it (none: the host)."""
+    if getattr(selectable, SCOPE, None) is not None:
+        return
     scope = current_scope.get()
-    if scope is not None and getattr(selectable, SCOPE, None) is None:
-        try:
-            setattr(selectable, SCOPE, scope)
-        except AttributeError:
-            pass  # (an object with slots stays the host's)
+    try:
+        setattr(selectable, SCOPE, HOST if scope is None else scope)
+    except AttributeError:
+        return  # (an object with slots stays the host's)
+    if scope is not None:
+        scope.descriptors.add(selectable)

@@ -40,6 +40,7 @@ DEFAULT_SIZE = 16
 MAX_SIZE = 1000
 DEFAULT_WATCHDOG = 5.0
 CHECK_EVERY = 1.0
+RETIRE_GRACE = 10.0  # a host told to exit that has not is killed
 
 
 class HostSettings(NamedTuple):
@@ -113,6 +114,7 @@ class Host:
         self.alive_at = self.reactor.seconds()
         self.dead = False
         self.retired = False
+        self.retire_timer: Any = None
         self.killed_by_watchdog = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.channel = PacketChannel(self.reactor, ours, "host", self._message, self._closed)
@@ -129,6 +131,12 @@ class Host:
     @property
     def room(self) -> int:
         return self.capacity - len(self.instances)
+
+    @property
+    def usable(self) -> bool:
+        """Still taking instances: not dying, not retired, its socket open."""
+        return not (self.dead or self.retired or self.killed_by_watchdog
+                    or self.channel.sock is None)
 
     def start_instance(self, url: str, environ: Mapping[str, str], child: Any) -> None:
         number, self.numbers = self.numbers, self.numbers + 1
@@ -175,7 +183,10 @@ class Host:
     def _closed(self) -> None:
         """Our end closed: retired by us, or the host is going; make sure it goes (its
         exit, reported by the fork server, ends what it still ran)."""
-        if not self.retired:
+        self.pool.forget(self)
+        if self.retired:  # (it exits at once, having nothing to stop, unless it is stuck)
+            self.retire_timer = self.reactor.callLater(RETIRE_GRACE, self.kill)
+        else:
             self.kill()
 
     def kill(self) -> None:
@@ -191,8 +202,11 @@ class Host:
         self.channel.close()
 
     def _exited(self, code: int | None, sig: int | None) -> None:
-        """The host process ended: whatever it still ran ended with it."""
+        """The host process ended: whatever it still ran ended with it (a host's loss
+        if it had others, its own end if it was alone)."""
         self.dead = True
+        if self.retire_timer is not None and self.retire_timer.active():
+            self.retire_timer.cancel()
         self.channel.close()
         self.pool.forget(self)
         lost, self.instances = list(self.instances.values()), {}
@@ -200,7 +214,7 @@ class Host:
             self.log.error("host {pid} ended ({how}): {n} instance(s) with it",
                            pid=self.pid, how=_describe(code, sig), n=len(lost))
         for child in lost:
-            child.host_lost = True
+            child.host_lost = self.capacity > 1
             _end(child, code if (code or sig) else 1, sig)
 
     def watch(self, now: float, limit: float) -> None:
@@ -239,17 +253,22 @@ class HostPool:
         for host in list(self.hosts):
             host.retire()
         self.hosts.clear()
-        self.forkserver.stop()
+        self.forkserver.stop()  # (it ends any host that does not exit by itself)
 
     def spawn(self, reactor: Any, url: str, environ: Mapping[str, str], child: Any) -> Any:
-        """Start ``url`` in a host; raises OSError when no host can take it."""
-        self._place(alone=getattr(child, "alone", False)).start_instance(url, environ, child)
+        """Start ``url`` in a host (a new one if the chosen one turns out to be going);
+        raises OSError when no host can take it."""
+        alone = getattr(child, "alone", False)
+        try:
+            self._place(alone).start_instance(url, environ, child)
+        except OSError:
+            self._new(1 if alone else self.size).start_instance(url, environ, child)
         return child
 
     def _place(self, alone: bool) -> Host:
         if alone:
             return self._new(1)
-        open_hosts = [h for h in self.hosts if h.room > 0 and h.capacity > 1]
+        open_hosts = [h for h in self.hosts if h.usable and h.room > 0 and h.capacity > 1]
         if not open_hosts or len(self.hosts) < self.spread:
             return self._new(self.size)
         return max(open_hosts, key=lambda h: h.room)

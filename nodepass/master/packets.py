@@ -19,8 +19,9 @@ from typing import Any
 
 from nodepass import logs
 
-MAX_MESSAGE = 256 * 1024
+MAX_MESSAGE = 128 * 1024  # (the kernel takes SEQPACKET messages up to ~208 KiB by default)
 MAX_FDS = 3
+READS_PER_TURN = 64  # then the reactor turns (a peer that floods us starves nothing)
 
 OnMessage = Callable[[dict[str, Any], list[int]], None]
 
@@ -108,9 +109,10 @@ class PacketChannel:
         return left
 
     def close(self) -> None:
-        """Close our end (once); ``on_closed`` follows."""
+        """Close our end (once), and what waited to be sent; ``on_closed`` follows."""
         if self.sock is None:
             return
+        self.unsent()
         self.reactor.removeReader(self)
         if self.writing:
             self.reactor.removeWriter(self)
@@ -133,7 +135,9 @@ class PacketChannel:
         self.flush()
 
     def doRead(self) -> None:
-        while self.sock is not None:
+        for _ in range(READS_PER_TURN):
+            if self.sock is None:
+                return
             try:
                 data, fds = receive(self.sock)
             except BlockingIOError:
@@ -148,7 +152,7 @@ class PacketChannel:
                 message = json.loads(data)
                 if not isinstance(message, dict):
                     raise ValueError("not an object")
-            except ValueError:
+            except (ValueError, RecursionError):
                 _close_all(fds)
                 self.log.warn("{name}: a malformed message ignored", name=self.name)
                 continue
