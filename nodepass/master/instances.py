@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredLock
@@ -35,6 +36,7 @@ class InstanceError(Exception):
         self.message = message
 
 
+@lru_cache(maxsize=8192)  # (a list of 500 instances formats ~2,000 of them, the same each time)
 def iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
@@ -77,10 +79,14 @@ class Instance:
     seen_pid: int | None = None
     stale: bool = False
     deleted: bool = False  # being deleted: nothing may start or change it again
+    # its URL as last formatted, and for which config (configs are frozen)
+    _url: tuple[Any, str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def url(self) -> str:
-        return format_url(self.config)
+        if self._url is None or self._url[0] is not self.config:
+            self._url = (self.config, format_url(self.config))
+        return self._url[1]
 
     @property
     def pid(self) -> int | None:
