@@ -25,6 +25,9 @@ from nodepass.master.hosts import (
 from nodepass.master.packets import MAX_MESSAGE, PacketChannel, receive
 from nodepass.master.supervisor import ChildProcess
 
+_real_pidfd_open = os.pidfd_open
+_real_kill = Host.kill
+
 
 def _read_all(sock: socket.socket) -> list[tuple[dict, int]]:
     """Every message waiting on the other end: (message, descriptors attached)."""
@@ -157,6 +160,10 @@ def _child(name: str, ended: dict) -> ChildProcess:
     return child
 
 
+def _no_pidfd(pid: int) -> int:
+    raise ProcessLookupError(pid)
+
+
 class Pool(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
@@ -166,6 +173,7 @@ class Pool(SynchronousTestCase):
         self.ended: dict = {}
         self.killed: list[Host] = []
         self.patch(Host, "kill", lambda host: self.killed.append(host))
+        self.patch(os, "pidfd_open", _no_pidfd)  # (the pids here are made up)
 
     def spawn(self, name: str, alone: bool = False) -> ChildProcess:
         child = _child(name, self.ended)
@@ -271,6 +279,20 @@ class Pool(SynchronousTestCase):
         self.assertEqual(self.killed, [])
         self.reactor.advance(2)
         self.assertEqual(self.killed, [host])
+
+    def test_a_host_is_killed_through_its_pidfd(self):
+        import subprocess
+
+        self.patch(os, "pidfd_open", _real_pidfd_open)
+        self.patch(Host, "kill", _real_kill)
+        process = subprocess.Popen(["sleep", "30"])
+        self.addCleanup(process.wait, 5)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        child = self.spawn("one")
+        self.forks.requests[0][1].forked(process.pid)
+        self.assertIsNotNone(self.host_of(child).pidfd)
+        self.host_of(child).kill()
+        self.assertEqual(process.wait(5), -signal.SIGKILL)
 
     def test_a_host_process_ending_reads_as_a_process_ending(self):
         child = self.spawn("one")

@@ -109,6 +109,7 @@ class Host:
         self.reactor = pool.reactor
         self.capacity = capacity
         self.pid: int | None = None
+        self.pidfd: int | None = None  # (a signal through it never reaches a reused pid)
         self.instances: dict[int, Any] = {}  # number -> ChildProcess
         self.numbers = 0
         self.alive_at = self.reactor.seconds()
@@ -179,6 +180,10 @@ class Host:
     def _forked(self, pid: int) -> None:
         self.pid = pid
         self.alive_at = self.reactor.seconds()
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except OSError:
+            pass  # (gone already: its exit is on its way; or no pidfd here)
 
     def _closed(self) -> None:
         """Our end closed: retired by us, or the host is going; make sure it goes (its
@@ -190,11 +195,15 @@ class Host:
             self.kill()
 
     def kill(self) -> None:
-        if self.pid is not None and not self.dead:
-            try:
+        if self.pid is None or self.dead:
+            return
+        try:
+            if self.pidfd is not None:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            else:
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        except ProcessLookupError:
+            pass
 
     def retire(self) -> None:
         """No instance left: the host exits when its end closes."""
@@ -205,6 +214,9 @@ class Host:
         """The host process ended: whatever it still ran ended with it (a host's loss
         if it had others, its own end if it was alone)."""
         self.dead = True
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
         if self.retire_timer is not None and self.retire_timer.active():
             self.retire_timer.cancel()
         self.channel.close()
