@@ -2,6 +2,7 @@
 
 import signal
 import socket
+import tempfile
 
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -126,6 +127,11 @@ class BadInput(SynchronousTestCase):
         self.assertRefused(["server://127.0.0.1:1/127.0.0.1:2"],
                            "MIN_POOL_CAPACITY (9) is greater than MAX_POOL_CAPACITY (3)",
                            env=clean_env(MIN_POOL_CAPACITY="9", MAX_POOL_CAPACITY="3"))
+        with tempfile.TemporaryDirectory() as state:
+            self.assertRefused([f"master://127.0.0.1:0?state={state}"],
+                               "environment: NODEPASS_HOST_SIZE='0': expected a whole number "
+                               "from 1 (a process per instance) to 1000",
+                               env=clean_env(NODEPASS_HOST_SIZE="0"))
 
 
 class Lifecycle(TestCase):

@@ -234,6 +234,16 @@ class MasterSettings(TestCase):
                 Factory.forProtocol(_Closed))
             await user.closed
 
+    async def test_with_fork_0_each_instance_is_a_fresh_interpreter_of_its_own(self):
+        master = await start_master(self, NODEPASS_FORK="0")
+        api = Api(master.base)
+        made = [await api.ok("POST", "/instances", {
+            "url": "server://k@127.0.0.1:0/127.0.0.1:0"}, status=201) for _ in range(2)]
+        self.assertEqual(sorted(_children(master.pid)), sorted(m["pid"] for m in made))
+        for m in made:
+            self.assertTrue(_cmdline(m["pid"]).endswith(" -m nodepass - "), _cmdline(m["pid"]))
+            await master.listening_port("target", instance=m["id"])
+
     async def test_master_sigkill_ends_a_blocked_host_too(self):
         master = await start_master(self, SHUTDOWN_TIMEOUT="0s", NODEPASS_HOST_WATCHDOG="2s")
         data = await Api(master.base).ok("POST", "/instances", {
