@@ -136,11 +136,13 @@ class StatusChannel(Service):
             self._first.cancel()
         if self._loop.running:
             self._loop.stop()
-        self.report()
-        if self.protocol is not None and self.protocol.transport is not None:
-            self.protocol.transport.loseConnection()
-        fd, self.fd = self.fd, -1
         try:
-            os.close(fd)
-        except OSError:
-            pass
+            self.report()
+        finally:  # (the master waits for this end of file to hear how the instance ended)
+            if self.protocol is not None and self.protocol.transport is not None:
+                self.protocol.transport.loseConnection()
+            fd, self.fd = self.fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -264,11 +264,46 @@ class Pool(SynchronousTestCase):
         self.assertNotIn(going, self.pool.hosts)
 
     def test_an_instance_alone_in_its_host_ends_as_itself(self):
-        alone = self.spawn("alone", alone=True)
-        self.host_of(alone)._exited(None, signal.SIGSEGV)
-        alone.channel_closed()
-        self.assertFalse(alone.host_lost)  # (its own crash: its restart policy decides)
-        self.assertEqual(self.ended, {"alone": (None, signal.SIGSEGV)})
+        quarantined, first = self.spawn("quarantined", alone=True), self.spawn("first")
+        self.assertEqual(self.host_of(first).capacity, 3)  # (room for more, just one yet)
+        for child in (quarantined, first):
+            self.host_of(child)._exited(None, signal.SIGSEGV)
+            child.channel_closed()
+            self.assertFalse(child.host_lost)  # (its own crash: its restart policy decides)
+        self.assertEqual(self.ended, {"quarantined": (None, signal.SIGSEGV),
+                                      "first": (None, signal.SIGSEGV)})
+
+    def test_what_a_host_said_before_it_ended_is_heard_first(self):
+        a, b = self.spawn("a"), self.spawn("b")
+        c = self.spawn("c")  # (shares a's or b's host)
+        host = self.host_of(c)
+        end = next(e for e, f in self.forks.requests if f.exited == host._exited)
+        for message in _read_all(end):  # SIGTERM to the host: it stopped them, then exited
+            end.send(json.dumps({"exit": message[0]["start"], "code": 0,
+                                 "signal": None}).encode())
+        host._exited(0, None)  # (its exit heard before its socket was read)
+        for child in (a, b, c):
+            child.channel_closed()
+        mine = [x for x in (a, b, c) if self.host_of(x) is host]
+        self.assertEqual(len(mine), 2)
+        self.assertEqual({x.instance_id: self.ended[x.instance_id] for x in mine},
+                         {x.instance_id: (0, None) for x in mine})
+        self.assertFalse(any(x.host_lost for x in mine))
+
+    def test_a_stopping_host_takes_no_new_instance_and_one_it_refused_comes_back(self):
+        first = self.spawn("first")
+        self.spawn("second")
+        stopping = self.host_of(first)
+        end = next(e for e, f in self.forks.requests if f.exited == stopping._exited)
+        number = _read_all(end)[0][0]["start"]
+        end.send(json.dumps({"closing": True}).encode())
+        end.send(json.dumps({"exit": number, "code": 1, "signal": None,
+                             "refused": "the host is stopping"}).encode())
+        stopping.channel.doRead()
+        first.channel_closed()
+        self.assertTrue(first.host_lost)  # (so it is started again, elsewhere)
+        self.assertFalse(stopping.usable)
+        self.assertIsNot(self.host_of(self.spawn("third")), stopping)
 
     def test_a_retired_host_that_does_not_exit_is_killed(self):
         child = self.spawn("one")

@@ -127,6 +127,23 @@ class Scopes(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
+    def test_what_an_ending_scope_opens_while_it_is_closed_is_closed_too(self):
+        pairs = [socket.socketpair() for _ in range(2)]
+        for _, theirs in pairs:
+            self.addCleanup(theirs.close)
+        reconnected = Reader(pairs[1][0])
+        reactor = self.reactor
+
+        class Reconnecting(Reader):
+            def connectionLost(self, reason):
+                super().connectionLost(reason)
+                reactor.addReader(reconnected)  # (in its scope: as a reconnect would)
+
+        self.a.run(self.reactor.addReader, Reconnecting(pairs[0][0]))
+        self.reactor.end_scope(self.a)
+        self.assertEqual(len(reconnected.lost), 1)
+        self.assertNotIn(reconnected, self.reactor.getReaders())
+
     def test_a_result_from_a_thread_comes_back_in_the_callers_scope(self):
         pool = self.reactor.getThreadPool()
         pool.start()
@@ -373,6 +390,14 @@ class Hosted(SynchronousTestCase):
         bad.read()
         self.assertRegex(bad.errors.decode(), r"^nodepass: error: .*tls")
         pump(self.reactor, lambda: bad.read() or bad.closed)
+
+    def test_a_stopping_host_refuses_a_new_instance_and_says_so(self):
+        self.host.stop_all()
+        self.start(0, "server://k@127.0.0.1:0/127.0.0.1:0")
+        pump(self.reactor, lambda: self.exit_of(0))
+        self.assertIn({"closing": True}, self.heard())
+        self.assertEqual(self.exit_of(0)["refused"], "the host is stopping")
+        self.assertEqual(self.host.instances, {})
 
     def test_a_start_without_its_descriptors_is_refused(self):
         self.master_end.send(json.dumps({"start": 5, "url": "server://k@:0/:0"}).encode())

@@ -299,10 +299,13 @@ class RestartPolicy(Case):
         children.lose_host(created["id"])  # again: it may be the one that crashes hosts
         clock.advance(0.4)
         self.assertTrue(children.latest(created["id"])[1].alone)
-        children.kill(created["id"])  # an end of its own: no more a host's loss
+        children.kill(created["id"])  # its own crash, alone: it stays set apart
         clock.advance(30)
         self.assertEqual(self.ok("GET", f"/instances/{created['id']}")["status"], "error")
         self.ok("PUT", f"/instances/{created['id']}", {"action": "start"})
+        self.assertTrue(children.latest(created["id"])[1].alone)
+        clock.advance(2.0)  # healthy for 10 cooldowns, then stopped: trusted again
+        self.ok("PUT", f"/instances/{created['id']}", {"action": "restart"})
         self.assertFalse(children.latest(created["id"])[1].alone)
 
     def test_stop_cancels_a_pending_restart(self):

@@ -94,6 +94,21 @@ class Reports(SynchronousTestCase):
             channel.stopService()  # (each reports once more as it stops)
         self.assertEqual(reactor.getDelayedCalls(), [])
 
+    def test_its_descriptor_is_closed_even_when_the_last_report_fails(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+
+        def broken():
+            raise RuntimeError("a bug in a snapshot")
+
+        channel = StatusChannel(MemoryReactorClock(), ours.detach(), broken, 5.0,
+                                lambda: None)
+        self.assertRaises(RuntimeError, channel.stopService)
+        theirs.settimeout(5)
+        self.assertEqual(theirs.recv(10), b"")  # the master hears the end (its only copy)
+
     def test_nothing_is_written_once_stopped_even_to_a_reused_descriptor_number(self):
         from twisted.internet.testing import MemoryReactorClock
 

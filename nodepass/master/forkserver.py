@@ -77,6 +77,7 @@ def _child(control: socket.socket, selector: selectors.BaseSelector, wakeup: tup
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the reactor installs its own)
         selector.close()
         control.close()
         for end in wakeup:
@@ -150,8 +151,10 @@ def serve(control: socket.socket) -> None:
     os.set_blocking(wake_write, False)
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the master decides; ^C reaches it)
+    # (the master decides, and its socket closing ends us: a SIGTERM to the whole group —
+    # ^C, systemd's KillMode=control-group — must not cut the hosts' graceful stops short)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (meant for a tls=2 instance's reload)
     hosts: set[int] = set()
     selector = selectors.DefaultSelector()
@@ -316,7 +319,7 @@ class _ForkServerProcess:
         self.dead = True
         if self.channel is not None:
             channel = self.channel
-            channel.doRead()
+            channel.read_all()
             for _, _, sent in channel.unsent():
                 if sent is not None:  # (as if sent: it waits for its answer, ended below)
                     sent()

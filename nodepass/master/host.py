@@ -91,8 +91,10 @@ class HostedInstance(logs.Scope):
         options = tap.Options({**env, ENV: str(channel)}, stdin=io.StringIO(url + "\n"))
         try:
             options.parseOptions(["-"])
-        except usage.UsageError as e:
+        except BaseException as e:
             os.close(channel)
+            if not isinstance(e, usage.UsageError):
+                raise
             self._print(f"nodepass: error: {e}\n")
             self.end(code=2)
             return
@@ -176,6 +178,7 @@ class Host:
         from nodepass.master.packets import PacketChannel
 
         self.reactor = reactor
+        self.closing = False  # stopping every instance: it takes no new one
         self.instances: dict[int, HostedInstance] = {}
         self.channel = PacketChannel(reactor, control, "host", self._message, self._master_gone)
         self.heartbeat = LoopingCall(self._alive)
@@ -211,10 +214,12 @@ class Host:
 
     def _start(self, message: dict[str, Any], fds: list[int]) -> None:
         number = message["start"]
-        if len(fds) != 3 or not isinstance(number, int) or number in self.instances:
+        if self.closing or len(fds) != 3 or not isinstance(number, int) \
+                or number in self.instances:
             for fd in fds:
                 os.close(fd)
-            self._send({"exit": number, "code": 1, "signal": None})
+            self._send({"exit": number, "code": 1, "signal": None,
+                        "refused": "the host is stopping" if self.closing else "malformed"})
             return
         instance = HostedInstance(self, number, fds)
         self.instances[number] = instance
@@ -229,7 +234,10 @@ class Host:
         self._send({"exit": instance.number, "code": code, "signal": sig})
 
     def stop_all(self) -> Deferred[Any]:
-        """Every instance stopped gracefully (each within its own bound)."""
+        """Every instance stopped gracefully (each within its own bound); the master is
+        told to send no new one (one already on its way is refused, and placed again)."""
+        self.closing = True
+        self._send({"closing": True})
         waiting = [i.finished for i in self.instances.values()]
         for instance in list(self.instances.values()):
             instance.run(instance.stop)

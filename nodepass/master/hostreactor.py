@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable
 from typing import Any
+from weakref import WeakSet
 
 from twisted.internet.base import DelayedCall
 from twisted.internet.epollreactor import EPollReactor
@@ -25,6 +26,7 @@ from nodepass.logs import Scope, current_scope, logger
 log = logger("nodepass.master")
 
 SCOPE = "nodepass_scope"  # the attribute a descriptor carries its scope in
+SWEEPS = 5
 
 
 class _ScopedThreadPool(ThreadPool):
@@ -46,6 +48,11 @@ def _run_in_copy(context: contextvars.Context, func: Any, *args: Any, **kw: Any)
 class ScopedReactor(EPollReactor):
     """An epoll reactor that runs each timer, descriptor and thread result in the scope
     it was set up in (none: the host's own)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._swept: WeakSet[Any] = WeakSet()  # closed by end_scope (one without
+        # a ``disconnected`` flag, a spliced socket, is closed once)
 
     def callLater(self, delay: float, f: Callable[..., Any], *args: Any,
                   **kw: Any) -> DelayedCall:
@@ -96,17 +103,25 @@ class ScopedReactor(EPollReactor):
         closed now as an aborted connection (a port's own close would come at the next
         turn, which an ended scope never gets), its timers are cancelled, and whatever
         of it is still scheduled never runs.  How many were left."""
-        left = [d for d in list(scope.descriptors) if not getattr(d, "disconnected", False)]
-        for selectable in left:
-            try:
-                scope.enter(self._disconnectSelectable, selectable, ConnectionAborted(), False)
-            except Exception:
-                log.failure("closing {what} of an ended instance", what=selectable)
+        closed = 0
+        for _ in range(SWEEPS):  # (closing one may open another: a reconnect, say)
+            left = [d for d in list(scope.descriptors)
+                    if not getattr(d, "disconnected", False) and d not in self._swept]
+            if not left:
+                break
+            for selectable in left:
+                self._swept.add(selectable)
+                try:
+                    scope.enter(self._disconnectSelectable, selectable, ConnectionAborted(),
+                                False)
+                except Exception:
+                    log.failure("closing {what} of an ended instance", what=selectable)
+            closed += len(left)
         scope.ended = True
         timers = self.timers_of(scope)
         for call in timers:
             call.cancel()
-        return len(left) + len(timers)
+        return closed + len(timers)
 
 
 class _Host:

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from nodepass import logs
 from nodepass.master.forkserver import Forked
-from nodepass.master.packets import PacketChannel
+from nodepass.master.packets import PacketChannel, encode
 from nodepass.master.supervisor import StatusReceiver, adopt
 from nodepass.tunables import format_duration, parse_duration
 
@@ -115,6 +115,7 @@ class Host:
         self.alive_at = self.reactor.seconds()
         self.dead = False
         self.retired = False
+        self.closing = False  # it said it is stopping (someone sent it SIGTERM)
         self.retire_timer: Any = None
         self.killed_by_watchdog = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -136,7 +137,7 @@ class Host:
     @property
     def usable(self) -> bool:
         """Still taking instances: not dying, not retired, its socket open."""
-        return not (self.dead or self.retired or self.killed_by_watchdog
+        return not (self.dead or self.retired or self.closing or self.killed_by_watchdog
                     or self.channel.sock is None)
 
     def start_instance(self, url: str, environ: Mapping[str, str], child: Any) -> None:
@@ -170,9 +171,12 @@ class Host:
             os.close(fd)
         if "alive" in message:
             self.alive_at = self.reactor.seconds()
+        elif "closing" in message:
+            self.closing = True
         elif "exit" in message:
             child = self.instances.pop(message["exit"], None)
             if child is not None:
+                child.host_lost = bool(message.get("refused"))  # (the host was stopping)
                 _end(child, message.get("code"), message.get("signal"))
             if not self.instances:
                 self.pool.emptied(self)
@@ -214,6 +218,7 @@ class Host:
         """The host process ended: whatever it still ran ended with it (a host's loss
         if it had others, its own end if it was alone)."""
         self.dead = True
+        self.channel.read_all()  # (its last words — instances' exits — before its end)
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
@@ -226,7 +231,7 @@ class Host:
             self.log.error("host {pid} ended ({how}): {n} instance(s) with it",
                            pid=self.pid, how=_describe(code, sig), n=len(lost))
         for child in lost:
-            child.host_lost = self.capacity > 1
+            child.host_lost = len(lost) > 1  # (alone, its host's end was its own doing)
             _end(child, code if (code or sig) else 1, sig)
 
     def watch(self, now: float, limit: float) -> None:
@@ -271,6 +276,7 @@ class HostPool:
         """Start ``url`` in a host (a new one if the chosen one turns out to be going);
         raises OSError when no host can take it."""
         alone = getattr(child, "alone", False)
+        encode({"start": 0, "url": url, "env": dict(environ)})  # (too long: no host for it)
         try:
             self._place(alone).start_instance(url, environ, child)
         except OSError:

@@ -13,6 +13,7 @@ from twisted.internet.error import AlreadyCalled
 
 from nodepass import logs
 from nodepass.master.instances import Instance, gone
+from nodepass.master.restarts import HEALTHY_FACTOR
 from nodepass.master.supervisor import ChildProcess, Spawner, describe_exit
 from nodepass.timers import cancelled
 from nodepass.tunables import Tunables
@@ -134,7 +135,10 @@ class Lifecycle:
         instance.base = instance.counters()  # what this process counted is kept
         instance.report = {}
         instance.host_lost = instance.child is not None and instance.child.host_lost
-        instance.host_losses = instance.host_losses + 1 if instance.host_lost else 0
+        if instance.host_lost:
+            instance.host_losses += 1
+        elif self._ran_healthy(instance):  # (only then is it trusted among others again)
+            instance.host_losses = 0
         instance.child = None
         if not instance.stopping:
             reason = instance.last_fatal or (stderr_tail[-1] if stderr_tail else None)
@@ -148,6 +152,11 @@ class Lifecycle:
             _fire(instance.ready)
         if instance.exited is not None:
             _fire(instance.exited)
+
+
+    def _ran_healthy(self, instance: Instance) -> bool:
+        ran = self.reactor.seconds() - (instance.started_at or self.reactor.seconds())
+        return ran >= HEALTHY_FACTOR * self.tunables.service_cooldown
 
 
 def _fire(d: Deferred[None]) -> None:

@@ -135,19 +135,29 @@ class PacketChannel:
         self.flush()
 
     def doRead(self) -> None:
-        for _ in range(READS_PER_TURN):
+        self._read(READS_PER_TURN)
+
+    def read_all(self) -> None:
+        """Everything the other end sent, to the end of file (it is gone: what it said
+        last, before its end is acted on; its socket buffer bounds it)."""
+        while self.sock is not None and self._read(READS_PER_TURN):
+            pass
+
+    def _read(self, most: int) -> bool:
+        """Up to ``most`` messages; whether there may be more."""
+        for _ in range(most):
             if self.sock is None:
-                return
+                return False
             try:
                 data, fds = receive(self.sock)
             except BlockingIOError:
-                return
+                return False
             except OSError:
                 data, fds = b"", []
             if not data:
                 _close_all(fds)
                 self.close()
-                return
+                return False
             try:
                 message = json.loads(data)
                 if not isinstance(message, dict):
@@ -160,6 +170,7 @@ class PacketChannel:
                 self.on_message(message, fds)
             except Exception:
                 self.log.failure("{name}: a message not handled", name=self.name)
+        return True
 
 
 def _close_all(fds: list[int]) -> None:
