@@ -72,7 +72,7 @@ class Instance:
     failures: int = 0
     restart_call: Any = None
     host_lost: bool = False
-    host_losses: int = 0  # in a row: from QUARANTINE on, it runs in a host of its own
+    host_losses: int = 0  # since its last healthy run: from QUARANTINE on, a host of its own
     # the fleet's: the node (master id) that runs it; for another node's instance, its
     # process id as last told and whether that node has stopped telling (offline)
     node: str = ""

@@ -20,7 +20,7 @@ from nodepass.tunables import Tunables
 
 READY_TIMEOUT = 5.0
 KILL_GRACE = 2.0
-QUARANTINE = 2  # its host lost this many times in a row: it gets a host of its own
+QUARANTINE = 2  # its host lost this often since its last healthy run: a host of its own
 
 
 class Lifecycle:
