@@ -153,7 +153,6 @@ class Lifecycle:
         if instance.exited is not None:
             _fire(instance.exited)
 
-
     def _ran_healthy(self, instance: Instance) -> bool:
         ran = self.reactor.seconds() - (instance.started_at or self.reactor.seconds())
         return ran >= HEALTHY_FACTOR * self.tunables.service_cooldown
