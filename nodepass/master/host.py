@@ -32,15 +32,16 @@ import sys
 import traceback
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
 from twisted.python import usage
 
 from nodepass import logs
 from nodepass.root import RootService
+from nodepass.timers import cancelled
 
 HEARTBEAT = 1.0
-KILL_GRACE = 2.0  # as the master's: after SHUTDOWN_TIMEOUT, a stop becomes a kill
+KILL_GRACE = 2.0  # the master's and a host's: after SHUTDOWN_TIMEOUT, a stop becomes a kill
 
 
 class HostedRoot(RootService):
@@ -123,15 +124,10 @@ class HostedInstance(logs.Scope):
             return
         self.stopping = True
         assert self.root is not None
-        stopped = self.root.stopService() if self.root.running else None
+        stopped = self.root.stopService() if self.root.running else succeed(None)
         timer = self.host.reactor.callLater(self.shutdown_timeout + KILL_GRACE,
                                             self.end, None, signal.SIGKILL)
-        if isinstance(stopped, Deferred):
-            stopped.addBoth(lambda _: (timer.cancel() if timer.active() else None,
-                                       self.end()))
-        else:
-            timer.cancel()
-            self.end()
+        stopped.addBoth(lambda _: (cancelled(timer), self.end()))
 
     def end(self, code: int | None = None, sig: int | None = None) -> None:
         """Nothing of this instance runs from now on; the master hears how it ended."""

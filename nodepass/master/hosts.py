@@ -30,7 +30,8 @@ from twisted.python.failure import Failure
 from nodepass import logs
 from nodepass.master.forkserver import Forked
 from nodepass.master.packets import PacketChannel, encode
-from nodepass.master.supervisor import StatusReceiver, adopt
+from nodepass.master.supervisor import StatusReceiver, adopt, describe_exit
+from nodepass.timers import cancelled
 from nodepass.tunables import format_duration, parse_duration
 
 SIZE_ENV = "NODEPASS_HOST_SIZE"
@@ -179,7 +180,7 @@ class Host:
                 child.host_lost = bool(message.get("refused"))  # (the host was stopping)
                 _end(child, message.get("code"), message.get("signal"))
             if not self.instances:
-                self.pool.emptied(self)
+                self.retire()  # (its end closing takes it out of the pool)
 
     def _forked(self, pid: int) -> None:
         self.pid = pid
@@ -222,14 +223,12 @@ class Host:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
-        if self.retire_timer is not None and self.retire_timer.active():
-            self.retire_timer.cancel()
-        self.channel.close()
-        self.pool.forget(self)
+        self.retire_timer = cancelled(self.retire_timer)
+        self.channel.close()  # (and out of the pool, if it was not already)
         lost, self.instances = list(self.instances.values()), {}
         if lost:
             self.log.error("host {pid} ended ({how}): {n} instance(s) with it",
-                           pid=self.pid, how=_describe(code, sig), n=len(lost))
+                           pid=self.pid, how=describe_exit(code, sig), n=len(lost))
         for child in lost:
             child.host_lost = len(lost) > 1  # (alone, its host's end was its own doing)
             _end(child, code if (code or sig) else 1, sig)
@@ -296,10 +295,6 @@ class HostPool:
         self.hosts.append(host)
         return host
 
-    def emptied(self, host: Host) -> None:
-        self.forget(host)
-        host.retire()
-
     def forget(self, host: Host) -> None:
         if host in self.hosts:
             self.hosts.remove(host)
@@ -342,9 +337,3 @@ class _HostOutput(LineOnlyReceiver):
 def _end(child: Any, code: int | None, sig: int | None) -> None:
     child.transport.exited = True
     child.processEnded(ended(code, sig))
-
-
-def _describe(code: int | None, sig: int | None) -> str:
-    from nodepass.master.supervisor import describe_exit
-
-    return describe_exit(code, sig)

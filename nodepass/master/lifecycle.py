@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import AlreadyCalled
 
 from nodepass import logs
+from nodepass.master.host import KILL_GRACE
 from nodepass.master.instances import Instance, gone
 from nodepass.master.restarts import HEALTHY_FACTOR
 from nodepass.master.supervisor import ChildProcess, Spawner, describe_exit
@@ -19,7 +20,6 @@ from nodepass.timers import cancelled
 from nodepass.tunables import Tunables
 
 READY_TIMEOUT = 5.0
-KILL_GRACE = 2.0
 QUARANTINE = 2  # its host lost this often since its last healthy run: a host of its own
 
 

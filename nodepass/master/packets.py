@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import json
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -174,8 +175,6 @@ class PacketChannel:
 
 
 def _close_all(fds: list[int]) -> None:
-    import os
-
     for fd in fds:
         try:
             os.close(fd)
